@@ -1,0 +1,23 @@
+import os
+
+# Local Ray in tests: no auth token, no usage stats, quiet Ray Data.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance for the whole test session (starting Ray costs ~5 s).
+
+    4 logical CPUs on the 2-core CI machine so that 2 Train workers and Ray Data's read/map
+    tasks can run at once (see the Ray notes on the 2-core hang)."""
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    yield ray
+    ray.shutdown()

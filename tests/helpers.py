@@ -1,0 +1,36 @@
+"""Shared test helpers: the reference fixtures and the fixture README's tolerance rule."""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+
+FIXTURES = Path(__file__).parent / "fixtures" / "adm_reference"
+
+
+@functools.lru_cache(maxsize=None)
+def load_fixture(name: str):
+    """Load `tests/fixtures/adm_reference/<name>` (a `.pt` file) with `weights_only=True`."""
+    return torch.load(FIXTURES / name, map_location="cpu", weights_only=True)
+
+
+def float_state_dict(entry: dict) -> dict:
+    """The fixture's float8 weights as the exact float32 values the reference computed with."""
+    return {k: v.float().clone() for k, v in entry["state_dict"].items()}
+
+
+def assert_within(got, want, atol: float, rtol: float = 0.0, what: str = "") -> None:
+    """The fixture README's rule, elementwise:
+    |got - want| <= atol * max(1, max|want|) + rtol * |want|."""
+    got = torch.as_tensor(got).double()
+    want = torch.as_tensor(want).double()
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    scale = max(1.0, want.abs().max().item()) if want.numel() else 1.0
+    bound = atol * scale + rtol * want.abs()
+    err = (got - want).abs()
+    bad = err > bound
+    assert not bad.any(), (
+        f"{what}: {int(bad.sum())}/{err.numel()} elements out of tolerance; "
+        f"max |err| {err.max().item():.3e}, atol {atol} (scaled {atol * scale:.3e}), rtol {rtol}"
+    )
