@@ -15,7 +15,8 @@ def ray_session():
     tasks can run at once (see the Ray notes on the 2-core hang)."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    # address="local": always a fresh cluster of our own, never one `ray start` left behind.
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False

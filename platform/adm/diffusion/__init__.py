@@ -1,0 +1,23 @@
+"""The diffusion core: beta schedules, the Gaussian diffusion (training losses, DDPM and DDIM
+steps, guidance hooks, the bits/dim bound), respacing, timestep samplers, and the fast sampling
+entry point. Plain PyTorch and numpy; nothing here knows about Ray or the networks' internals."""
+from .gaussian import GaussianDiffusion, LossType, ModelMeanType, ModelVarType
+from .losses import discretized_gaussian_log_likelihood, mean_flat, normal_kl
+from .resample import (
+    LossAwareSampler,
+    LossSecondMomentResampler,
+    ScheduleSampler,
+    UniformSampler,
+    create_named_schedule_sampler,
+)
+from .respace import SpacedDiffusion, create_gaussian_diffusion, respace, space_timesteps
+from .sampling import SAMPLERS, ddim, ddpm, sample
+from .schedules import betas_for_alpha_bar, get_named_beta_schedule
+
+__all__ = [
+    "GaussianDiffusion", "SpacedDiffusion", "ModelMeanType", "ModelVarType", "LossType",
+    "get_named_beta_schedule", "betas_for_alpha_bar", "space_timesteps", "respace",
+    "create_gaussian_diffusion", "create_named_schedule_sampler", "ScheduleSampler",
+    "UniformSampler", "LossAwareSampler", "LossSecondMomentResampler", "sample", "ddim", "ddpm",
+    "SAMPLERS", "normal_kl", "discretized_gaussian_log_likelihood", "mean_flat",
+]

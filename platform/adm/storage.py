@@ -1,0 +1,380 @@
+"""One way to read and write local paths and ``s3://`` URIs.
+
+Everything in ``adm`` that touches datasets, checkpoints or samples goes through this module, so
+that a local folder and an S3 (or S3-compatible: MinIO, Ceph, moto) prefix behave the same.
+
+* Reads, listings and streams use pyarrow filesystems (``resolve_filesystem``), which Ray Data
+  also accepts (``read_parquet(paths, filesystem=fs)``).
+* Whole-object writes (``write_bytes``) are atomic: a local file is written to a hidden temporary
+  file in the same folder, fsync'ed and renamed over the target; an S3 object is written with a
+  single ``PutObject`` through boto3 (with ``Content-MD5``), which S3 makes visible all at once or
+  not at all. pyarrow's S3 output stream is not used for this because closing it after an error
+  completes the upload with whatever was written so far.
+
+S3 settings come from, in order: an explicit ``S3Options`` argument, ``configure()`` (a config
+key), then the standard AWS environment variables: ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``
+(an endpoint override for S3-compatible stores), ``AWS_REGION`` / ``AWS_DEFAULT_REGION``,
+``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` / ``AWS_SESSION_TOKEN``. When no key is set,
+pyarrow and boto3 fall back to their default credential chains (config files, instance roles).
+"""
+from __future__ import annotations
+
+import base64
+import functools
+import hashlib
+import json
+import os
+import posixpath
+import uuid
+from dataclasses import dataclass
+from typing import Any, Mapping
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+S3_SCHEME = "s3://"
+# A single S3 PUT accepts at most 5 GiB; shards and checkpoints written here are far smaller.
+MAX_SINGLE_PUT_BYTES = 5 * 1024**3
+
+
+@dataclass(frozen=True)
+class S3Options:
+    """How to reach S3 or an S3-compatible store.
+
+    ``endpoint_url`` is a full URL such as ``http://127.0.0.1:9000`` (MinIO) or ``None`` for AWS.
+    Fields left ``None`` are taken from the environment by ``from_env``; credentials that stay
+    ``None`` leave the choice to the AWS default credential chain."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    access_key: str | None = None
+    secret_key: str | None = None
+    session_token: str | None = None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "S3Options":
+        """Options from the standard AWS environment variables, with ``overrides`` on top."""
+        env = os.environ if environ is None else environ
+        values = {
+            "endpoint_url": env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None,
+            "region": env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None,
+            "access_key": env.get("AWS_ACCESS_KEY_ID") or None,
+            "secret_key": env.get("AWS_SECRET_ACCESS_KEY") or None,
+            "session_token": env.get("AWS_SESSION_TOKEN") or None,
+        }
+        unknown = set(overrides) - set(values)
+        if unknown:
+            raise TypeError(f"unknown S3 option(s) {sorted(unknown)}; known: {sorted(values)}")
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any] | None) -> "S3Options":
+        """Options from a config mapping (e.g. a YAML ``storage:`` section) with the keys
+        ``endpoint_url`` and ``region`` (credentials stay in the environment), over the env."""
+        config = dict(config or {})
+        allowed = {"endpoint_url", "region"}
+        unknown = set(config) - allowed
+        if unknown:
+            raise ValueError(
+                f"unknown storage config key(s) {sorted(unknown)}; allowed: {sorted(allowed)}"
+            )
+        return cls.from_env(**config)
+
+    def pyarrow_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``pyarrow.fs.S3FileSystem``."""
+        kwargs: dict[str, Any] = {}
+        if self.endpoint_url:
+            parsed = urlparse(self.endpoint_url)
+            if not parsed.scheme or not parsed.netloc:
+                raise ValueError(
+                    f"S3 endpoint {self.endpoint_url!r} is not a URL like http://host:port"
+                )
+            kwargs["endpoint_override"] = parsed.netloc + parsed.path.rstrip("/")
+            kwargs["scheme"] = parsed.scheme
+        # pyarrow asks AWS for a bucket's region when none is given; a custom endpoint cannot
+        # answer that, so S3-compatible stores get the conventional default.
+        region = self.region or ("us-east-1" if self.endpoint_url else None)
+        if region:
+            kwargs["region"] = region
+        if self.access_key and self.secret_key:
+            kwargs["access_key"] = self.access_key
+            kwargs["secret_key"] = self.secret_key
+            if self.session_token:
+                kwargs["session_token"] = self.session_token
+        return kwargs
+
+
+_configured: dict[str, Any] = {}
+
+
+def configure(*, endpoint_url: str | None = None, region: str | None = None) -> None:
+    """Set process-wide S3 settings (a config key) that take precedence over the environment.
+
+    Only this process sees them: pass ``S3Options`` (or the filesystem from
+    ``resolve_filesystem``, which pickles its settings) to Ray tasks explicitly."""
+    _configured.clear()
+    if endpoint_url is not None:
+        _configured["endpoint_url"] = endpoint_url
+    if region is not None:
+        _configured["region"] = region
+
+
+def default_s3_options() -> S3Options:
+    """The options used when a function here is called without ``s3=``."""
+    return S3Options.from_env(**_configured)
+
+
+def is_s3(uri: str) -> bool:
+    """True for ``s3://bucket/key`` URIs."""
+    return str(uri).startswith(S3_SCHEME)
+
+
+def _check_uri(uri: str) -> str:
+    uri = os.fspath(uri)
+    if not isinstance(uri, str) or not uri:
+        raise ValueError(f"expected a local path or s3:// URI, got {uri!r}")
+    scheme = urlparse(uri).scheme
+    if scheme and scheme not in ("s3", "file") and len(scheme) > 1:  # len 1: a Windows drive
+        raise ValueError(f"unsupported URI scheme {scheme!r} in {uri!r}; use a path or s3://")
+    return uri
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path components onto a local path or an ``s3://`` URI (always with ``/`` for S3)."""
+    base = _check_uri(base)
+    if is_s3(base):
+        return S3_SCHEME + posixpath.join(base[len(S3_SCHEME):], *parts)
+    return os.path.join(base, *parts)
+
+
+def basename(uri: str) -> str:
+    """The last component of a path or URI."""
+    return posixpath.basename(str(uri).rstrip("/")) if is_s3(uri) else os.path.basename(uri)
+
+
+@functools.lru_cache(maxsize=16)
+def _s3_filesystem(options: S3Options) -> pafs.S3FileSystem:
+    return pafs.S3FileSystem(**options.pyarrow_kwargs())
+
+
+def resolve_filesystem(uri: str, s3: S3Options | None = None) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem that serves ``uri`` and the path to use with it.
+
+    ``s3://bucket/key`` -> (S3FileSystem, ``"bucket/key"``); a local path or ``file://`` URI ->
+    (LocalFileSystem, absolute path). The filesystem pickles with its settings, so it can be
+    handed to Ray Data (``read_parquet(path, filesystem=fs)``) and to Ray tasks."""
+    uri = _check_uri(uri)
+    if is_s3(uri):
+        path = uri[len(S3_SCHEME):].strip("/")
+        if not path or path.startswith("/"):
+            raise ValueError(f"S3 URI {uri!r} has no bucket; expected s3://bucket/key")
+        return _s3_filesystem(s3 or default_s3_options()), path
+    if uri.startswith("file://"):
+        uri = uri[len("file://"):]
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+
+
+def exists(uri: str, s3: S3Options | None = None) -> bool:
+    """True when a file or a folder (for S3: any key under the prefix) exists at ``uri``."""
+    fs, path = resolve_filesystem(uri, s3)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def is_file(uri: str, s3: S3Options | None = None) -> bool:
+    """True when ``uri`` is a file (an object for S3)."""
+    fs, path = resolve_filesystem(uri, s3)
+    return fs.get_file_info(path).type == pafs.FileType.File
+
+
+def is_dir(uri: str, s3: S3Options | None = None) -> bool:
+    """True when ``uri`` is a folder (for S3: a prefix with keys under it, or a bucket)."""
+    fs, path = resolve_filesystem(uri, s3)
+    return fs.get_file_info(path).type == pafs.FileType.Directory
+
+
+def file_size(uri: str, s3: S3Options | None = None) -> int:
+    """Size in bytes of the file at ``uri``; ``FileNotFoundError`` when there is none."""
+    fs, path = resolve_filesystem(uri, s3)
+    info = fs.get_file_info(path)
+    if info.type != pafs.FileType.File:
+        raise FileNotFoundError(f"no file at {uri}")
+    return int(info.size)
+
+
+def listdir(uri: str, s3: S3Options | None = None) -> list[str]:
+    """Sorted names of the entries directly inside the folder ``uri``."""
+    fs, path = resolve_filesystem(uri, s3)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        raise FileNotFoundError(f"no folder at {uri}")
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=False))
+    return sorted(posixpath.basename(i.path.rstrip("/")) for i in infos)
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """A file found by ``list_files``: its path relative to the listed folder (``/``-separated)
+    and its size in bytes."""
+
+    relpath: str
+    size: int
+
+
+def list_files(uri: str, s3: S3Options | None = None) -> list[FileEntry]:
+    """Every file under the folder ``uri`` (recursively), sorted by relative path."""
+    fs, path = resolve_filesystem(uri, s3)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        raise FileNotFoundError(f"no folder at {uri}")
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    out = [
+        FileEntry(posixpath.relpath(info.path, path), int(info.size))
+        for info in infos
+        if info.type == pafs.FileType.File
+    ]
+    return sorted(out, key=lambda e: e.relpath)
+
+
+def open_input(uri: str, s3: S3Options | None = None):
+    """A random-access, seekable pyarrow file for reading (``read``, ``seek``, ``read_at``)."""
+    fs, path = resolve_filesystem(uri, s3)
+    return fs.open_input_file(path)
+
+
+def open_output(uri: str, s3: S3Options | None = None):
+    """A pyarrow output stream. NOT atomic: for S3 an error before ``close`` may still publish a
+    partial object, locally readers may see a partial file. Use ``write_bytes`` for anything
+    another process may read while it is written."""
+    fs, path = resolve_filesystem(uri, s3)
+    if not is_s3(uri):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    return fs.open_output_stream(path)
+
+
+def read_bytes(uri: str, s3: S3Options | None = None) -> bytes:
+    """The whole content of the file at ``uri``."""
+    fs, path = resolve_filesystem(uri, s3)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"no file at {uri}") from e
+    except OSError as e:
+        if "not found" in str(e).lower() or "does not exist" in str(e).lower():
+            raise FileNotFoundError(f"no file at {uri}") from e
+        raise
+
+
+def read_range(uri: str, offset: int, size: int, s3: S3Options | None = None) -> bytes:
+    """``size`` bytes of the file at ``uri`` starting at ``offset``."""
+    with open_input(uri, s3) as f:
+        data = f.read_at(size, offset)
+    if len(data) != size:
+        raise EOFError(f"{uri}: wanted {size} bytes at offset {offset}, got {len(data)}")
+    return data
+
+
+def temp_name_prefix(name: str) -> str:
+    """The prefix of the temporary files ``write_bytes`` leaves behind if it is killed while
+    writing ``name`` locally (hidden, so dataset readers skip them)."""
+    return f".{name}.tmp-"
+
+
+def write_bytes(uri: str, data: bytes, s3: S3Options | None = None) -> None:
+    """Write ``data`` to ``uri`` atomically: readers see the old content or the new, never a
+    part. Local: temp file in the same folder, fsync, rename. S3: one PutObject with MD5."""
+    uri = _check_uri(uri)
+    if is_s3(uri):
+        if len(data) > MAX_SINGLE_PUT_BYTES:
+            raise ValueError(
+                f"{uri}: {len(data)} bytes is more than one atomic S3 PUT takes (5 GiB)"
+            )
+        bucket, _, key = uri[len(S3_SCHEME):].partition("/")
+        if not bucket or not key:
+            raise ValueError(f"S3 URI {uri!r} needs a bucket and a key: s3://bucket/key")
+        md5 = base64.b64encode(hashlib.md5(data).digest()).decode("ascii")
+        s3_client(s3).put_object(Bucket=bucket, Key=key, Body=data, ContentMD5=md5)
+        return
+    _, path = resolve_filesystem(uri)
+    folder, name = os.path.split(path)
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, temp_name_prefix(name) + uuid.uuid4().hex)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    # Make the rename itself durable (a crash right after must not lose the new name).
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def read_json(uri: str, s3: S3Options | None = None) -> Any:
+    """Parse the JSON file at ``uri``; a clear error names the file when it is not JSON."""
+    raw = read_bytes(uri, s3)
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{uri} is not valid JSON: {e}") from e
+
+
+def json_bytes(obj: Any) -> bytes:
+    """The canonical JSON encoding used for every file written here (sorted keys, 1-space
+    indent, trailing newline): the same object always gives the same bytes."""
+    return (json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def write_json(uri: str, obj: Any, s3: S3Options | None = None) -> None:
+    """Atomically write ``obj`` as canonical JSON (see ``json_bytes``)."""
+    write_bytes(uri, json_bytes(obj), s3)
+
+
+def delete(uri: str, s3: S3Options | None = None, missing_ok: bool = True) -> None:
+    """Delete the file at ``uri``."""
+    fs, path = resolve_filesystem(uri, s3)
+    try:
+        fs.delete_file(path)
+    except FileNotFoundError:
+        if not missing_ok:
+            raise
+    except OSError as e:
+        if not (missing_ok and "not found" in str(e).lower()):
+            raise
+
+
+def makedirs(uri: str, s3: S3Options | None = None) -> None:
+    """Create the folder ``uri`` and its parents (a no-op for S3, which has no folders)."""
+    if is_s3(uri):
+        return
+    _, path = resolve_filesystem(uri)
+    os.makedirs(path, exist_ok=True)
+
+
+@functools.lru_cache(maxsize=16)
+def _boto3_client(options: S3Options):
+    import boto3  # only S3 writes and bucket management need boto3
+
+    kwargs: dict[str, Any] = {}
+    if options.endpoint_url:
+        kwargs["endpoint_url"] = options.endpoint_url
+    region = options.region or ("us-east-1" if options.endpoint_url else None)
+    if region:
+        kwargs["region_name"] = region
+    if options.access_key and options.secret_key:
+        kwargs["aws_access_key_id"] = options.access_key
+        kwargs["aws_secret_access_key"] = options.secret_key
+        if options.session_token:
+            kwargs["aws_session_token"] = options.session_token
+    return boto3.session.Session().client("s3", **kwargs)
+
+
+def s3_client(s3: S3Options | None = None):
+    """A boto3 S3 client with the same endpoint, region and credentials as the pyarrow side."""
+    return _boto3_client(s3 or default_s3_options())

@@ -1,0 +1,86 @@
+"""Training state in a Ray checkpoint, and the export to the reference's file names.
+
+A checkpoint directory holds `state.pt` (model, EMA averages, optimizer, grad scaler, step,
+timestep-sampler state, all tensors and plain values, so it loads with `weights_only=True`)
+and `meta.json` (step, kind, flags, config). The export writes what the reference writes:
+`model%06d.pt`, `ema_<rate>_%06d.pt` (plain state dicts) and `flags.json` (the flags that build
+the model with `adm.compat.openai` or the reference's scripts).
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+from typing import Any
+
+import torch
+
+from .. import storage
+
+STATE_FILE, META_FILE = "state.pt", "meta.json"
+
+
+def save_state(directory: str, state: dict[str, Any], meta: dict[str, Any]) -> None:
+    """Write a training state into a local directory that becomes a Ray checkpoint."""
+    torch.save(state, os.path.join(directory, STATE_FILE))
+    with open(os.path.join(directory, META_FILE), "w") as f:
+        json.dump(meta, f, indent=1)
+
+
+def load_state(directory: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(state, meta) of a checkpoint directory (local), read with `weights_only=True`."""
+    state = torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True)
+    with open(os.path.join(directory, META_FILE)) as f:
+        return state, json.load(f)
+
+
+def latest_checkpoint(run_uri: str) -> str | None:
+    """URI of the run's checkpoint with the highest step, or None if it has none."""
+    best, best_step = None, -1
+    if not storage.exists(run_uri):
+        return None
+    for name in storage.listdir(run_uri):
+        name = name.rstrip("/").rsplit("/", 1)[-1]
+        if not name.startswith("checkpoint_"):
+            continue
+        meta_uri = storage.join(run_uri, name, META_FILE)
+        if not storage.exists(meta_uri):
+            continue  # a checkpoint still being written, or not ours
+        step = json.loads(storage.read_bytes(meta_uri))["step"]
+        if step > best_step:
+            best, best_step = storage.join(run_uri, name), step
+    return best
+
+
+def _save_tensor_file(obj: dict, uri: str) -> None:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    storage.write_bytes(uri, buf.getvalue())  # atomic: readers never see half a file
+
+
+def export_files(state: dict[str, Any], meta: dict[str, Any], out_uri: str) -> list[str]:
+    """Write `model%06d.pt`, `ema_<rate>_%06d.pt` and `flags.json` for one training state.
+
+    :return: the URIs written."""
+    step = int(meta["step"])
+    storage.makedirs(out_uri)
+    written = [storage.join(out_uri, f"model{step:06d}.pt")]
+    _save_tensor_file(state["model"], written[-1])
+    for rate, ema in zip(meta["ema_rates"], state["ema"]):
+        written.append(storage.join(out_uri, f"ema_{rate}_{step:06d}.pt"))
+        _save_tensor_file(ema, written[-1])
+    written.append(storage.join(out_uri, "flags.json"))
+    storage.write_bytes(written[-1], json.dumps(meta["flags"], indent=1, sort_keys=True).encode())
+    return written
+
+
+def export_run(run_uri: str, out_uri: str) -> list[str]:
+    """Export the latest checkpoint of a training run (`jobs/export_checkpoint.py`)."""
+    ckpt = latest_checkpoint(run_uri)
+    if ckpt is None:
+        raise FileNotFoundError(f"{run_uri} holds no training checkpoint (checkpoint_*/"
+                                f"{META_FILE})")
+    meta = json.loads(storage.read_bytes(storage.join(ckpt, META_FILE)))
+    state = torch.load(io.BytesIO(storage.read_bytes(storage.join(ckpt, STATE_FILE))),
+                       map_location="cpu", weights_only=True)
+    return export_files(state, meta, out_uri)

@@ -1,0 +1,164 @@
+"""The training config: one YAML file per run, four sections, checked before any worker starts.
+
+    kind: diffusion            # diffusion | classifier | upsampler
+    model: {preset: 128x128_diffusion, flags: {use_checkpoint: true}}
+    data: {uri: s3://bucket/imagenet/train, val_uri: s3://bucket/imagenet/val}
+    optim: {batch_size: 256, lr: 1.0e-4, ema_rate: [0.9999], precision: bf16}
+    run: {name: adm128, storage: s3://bucket/runs, num_workers: 8, use_gpu: true}
+
+Model flags are guided-diffusion's (`adm.compat.openai`); a preset supplies the released
+model's flags and `flags` overrides them, so the ImageNet configs never type a model twice.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Sequence
+
+import torch
+
+from ..compat import openai
+from ..config import ConfigError, apply_overrides, from_dict, load_yaml
+
+KINDS = ("diffusion", "classifier", "upsampler")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass
+class ModelSection:
+    preset: str | None = None  # a released checkpoint's preset (adm.presets) to take flags from
+    flags: dict = field(default_factory=dict)  # guided-diffusion flags, over the preset's
+
+
+@dataclass
+class DataSection:
+    uri: str = ""  # training shards (prepare_imagenet.py / prepare_digits.py output)
+    val_uri: str = ""  # held-out shards: the classifier's accuracy
+    random_crop: bool = False  # the reference's random-crop augmentation
+    random_flip: bool = True
+    decode_workers: int | None = None  # most decode tasks at once (None: as CPUs allow)
+    decode_cpus: float = 0.5  # CPUs each decode worker reserves
+
+
+@dataclass
+class OptimSection:
+    batch_size: int = 256  # global batch, split evenly across workers
+    microbatch: int = -1  # per-worker microbatch for gradient accumulation (-1: none)
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    lr_anneal_steps: int = 0  # anneal lr linearly to 0 over this many steps (0: constant)
+    ema_rate: list[float] = field(default_factory=lambda: [0.9999])
+    schedule_sampler: str = "uniform"  # or "loss-second-moment"
+    precision: str = "fp32"  # fp32 | bf16 (autocast) | fp16 (autocast + grad scaler)
+    grad_clip: float = 0.0  # clip the global grad norm to this (0: off)
+    max_steps: int = 1000
+    noised: bool = True  # classifier: train on x_t at uniformly drawn t (else on x_0, t=0)
+    max_nonfinite_in_row: int = 20  # stop after this many skipped non-finite steps in a row
+
+
+@dataclass
+class RunSection:
+    name: str = "run"
+    storage: str = "runs"  # local folder or s3:// URI; the run lives in <storage>/<name>
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    log_interval: int = 10
+    save_interval: int = 1000
+    keep_checkpoints: int = 2
+    max_failures: int = 3  # worker-group restarts from the last checkpoint
+    eval_interval: int = 100  # classifier: held-out accuracy every N steps (0: off)
+    eval_batches: int = 4
+    seed: int = 0
+    init_from: str = ""  # a released-format state dict to start from (fine-tuning)
+    trace_file: str = ""  # diagnostics: every worker appends "rank pid step" per trained step
+
+
+@dataclass
+class TrainConfig:
+    kind: str
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    run: RunSection = field(default_factory=RunSection)
+
+    @property
+    def model_flags(self) -> dict:
+        """Every flag of this run's model: the preset's, overridden by `model.flags`, with the
+        reference defaults filled in (what `flags.json` records)."""
+        base = {}
+        if self.model.preset:
+            from ..presets import preset
+
+            base = preset(self.model.preset).model_flags
+        return openai.parse_flags({**base, **self.model.flags})
+
+    @property
+    def image_size(self) -> int:
+        flags = self.model_flags
+        return flags["large_size"] if self.kind == "upsampler" else flags["image_size"]
+
+    @property
+    def per_worker_batch(self) -> int:
+        return self.optim.batch_size // self.run.num_workers
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    """Check everything that can be checked without data or workers; errors name the key."""
+    if cfg.kind not in KINDS:
+        raise ConfigError(f"kind: {cfg.kind!r} is not one of {KINDS}")
+    o, r = cfg.optim, cfg.run
+    if o.precision not in PRECISIONS:
+        raise ConfigError(f"optim.precision: {o.precision!r} is not one of {PRECISIONS}")
+    if o.schedule_sampler not in ("uniform", "loss-second-moment"):
+        raise ConfigError(f"optim.schedule_sampler: {o.schedule_sampler!r} is not 'uniform' or "
+                          "'loss-second-moment'")
+    for key, value in (("run.num_workers", r.num_workers), ("optim.batch_size", o.batch_size),
+                       ("optim.max_steps", o.max_steps), ("run.log_interval", r.log_interval),
+                       ("run.save_interval", r.save_interval),
+                       ("run.keep_checkpoints", r.keep_checkpoints)):
+        if value < 1:
+            raise ConfigError(f"{key}: {value} must be at least 1")
+    if o.batch_size % r.num_workers:
+        raise ConfigError(f"optim.batch_size: {o.batch_size} is not divisible by "
+                          f"run.num_workers={r.num_workers}")
+    if o.microbatch != -1 and (o.microbatch < 1 or cfg.per_worker_batch % o.microbatch):
+        raise ConfigError(f"optim.microbatch: {o.microbatch} must divide the per-worker batch "
+                          f"{cfg.per_worker_batch}")
+    if o.lr <= 0 or o.weight_decay < 0 or o.grad_clip < 0:
+        raise ConfigError("optim.lr must be positive; optim.weight_decay and optim.grad_clip "
+                          "must not be negative")
+    if not o.ema_rate or any(not 0 < e < 1 for e in o.ema_rate):
+        raise ConfigError(f"optim.ema_rate: {o.ema_rate} must be rates in (0, 1)")
+    if not cfg.data.uri:
+        raise ConfigError("data.uri: no training shards given (set it or pass --data)")
+    if cfg.kind == "classifier" and r.eval_interval and not cfg.data.val_uri:
+        raise ConfigError("data.val_uri: the classifier reports held-out accuracy; give the "
+                          "held-out shards or set run.eval_interval: 0")
+    try:  # the model must build from its flags (on the meta device: no memory, no time)
+        with torch.device("meta"):
+            build_model(cfg)
+    except (KeyError, ValueError) as e:
+        raise ConfigError(f"model: {e}") from None
+    return cfg
+
+
+BUILDERS = {"diffusion": openai.create_model, "classifier": openai.create_classifier,
+            "upsampler": openai.create_superres_model}
+
+
+def build_model(cfg: TrainConfig) -> torch.nn.Module:
+    """The run's model, random weights, built from its flags."""
+    return BUILDERS[cfg.kind](cfg.model_flags)
+
+
+def load_config(path: str, overrides: Sequence[str] = (), **replacements: Any) -> TrainConfig:
+    """Read a YAML config, apply `key=value` overrides, then the command line's own options
+    (`data_uri`, `num_workers`, ...: see `jobs/train_*.py`), and validate."""
+    raw = apply_overrides(load_yaml(path), overrides)
+    cfg = from_dict(TrainConfig, raw)
+    for dotted, value in replacements.items():
+        if value is None:
+            continue
+        section, key = dotted.split("__")
+        setattr(cfg, section, replace(getattr(cfg, section), **{key: value}))
+    return validate(cfg)

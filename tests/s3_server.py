@@ -1,0 +1,84 @@
+"""A real S3 API for the tests: moto in server mode, a separate process on 127.0.0.1.
+
+Use it by importing the fixture into a test module (``from s3_server import s3_server``). The
+session-scoped fixture starts ``python -m moto.server -H 127.0.0.1 -p PORT`` once, polls the port
+until it answers, yields an ``S3Server`` (the endpoint URL, ``S3Options`` for ``adm.storage``,
+and a bucket factory), and terminates the process at the end of the session. All traffic stays
+on the loopback interface; the credentials are moto's dummies.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import pytest
+
+from adm.storage import S3Options, s3_client
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class S3Server:
+    """A running S3-compatible server: ``endpoint_url``, ``options`` (for ``adm.storage``) and
+    ``env`` (the AWS variables a subprocess needs to reach it)."""
+
+    endpoint_url: str
+    options: S3Options
+    env: dict[str, str]
+    _counter = itertools.count()
+
+    def new_bucket(self, prefix: str = "adm-test") -> str:
+        """Create a fresh, empty bucket and return its name."""
+        name = f"{prefix}-{next(self._counter)}-{os.getpid()}"
+        s3_client(self.options).create_bucket(Bucket=name)
+        return name
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    port = _free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_REGION": "us-east-1",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, **env},
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"moto server exited early: {proc.stderr.read().decode()}")
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"moto server did not listen on {endpoint} within 30 s")
+                time.sleep(0.1)
+        options = S3Options(endpoint_url=endpoint, region="us-east-1",
+                            access_key="testing", secret_key="testing")
+        yield S3Server(endpoint, options, env)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

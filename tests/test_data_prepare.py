@@ -1,0 +1,368 @@
+"""The shard writer and jobs/prepare_*.py on real image files, real Ray, real Parquet, and a real
+S3 API (moto server on 127.0.0.1).
+
+The source trees are generated here with ImageNet's real quirks: a CMYK JPEG, a grayscale JPEG,
+an RGBA PNG, a PNG named .JPEG, and a truncated, an empty and an undecodable .JPEG, plus files
+that are not images. The kill/restart test uses the job's documented test hook
+``ADM_PREPARE_TEST_KILL_AFTER_SHARDS`` (the driver SIGKILLs itself after that many shards)."""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+from s3_server import s3_server  # noqa: F401 - session fixture
+
+from adm import storage
+from adm.data.digits import DIGITS_CLASSES
+from adm.data.manifest import load_split, shard_name
+from adm.data.prepare import prepare_imagenet
+from adm.data.shards import KILL_AFTER_SHARDS_ENV, ShardMismatchError, ShardWriterConfig
+from adm.data.sources import parse_labels_file
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = ["n01440764", "n01443537", "n02102040"]
+BAD = {  # source -> what the manifest's reason must say
+    "n02102040/n02102040_truncated.JPEG": "truncated",
+    "n02102040/n02102040_empty.JPEG": "empty file",
+    "n02102040/n02102040_garbage.JPEG": "not an image",
+}
+OTHER = {  # files passed over while scanning, and why
+    "n01440764/synset_notes.txt": "not an image file name",
+    ".DS_Store": "hidden",
+    "n01443537/._n01443537_1.JPEG": "hidden",
+    "stray.JPEG": "not inside a class folder",
+}
+
+
+def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def _photo(h: int, w: int, seed: int) -> np.ndarray:
+    """A smooth random image (JPEG-friendly, like a photograph more than noise)."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
+    return np.asarray(Image.fromarray(small).resize((w, h), Image.Resampling.BICUBIC))
+
+
+def make_image_files(per_class: int = 6) -> dict[str, bytes]:
+    """relative path -> bytes of an ImageNet-like class-folder tree with every quirk."""
+    files: dict[str, bytes] = {}
+    seed = 0
+    for cls in CLASSES:
+        for i in range(per_class):
+            seed += 1
+            h, w = 20 + (seed * 7) % 23, 20 + (seed * 11) % 29
+            files[f"{cls}/{cls}_{i}.JPEG"] = _encode(Image.fromarray(_photo(h, w, seed)), "JPEG",
+                                                     quality=90)
+    rgb = _photo(30, 40, 99)
+    files["n01440764/n01440764_cmyk.JPEG"] = _encode(Image.fromarray(rgb).convert("CMYK"), "JPEG")
+    files["n01443537/n01443537_gray.JPEG"] = _encode(Image.fromarray(rgb).convert("L"), "JPEG")
+    rgba = np.concatenate([rgb, np.full((30, 40, 1), 128, np.uint8)], axis=-1)
+    files["n01443537/n01443537_rgba.png"] = _encode(Image.fromarray(rgba, "RGBA"), "PNG")
+    files["n02102040/n02102040_png.JPEG"] = _encode(Image.fromarray(rgb), "PNG")
+    files["n02102040/n02102040_truncated.JPEG"] = _encode(Image.fromarray(_photo(64, 64, 5)),
+                                                          "JPEG")[:700]
+    files["n02102040/n02102040_empty.JPEG"] = b""
+    files["n02102040/n02102040_garbage.JPEG"] = b"<html>404 Not Found</html>"
+    files["n01440764/synset_notes.txt"] = b"tench"
+    files[".DS_Store"] = b"\x00\x00\x00\x01Bud1"
+    files["n01443537/._n01443537_1.JPEG"] = b"\x00\x05\x16\x07AppleDouble"
+    files["stray.JPEG"] = _encode(Image.fromarray(rgb), "JPEG")
+    return files
+
+
+def good_files(files: dict[str, bytes]) -> dict[str, bytes]:
+    return {k: v for k, v in files.items() if k not in BAD and k not in OTHER}
+
+
+def write_tree(root: Path, files: dict[str, bytes]) -> str:
+    for rel, data in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return str(root)
+
+
+def write_ilsvrc_tar(path: Path, files: dict[str, bytes]) -> str:
+    """ILSVRC2012_img_train.tar's layout: an uncompressed tar of per-class tars."""
+    by_class: dict[str, dict[str, bytes]] = {}
+    for rel, data in files.items():
+        if "/" in rel and not rel.startswith("."):
+            cls, name = rel.split("/", 1)
+            by_class.setdefault(cls, {})[name] = data
+    with tarfile.open(path, "w") as outer:
+        for cls in sorted(by_class):
+            buf = io.BytesIO()
+            with tarfile.open(fileobj=buf, mode="w") as inner:
+                for name, data in sorted(by_class[cls].items()):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    inner.addfile(info, io.BytesIO(data))
+            info = tarfile.TarInfo(f"{cls}.tar")
+            info.size = buf.tell()
+            buf.seek(0)
+            outer.addfile(info, buf)
+    return str(path)
+
+
+def read_rows(split_uri: str, s3=None) -> dict[str, dict]:
+    """source -> row of every shard listed in the split's manifest (read back with pyarrow)."""
+    info = load_split(split_uri, "train", s3)
+    rows = {}
+    for uri in info.shard_uris:
+        table = pq.read_table(storage.open_input(uri, s3))
+        for row in table.to_pylist():
+            rows[row["source"]] = row
+    return rows
+
+
+def tree_bytes(root: str) -> dict[str, bytes]:
+    return {e.relpath: storage.read_bytes(storage.join(root, e.relpath))
+            for e in storage.list_files(root)}
+
+
+CONFIG = ShardWriterConfig(images_per_shard=5, num_cpus_per_task=0.5, progress_interval_s=0.0)
+
+
+def check_prepared(split_uri: str, files: dict[str, bytes], s3=None) -> dict:
+    """Every good image round-trips (bytes, label, class, source); bad ones are listed."""
+    good = good_files(files)
+    info = load_split(split_uri, "train", s3)
+    m = info.manifest
+    assert info.classes == CLASSES
+    rows = read_rows(split_uri, s3)
+    assert sorted(rows) == sorted(good)
+    for source, row in rows.items():
+        assert row["image"] == good[source], source
+        assert row["class_name"] == source.split("/")[0]
+        assert row["label"] == CLASSES.index(row["class_name"])
+    assert sorted(r["index"] for r in rows.values()) == list(range(len(good)))
+    modes = {r["source"]: (r["format"], r["mode"]) for r in rows.values()}
+    assert modes["n01440764/n01440764_cmyk.JPEG"] == ("JPEG", "CMYK")
+    assert modes["n01443537/n01443537_gray.JPEG"] == ("JPEG", "L")
+    assert modes["n01443537/n01443537_rgba.png"] == ("PNG", "RGBA")
+    assert modes["n02102040/n02102040_png.JPEG"] == ("PNG", "RGB")
+    # Counts, fixed shard size, checksums of the files as stored.
+    assert m["images_written"] == len(good)
+    assert [s["rows"] for s in m["shards"]] == [5] * (len(good) // 5) + (
+        [len(good) % 5] if len(good) % 5 else [])
+    assert m["class_counts"] == {c: sum(k.startswith(c) for k in good) for c in CLASSES}
+    for shard, uri in zip(m["shards"], info.shard_uris):
+        data = storage.read_bytes(uri, s3)
+        assert hashlib.sha256(data).hexdigest() == shard["sha256"] and len(data) == shard["bytes"]
+    reasons = {s["source"]: s["reason"] for s in m["skipped"]}
+    assert m["images_skipped"] == len(reasons) == len(BAD) + len(OTHER)
+    for source, why in {**BAD, **OTHER}.items():
+        assert why in reasons[source], (source, reasons[source])
+    return m
+
+
+@pytest.mark.timeout(180)
+def test_prepare_local_folder_roundtrip(ray_session, tmp_path):
+    files = make_image_files()
+    src = write_tree(tmp_path / "train", files)
+    logs: list[str] = []
+    manifests = prepare_imagenet(str(tmp_path / "out"), src=src, config=CONFIG, log=logs.append)
+    check_prepared(str(tmp_path / "out"), files)
+    assert manifests["train"]["images_written"] == len(good_files(files))
+    # Progress is reported while it runs, and bad files are logged.
+    assert any("decode-checked" in line for line in logs)
+    assert any("shards:" in line for line in logs)
+    assert any("skipped 7 files" in line for line in logs)
+    # Readers never see temporaries; nothing but shards, classes and manifest is left.
+    names = os.listdir(tmp_path / "out" / "train")
+    assert sorted(names) == sorted(["classes.json", "manifest.json"] +
+                                   [shard_name(i) for i in range(len(manifests["train"]["shards"]))])
+    # Running it again is a no-op that returns the same manifest.
+    again = prepare_imagenet(str(tmp_path / "out"), src=src, config=CONFIG, log=logs.append)
+    assert again == manifests
+    assert "already complete" in logs[-1]
+
+
+@pytest.mark.timeout(180)
+def test_ilsvrc_tar_of_class_tars_gives_the_same_shards(ray_session, tmp_path):
+    files = make_image_files()
+    src = write_tree(tmp_path / "train", files)
+    tar = write_ilsvrc_tar(tmp_path / "ILSVRC2012_img_train.tar", files)
+    prepare_imagenet(str(tmp_path / "from_dir"), src=src, config=CONFIG, log=lambda m: None)
+    prepare_imagenet(str(tmp_path / "from_tar"), src=tar, config=CONFIG, log=lambda m: None)
+    # Same images, same paths -> byte-identical shards. Only the scan's "other files" differ
+    # (the tar holds no root-level files), hence the source digest and skipped list.
+    a, b = tree_bytes(str(tmp_path / "from_dir")), tree_bytes(str(tmp_path / "from_tar"))
+    shards = [k for k in a if k.endswith(".parquet")]
+    assert shards and all(a[k] == b[k] for k in shards)
+    mb = load_split(str(tmp_path / "from_tar"), "train").manifest
+    assert mb["images_written"] == len(good_files(files))
+    assert {s["source"] for s in mb["skipped"]} >= set(BAD)
+
+
+def test_compressed_tar_is_refused_with_a_clear_error(tmp_path):
+    from adm.data.sources import scan_class_tree
+
+    path = tmp_path / "train.tar.gz"
+    with tarfile.open(path, "w:gz") as t:
+        info = tarfile.TarInfo("a/x.JPEG")
+        info.size = 1
+        t.addfile(info, io.BytesIO(b"x"))
+    with pytest.raises(ValueError, match="gzip-compressed tar"):
+        scan_class_tree(str(path))
+    with pytest.raises(FileNotFoundError, match="neither a folder nor a tar"):
+        scan_class_tree(str(tmp_path / "missing"))
+
+
+@pytest.mark.timeout(180)
+def test_validation_split_with_labels_file(ray_session, tmp_path):
+    files = make_image_files(per_class=2)
+    src = write_tree(tmp_path / "train", files)
+    val_dir = tmp_path / "val"
+    val_dir.mkdir()
+    labels = []
+    for i, cls in enumerate(CLASSES * 2):
+        name = f"ILSVRC2012_val_{i + 1:08d}.JPEG"
+        (val_dir / name).write_bytes(_encode(Image.fromarray(_photo(24, 30, 100 + i)), "JPEG"))
+        labels.append(f"{name} {cls}")
+    (val_dir / "ILSVRC2012_val_00000099.JPEG").write_bytes(  # no label
+        _encode(Image.fromarray(_photo(24, 30, 7)), "JPEG"))
+    (val_dir / "ILSVRC2012_val_00000098.JPEG").write_bytes(  # a class train does not have
+        _encode(Image.fromarray(_photo(24, 30, 8)), "JPEG"))
+    labels.append("ILSVRC2012_val_00000098 n09999999")
+    (val_dir / "ILSVRC2012_val_00000097.JPEG").write_bytes(  # truncated
+        _encode(Image.fromarray(_photo(64, 64, 9)), "JPEG")[:700])
+    labels.append("ILSVRC2012_val_00000097 n01440764")
+    label_file = tmp_path / "LOC_val_solution.csv"
+    # Kaggle's format: header, then ImageId,PredictionString with the synset first.
+    label_file.write_text("ImageId,PredictionString\n" + "\n".join(
+        f"{ln.split()[0].rsplit('.', 1)[0]},{ln.split()[1]} 1 2 3 4" for ln in labels) + "\n")
+
+    out = str(tmp_path / "out")
+    m = prepare_imagenet(out, src=src, val=str(val_dir), val_labels=str(label_file),
+                         config=CONFIG, log=lambda msg: None)["val"]
+    assert m["images_written"] == 6 and m["images_skipped"] == 3
+    reasons = {s["source"]: s["reason"] for s in m["skipped"]}
+    assert "no label" in reasons["ILSVRC2012_val_00000099.JPEG"]
+    assert "not one of the 3 training classes" in reasons["ILSVRC2012_val_00000098.JPEG"]
+    assert "truncated" in reasons["ILSVRC2012_val_00000097.JPEG"]
+    val = load_split(out, "val")
+    assert val.classes == CLASSES
+    rows = [r for u in val.shard_uris for r in pq.read_table(u).to_pylist()]
+    for r in rows:
+        i = int(r["source"][len("ILSVRC2012_val_"):-len(".JPEG")]) - 1
+        assert r["class_name"] == (CLASSES * 2)[i] and r["label"] == CLASSES.index(r["class_name"])
+    # The validation split alone, later: classes come from the prepared train split.
+    m2 = prepare_imagenet(out, val=str(val_dir), val_labels=str(label_file), config=CONFIG,
+                          log=lambda msg: None)["val"]
+    assert m2 == m
+    with pytest.raises(FileNotFoundError, match="prepare it first"):
+        prepare_imagenet(str(tmp_path / "empty"), val=str(val_dir), val_labels=str(label_file),
+                         config=CONFIG)
+
+
+def test_labels_file_formats_and_errors():
+    assert parse_labels_file("a.JPEG n1\n# comment\n\nb n2\n") == {"a": "n1", "b": "n2"}
+    assert parse_labels_file("ImageId,PredictionString\nx,n3 1 2 3 4 n3 5 6 7 8\n") == {"x": "n3"}
+    with pytest.raises(ValueError, match="line 1: expected '<image> <class>'.*synset"):
+        parse_labels_file("65\n970\n", where="ground_truth.txt")
+    with pytest.raises(ValueError, match="labelled both"):
+        parse_labels_file("a n1\na n2\n")
+
+
+@pytest.mark.timeout(180)
+def test_prepare_from_and_to_s3(ray_session, s3_server, tmp_path):  # noqa: F811
+    """Source and shards both in the S3-compatible store; pyarrow reads, boto3 PUTs."""
+    opts = s3_server.options
+    bucket = s3_server.new_bucket()
+    files = make_image_files(per_class=3)
+    for rel, data in files.items():
+        storage.write_bytes(f"s3://{bucket}/raw/train/{rel}", data, opts)
+    out = f"s3://{bucket}/shards/imagenet"
+    prepare_imagenet(out, src=f"s3://{bucket}/raw/train", config=CONFIG, s3=opts,
+                     log=lambda m: None)
+    m = check_prepared(out, files, s3=opts)
+    keys = sorted(o["Key"] for o in storage.s3_client(opts).list_objects_v2(
+        Bucket=bucket, Prefix="shards/")["Contents"])
+    assert keys == sorted([f"shards/imagenet/train/{n}" for n in ("classes.json", "manifest.json")]
+                          + [f"shards/imagenet/train/{s['file']}" for s in m["shards"]])
+    # The same tree from a local folder gives byte-identical shards: the writer is deterministic
+    # whatever the storage.
+    local = str(tmp_path / "local")
+    prepare_imagenet(local, src=write_tree(tmp_path / "train", files), config=CONFIG,
+                     log=lambda m: None)
+    assert load_split(local).manifest["shards"] == m["shards"]
+
+
+def _run_job(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=REPO, env={**os.environ, **env},
+                          capture_output=True, text=True, timeout=150)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_killed_job_restarts_to_identical_output(ray_session, tmp_path):
+    files = make_image_files()
+    src = write_tree(tmp_path / "train", files)
+    address = ray_session.get_runtime_context().gcs_address
+    # The reference: one uninterrupted run.
+    prepare_imagenet(str(tmp_path / "whole"), src=src, config=CONFIG, log=lambda m: None)
+
+    out = str(tmp_path / "resumed")
+    job = ["jobs/prepare_imagenet.py", "--src", src, "--out", out, "--images-per-shard", "5",
+           "--num-cpus-per-task", "0.5", "--max-in-flight", "1", "--address", address]
+    killed = _run_job(job, {KILL_AFTER_SHARDS_ENV: "2"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    split = Path(out) / "train"
+    assert sorted(os.listdir(split)) == ["classes.json", shard_name(0), shard_name(1)]
+    # A write that was cut off mid-way leaves a hidden temporary (never a half shard).
+    (split / f".{shard_name(2)}.tmp-0123456789abcdef").write_bytes(b"PAR1 half a shard")
+    finished = _run_job(job, {})
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert "2 of 5 shards are already written" in finished.stderr, finished.stderr[-3000:]
+    assert "removed the unfinished write" in finished.stderr
+    # Same shards, same manifest, byte for byte.
+    assert tree_bytes(out) == tree_bytes(str(tmp_path / "whole"))
+    check_prepared(out, files)
+
+
+@pytest.mark.timeout(180)
+def test_resume_refuses_a_foreign_shard(ray_session, tmp_path):
+    files = make_image_files(per_class=4)
+    src = write_tree(tmp_path / "train", files)
+    out = tmp_path / "out"
+    prepare_imagenet(str(out), src=src, config=CONFIG, log=lambda m: None)
+    split = out / "train"
+    (split / "manifest.json").unlink()
+    (split / shard_name(0)).write_bytes((split / shard_name(1)).read_bytes())
+    with pytest.raises(ShardMismatchError, match="holds other images"):
+        prepare_imagenet(str(out), src=src, config=CONFIG, log=lambda m: None)
+
+
+@pytest.mark.timeout(180)
+def test_prepare_digits_job(ray_session, tmp_path):
+    out = str(tmp_path / "digits")
+    address = ray_session.get_runtime_context().gcs_address
+    done = _run_job(["jobs/prepare_digits.py", "--out", out, "--address", address], {})
+    assert done.returncode == 0, done.stderr[-3000:]
+    train, val = load_split(out, "train"), load_split(out, "val")
+    assert train.classes == val.classes == DIGITS_CLASSES
+    assert train.num_images + val.num_images == 1797
+    assert val.num_images == 176  # every tenth image of each class
+    assert all(n > 0 for n in val.manifest["class_counts"].values())
+    rows = [r for u in train.shard_uris for r in pq.read_table(u).to_pylist()]
+    sources = {r["source"] for r in rows}
+    assert len(sources) == train.num_images
+    assert not sources & {r["source"] for u in val.shard_uris for r in pq.read_table(u).to_pylist()}
+    img = Image.open(io.BytesIO(rows[0]["image"]))
+    assert (img.format, img.mode, img.size) == ("PNG", "L", (32, 32))
+    assert rows[0]["label"] == int(rows[0]["source"].split("/")[0])

@@ -1,0 +1,184 @@
+"""The sampling entry point `adm.diffusion.sample`: the reference's DDIM-10 (guided and not) and
+ancestral loops through it, respacing by `steps`, seeds and per-sample noise, channels-last,
+autocast and torch.compile options, the upsampler's extra inputs under guidance (against a loop
+written out here), and an unconditional model guided by a classifier."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from adm.compat import openai
+from adm.diffusion import sample
+from helpers import assert_within, float_state_dict, load_fixture
+
+LOOP = 1e-3
+FX = load_fixture("ddim_loop.pt")
+
+
+def network(name: str):
+    """A fresh model of models.pt (fresh: some tests convert it to channels-last)."""
+    entry = load_fixture("models.pt")["models"][name]
+    build = {"unet": openai.create_model, "superres": openai.create_superres_model,
+             "classifier": openai.create_classifier}[entry["kind"]]
+    model = build(entry["flags"])
+    model.load_state_dict(float_state_dict(entry), strict=True)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def nets():
+    return {"model": network(FX["model"]), "classifier": network(FX["classifier"])}
+
+
+def test_reference_guided_ddim_loop(nets):
+    """The reference's classifier-guided DDIM-10, from the un-respaced diffusion respaced by
+    `steps` (an int: "ddim10")."""
+    c = FX["ddim_sample_loop"]
+    base = openai.create_diffusion({**c["diffusion_flags"], "timestep_respacing": ""})
+    got = sample(nets["model"], base, c["shape"], steps=10, y=c["model_kwargs"]["y"],
+                 noise=c["noise"], classifier=nets["classifier"],
+                 classifier_scale=c["guided"]["classifier_scale"])
+    assert got.dtype == torch.float32 and got.shape == tuple(c["shape"])
+    assert_within(got, c["guided"]["sample"], LOOP, 0.0, "sample ddim guided, steps=10")
+
+
+def test_reference_ancestral_loop(nets):
+    c = FX["p_sample_loop"]
+    base = openai.create_diffusion({**c["diffusion_flags"], "timestep_respacing": ""})
+    y = c["model_kwargs"]["y"]
+    got = sample(nets["model"], base, c["shape"], sampler="ddpm", steps=10, y=y, noise=c["noise"],
+                 generator=torch.Generator().manual_seed(c["seed"]))
+    assert_within(got, c["sample"], LOOP, 0.0, "sample ddpm, generator")
+    torch.manual_seed(c["seed"])  # without a generator: the global one, as the reference
+    got = sample(nets["model"], base, c["shape"], sampler="ddpm", steps="10", y=y, noise=c["noise"])
+    assert_within(got, c["sample"], LOOP, 0.0, "sample ddpm, global generator")
+
+
+def test_channels_last_matches_the_reference():
+    c = FX["ddim_sample_loop"]
+    model, classifier = network(FX["model"]), network(FX["classifier"])
+    got = sample(model, openai.create_diffusion(c["diffusion_flags"]), c["shape"],
+                 y=c["model_kwargs"]["y"], noise=c["noise"], classifier=classifier,
+                 classifier_scale=c["guided"]["classifier_scale"], channels_last=True)
+    assert model.input_blocks[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert got.is_contiguous()
+    assert_within(got, c["guided"]["sample"], LOOP, 0.0, "sample ddim guided, channels_last")
+
+
+def small_setup():
+    """The 32x32 unconditional U-Net, a 4-step DDIM diffusion, and a linear classifier on it."""
+    model = network("unet_uncond")
+    d = openai.create_diffusion({**load_fixture("models.pt")["models"]["unet_uncond"]["flags"],
+                                 "timestep_respacing": "ddim4"})
+    classifier = LinearClassifier((3, 32, 32))
+    return model, d, classifier
+
+
+class LinearClassifier(nn.Module):
+    def __init__(self, shape, classes=10):
+        super().__init__()
+        self.linear = nn.Linear(int(np.prod(shape)), classes)
+        with torch.no_grad():
+            self.linear.weight.normal_(0, 0.2, generator=torch.Generator().manual_seed(0))
+
+    def forward(self, x, t):
+        return self.linear(x.flatten(1))
+
+
+def test_seeds_and_per_sample_noise():
+    model, d, _ = small_setup()
+    shape = (3, 3, 32, 32)
+    a = sample(model, d, shape, generator=torch.Generator().manual_seed(1), eta=0.5)
+    b = sample(model, d, shape, generator=torch.Generator().manual_seed(1), eta=0.5)
+    c = sample(model, d, shape, generator=torch.Generator().manual_seed(2), eta=0.5)
+    assert torch.equal(a, b) and (a - c).abs().max() > 0.1
+    assert a.min() >= -1 and a.max() <= 1
+    # Per-sample starting noise at eta = 0: each sample is its own, whatever the batch order.
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    full = sample(model, d, shape, noise=noise)
+    perm = torch.tensor([2, 0, 1])
+    permuted = sample(model, d, shape, noise=noise[perm])
+    alone = sample(model, d, (1, 3, 32, 32), noise=noise[1:2])
+    # (kernels may sum in another order for another batch size: float32 rounding only)
+    torch.testing.assert_close(permuted, full[perm], rtol=0, atol=1e-4)
+    torch.testing.assert_close(alone, full[1:2], rtol=0, atol=1e-4)
+
+
+def test_unconditional_model_guided_by_a_classifier():
+    """As the paper's unconditional 256x256 model: y goes to the classifier only (the U-Net
+    refuses a y it has no embedding for)."""
+    model, d, classifier = small_setup()
+    shape, y = (2, 3, 32, 32), torch.tensor([1, 7])
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(4))
+    plain = sample(model, d, shape, noise=noise)
+    guided = sample(model, d, shape, noise=noise, classifier=classifier, classifier_scale=20.0, y=y)
+    assert (guided - plain).abs().max() > 0.05
+    logits = lambda x: classifier(x, None).log_softmax(-1).gather(1, y[:, None]).sum()  # noqa: E731
+    with torch.no_grad():
+        assert logits(guided) > logits(plain)  # guidance raised log p(y | x_0)
+
+
+def test_precision_and_compile_options():
+    model, d, classifier = small_setup()
+    shape, y = (2, 3, 32, 32), torch.tensor([1, 7])
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(5))
+    kw = dict(noise=noise, classifier=classifier, classifier_scale=5.0, y=y)
+    want = sample(model, d, shape, **kw)
+    bf16 = sample(model, d, shape, autocast_dtype=torch.bfloat16, **kw)
+    assert bf16.dtype == torch.float32
+    err = (bf16 - want).abs().mean()
+    assert 0 < err < 0.05, err  # bf16's rounding, not a different computation
+    compiled = sample(model, d, shape, compile={"backend": "aot_eager"}, **kw)
+    torch.testing.assert_close(compiled, want, rtol=0, atol=1e-4)
+    assert all(p.requires_grad for p in classifier.parameters())  # restored after compiling
+
+
+def test_upsampler_with_guidance_against_a_written_out_loop():
+    """DDIM-3 with the upsampler (low_res and y as model inputs) and classifier guidance, against
+    the algorithm written out from the paper (ADM algorithm 2, η = 0)."""
+    upsampler, classifier = network("upsampler"), network("classifier_attention")
+    flags = load_fixture("models.pt")["models"]["upsampler"]["flags"]
+    d = openai.create_diffusion({**flags, "timestep_respacing": "ddim3"})
+    g = torch.Generator().manual_seed(6)
+    shape, y = (2, 3, 64, 64), torch.tensor([3, 11])
+    low_res = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
+    noise = torch.randn(shape, generator=g)
+    scale = 8.0
+    got = sample(upsampler, d, shape, noise=noise, y=y, model_kwargs={"low_res": low_res},
+                 classifier=classifier, classifier_scale=scale)
+
+    abar = torch.from_numpy(d.alphas_cumprod).float()
+    x = noise
+    for i in reversed(range(d.num_timesteps)):
+        t = torch.full((2,), d.timestep_map[i])
+        with torch.no_grad():
+            eps = upsampler(x, t, low_res=low_res, y=y)[:, :3]
+        x0 = ((x - (1 - abar[i]).sqrt() * eps) / abar[i].sqrt()).clamp(-1, 1)
+        eps = (x - abar[i].sqrt() * x0) / (1 - abar[i]).sqrt()
+        x_in = x.detach().requires_grad_(True)
+        log_p = torch.log_softmax(classifier(x_in, t), -1)[torch.arange(2), y].sum()
+        grad = torch.autograd.grad(log_p, x_in)[0]
+        eps = eps - (1 - abar[i]).sqrt() * scale * grad
+        x0 = (x - (1 - abar[i]).sqrt() * eps) / abar[i].sqrt()
+        abar_prev = abar[i - 1] if i > 0 else torch.tensor(1.0)
+        x = abar_prev.sqrt() * x0 + (1 - abar_prev).sqrt() * eps
+    assert (x.clamp(-1, 1) - sample(upsampler, d, shape, noise=noise, y=y,
+                                   model_kwargs={"low_res": low_res})).abs().max() > 0.01
+    assert_within(got, x.clamp(-1, 1), LOOP, 0.0, "upsampler, guided DDIM-3")
+
+
+def test_argument_errors():
+    model, d, classifier = small_setup()
+    shape = (2, 3, 32, 32)
+    with pytest.raises(ValueError, match="sampler"):
+        sample(model, d, shape, sampler="euler")
+    with pytest.raises(ValueError, match="labels"):
+        sample(model, d, shape, classifier=classifier)
+    with pytest.raises(ValueError, match="noise"):
+        sample(model, d, shape, noise=torch.zeros(1, 3, 32, 32))
+    with pytest.raises(ValueError, match="eta"):
+        sample(model, d, shape, sampler="ddpm", eta=1.0)
+    with pytest.raises(ValueError, match="'ddim999'"):
+        sample(model, d, shape, steps="ddim999")
