@@ -158,7 +158,8 @@ def main() -> None:
         print(f"  done {name}: {r['images_per_s']:.3f} img/s (warm-up {r['warmup_s']:.1f} s)",
               flush=True)
     base = next((r["images_per_s"] for r in rows if r["variant"] == "float32 eager"), None)
-    print(f"\n| variant | images/s | vs float32 eager | s/step | classifier backward share | warm-up s |")
+    print("\n| variant | images/s | vs float32 eager | s/step | classifier backward share "
+          "| warm-up s |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         ratio = f"{r['images_per_s'] / base:.2f}x" if base else "-"

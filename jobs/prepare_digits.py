@@ -2,7 +2,7 @@
 
     python jobs/prepare_digits.py --out data/digits [--image-size 32] [--address ...]
 
-Writes OUT/train (1,618 images) and OUT/val (179 held-out images) in the same format as
+Writes OUT/train (1,621 images) and OUT/val (176 held-out images) in the same format as
 jobs/prepare_imagenet.py; see adm.data.digits for the choices made.
 """
 from __future__ import annotations

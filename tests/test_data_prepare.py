@@ -206,7 +206,9 @@ def test_ilsvrc_tar_of_class_tars_gives_the_same_shards(ray_session, tmp_path):
     assert shards and all(a[k] == b[k] for k in shards)
     mb = load_split(str(tmp_path / "from_tar"), "train").manifest
     assert mb["images_written"] == len(good_files(files))
-    assert {s["source"] for s in mb["skipped"]} >= set(BAD)
+    reasons = {s["source"]: s["reason"] for s in mb["skipped"]}
+    assert set(reasons) == set(BAD) | {"n01440764/synset_notes.txt", "n01443537/._n01443537_1.JPEG"}
+    assert "hidden" in reasons["n01443537/._n01443537_1.JPEG"]
 
 
 def test_compressed_tar_is_refused_with_a_clear_error(tmp_path):
@@ -268,6 +270,33 @@ def test_validation_split_with_labels_file(ray_session, tmp_path):
     with pytest.raises(FileNotFoundError, match="prepare it first"):
         prepare_imagenet(str(tmp_path / "empty"), val=str(val_dir), val_labels=str(label_file),
                          config=CONFIG)
+
+
+def test_tar_of_a_class_folder_tree_and_a_flat_validation_tar(tmp_path):
+    from adm.data.sources import read_items, scan_class_tree, scan_labelled_files
+
+    files = {"train/n1/a.JPEG": b"A" * 10, "train/n1/sub/b.JPEG": b"B" * 7,
+             "train/n2/c.png": b"C" * 3, "train/n2/notes.txt": b"x"}
+    with tarfile.open(tmp_path / "tree.tar", "w") as t:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    scan = scan_class_tree(str(tmp_path / "tree.tar"))
+    # The single top folder ("train/") is the root; classes are the folders under it.
+    assert [(i.source, i.class_name) for i in scan.items] == [
+        ("n1/a.JPEG", "n1"), ("n1/sub/b.JPEG", "n1"), ("n2/c.png", "n2")]
+    assert [s.source for s in scan.skipped] == ["n2/notes.txt"]
+    assert read_items(scan.items) == [b"A" * 10, b"B" * 7, b"C" * 3]  # ranged reads by offset
+    with tarfile.open(tmp_path / "val.tar", "w") as t:
+        for name in ("v1.JPEG", "v2.JPEG"):
+            info = tarfile.TarInfo(name)
+            info.size = 2
+            t.addfile(info, io.BytesIO(name[:2].encode()))
+    val = scan_labelled_files(str(tmp_path / "val.tar"), {"v1": "n2"})
+    assert [(i.source, i.class_name) for i in val.items] == [("v1.JPEG", "n2")]
+    assert [(s.source, s.reason) for s in val.skipped] == [("v2.JPEG", "no label in the labels file")]
+    assert read_items(val.items) == [b"v1"]
 
 
 def test_labels_file_formats_and_errors():

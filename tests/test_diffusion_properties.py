@@ -86,5 +86,6 @@ def test_q_sample_marginal_and_posterior_match_float64_closed_forms(d, data):
     torch.testing.assert_close(got_var, want_var, rtol=1e-9, atol=1e-14)
     if d.num_timesteps > 1:  # log-variance: clipped to step 1's at step 0
         var1 = 1 / (1 / v[0] + alpha[1] / d.betas[1])
-        want_log = torch.where(t.view(-1, 1, 1, 1) == 0, math.log(var1), want_var.clamp_min(1e-300).log())
+        want_log = torch.where(t.view(-1, 1, 1, 1) == 0, math.log(var1),
+                               want_var.clamp_min(1e-300).log())
         torch.testing.assert_close(got_log_var, want_log.expand_as(x0), rtol=1e-9, atol=1e-9)

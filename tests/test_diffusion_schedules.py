@@ -34,7 +34,8 @@ def test_named_beta_schedules(key):
 def test_every_per_step_array(group):
     for entry in FX[group]:
         d = openai.create_diffusion(entry["diffusion_flags"])
-        what = f"{group} {entry['diffusion_flags']['noise_schedule']} {entry['diffusion_flags']['timestep_respacing']!r}"
+        flags = entry["diffusion_flags"]
+        what = f"{group} {flags['noise_schedule']} {flags['timestep_respacing']!r}"
         assert d.num_timesteps == entry["num_timesteps"], what
         if "timestep_map" in entry:
             assert d.timestep_map == entry["timestep_map"], what

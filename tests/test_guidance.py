@@ -64,7 +64,8 @@ class LinearClassifier(nn.Module):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         dim = int(np.prod(shape))
-        self.weight = nn.Parameter(torch.randn(classes, dim, generator=g, dtype=torch.float64) / dim ** 0.5)
+        weight = torch.randn(classes, dim, generator=g, dtype=torch.float64) / dim ** 0.5
+        self.weight = nn.Parameter(weight)
         self.bias = nn.Parameter(torch.randn(classes, generator=g, dtype=torch.float64))
 
     def forward(self, x, t):

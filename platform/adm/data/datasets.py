@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Literal
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 from ray.data.expressions import random as random_expr
@@ -107,7 +106,9 @@ def train_data_config(config: DataConfig = DataConfig()) -> "ray.train.DataConfi
     with the driver's defaults)."""
     import ray.train
 
-    options = ray.data.ExecutionOptions(preserve_order=config.deterministic)
+    # Train's own defaults (resource limits etc. from the driver's DataContext), plus our order.
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = config.deterministic
     return ray.train.DataConfig(execution_options=options)
 
 

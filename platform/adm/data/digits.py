@@ -10,8 +10,8 @@ no download. They are written through the same shard writer as ImageNet, as PNG 
 * **grayscale PNG** (mode ``L``): the 17 intensity levels (0..16) are scaled to 0..255; the data
   pipeline turns them into RGB like any grayscale ImageNet file.
 * **a held-out split** ``val``: in each class, every tenth image in scikit-learn's order
-  (ranks 9, 19, ...), 179 images (~10 %), so the split is deterministic and stratified; the
-  other 1,618 are ``train``.
+  (ranks 9, 19, ...), 176 images (~10 %), so the split is deterministic and stratified; the
+  other 1,621 are ``train``.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from adm import storage
-from adm.data.shards import Log, ShardWriterConfig, _stderr_log, write_split
+from adm.data.shards import Log, ShardWriterConfig, stderr_log, write_split
 from adm.data.sources import ScanResult, SourceItem
 from adm.storage import S3Options
 
@@ -68,7 +68,7 @@ def prepare_digits(
     image_size: int = DIGITS_IMAGE_SIZE,
     config: ShardWriterConfig = ShardWriterConfig(images_per_shard=256),
     s3: S3Options | None = None,
-    log: Log = _stderr_log,
+    log: Log = stderr_log,
 ) -> dict[str, dict[str, Any]]:
     """Write ``out/train`` and ``out/val`` shards of the digits; return the manifests."""
     manifests = {}

@@ -12,7 +12,7 @@ import ray
 
 from adm import storage
 from adm.data.manifest import CLASSES
-from adm.data.shards import Log, ShardWriterConfig, _stderr_log, write_split
+from adm.data.shards import Log, ShardWriterConfig, stderr_log, write_split
 from adm.data.sources import (
     parse_labels_file,
     restrict_to_classes,
@@ -45,7 +45,7 @@ def prepare_imagenet(
     val_labels: str | None = None,
     config: ShardWriterConfig = ShardWriterConfig(),
     s3: S3Options | None = None,
-    log: Log = _stderr_log,
+    log: Log = stderr_log,
 ) -> dict[str, dict[str, Any]]:
     """Write ``out/train`` from ``src`` (a class-folder tree, or a tar of per-class tars or of a
     class-folder tree) and/or ``out/val`` from ``val``; return the manifests by split.

@@ -47,9 +47,11 @@ from adm.storage import S3Options
 KILL_AFTER_SHARDS_ENV = "ADM_PREPARE_TEST_KILL_AFTER_SHARDS"
 
 Log = Callable[[str], None]
+MAX_LOGGED_BAD = 100  # bad files logged one by one; all of them go to the manifest
 
 
-def _stderr_log(message: str) -> None:
+def stderr_log(message: str) -> None:
+    """The default log: one line to stderr, flushed (Ray job logs show it at once)."""
     print(message, file=sys.stderr, flush=True)
 
 
@@ -261,7 +263,7 @@ def write_split(
     split: str,
     config: ShardWriterConfig = ShardWriterConfig(),
     s3: S3Options | None = None,
-    log: Log = _stderr_log,
+    log: Log = stderr_log,
 ) -> dict[str, Any]:
     """Check, shard and write the candidates of ``scan`` into the split folder ``out``; return
     the manifest (also written to ``out/manifest.json``). Labels index ``classes``; every
@@ -286,6 +288,8 @@ def write_split(
         log(f"[prepare] {split}: already complete at {out} ({manifest['images_written']} images)")
         return manifest
 
+    if not ray.is_initialized():
+        ray.init()
     storage.makedirs(out, s3)
     _write_classes(out, classes, s3)
     _remove_stale_temp_files(out, s3, log)
@@ -302,7 +306,12 @@ def write_split(
         chunk = items[start : start + config.check_chunk_size]
 
         def on_result(result, start=start, n=len(chunk)):
-            bad.update({start + i: reason for i, reason in result})
+            for i, reason in result:
+                bad[start + i] = reason
+                if len(bad) <= MAX_LOGGED_BAD:
+                    log(f"[prepare] {split}: skipping {items[start + i].source}: {reason}")
+                elif len(bad) == MAX_LOGGED_BAD + 1:
+                    log(f"[prepare] {split}: more bad files; all are listed in manifest.json")
             progress.update(n, f", {len(bad)} bad")
 
         jobs.append((lambda chunk=chunk: check_remote.remote(chunk, s3), on_result))

@@ -28,6 +28,7 @@ from adm.storage import S3Options
 # format later: a PNG named .JPEG is fine. "gif" and the rest beyond the reference's
 # jpg/jpeg/png/gif are harmless additions.
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "gif", "bmp", "webp", "tif", "tiff"})
+_TAR_READ_BUFFER = 4 * 1024 * 1024
 _COMPRESSED_MAGIC = {
     b"\x1f\x8b": "gzip",
     b"BZh": "bzip2",
@@ -145,9 +146,7 @@ def _strip_single_top_folder(paths: Sequence[str]) -> str:
     return ""
 
 
-def _classify_tree_entries(
-    entries: Iterable[tuple[str, SourceItem]]
-) -> ScanResult:
+def _classify_tree_entries(entries: Iterable[tuple[str, SourceItem]]) -> ScanResult:
     """Turn (relpath, item-without-class) pairs of a class-folder tree into a ScanResult."""
     items, skipped = [], []
     for relpath, proto in entries:
@@ -178,22 +177,36 @@ def _finish(items: list[SourceItem], skipped: list[Skipped]) -> ScanResult:
     return ScanResult(items, skipped)
 
 
+def _member_name(name: str) -> str:
+    """A tar member's path without a leading ``./`` or ``/`` (hidden names keep their dot)."""
+    while name.startswith("./"):
+        name = name[2:]
+    return name.lstrip("/")
+
+
+def _buffered(f, offset: int, size: int) -> io.BufferedReader:
+    # tarfile reads 512-byte headers and seeks over the data; buffering turns that into a few
+    # large (ranged, for S3) reads instead of one request per member.
+    return io.BufferedReader(_SliceFile(f, offset, size), buffer_size=_TAR_READ_BUFFER)
+
+
 def _tar_entries(uri: str, s3: S3Options | None) -> list[tuple[str, SourceItem]]:
     """(relpath, located item) for every regular file in the tar, descending into member
-    ``.tar`` files (per-class tars: ``n01440764.tar`` -> ``n01440764/<member>``)."""
+    ``.tar`` files (per-class tars: ``n01440764.tar`` -> ``n01440764/<member>``). Offsets are
+    absolute in the outer file, so items are later read with one ranged read each."""
     out: list[tuple[str, SourceItem]] = []
     plain: list[tuple[str, SourceItem]] = []
     with storage.open_input(uri, s3) as f:
-        for member in _tar_members(f, uri):
+        for member in _tar_members(_buffered(f, 0, f.size()), uri):
             if not member.isfile():
                 continue
-            name = member.name.lstrip("./")
+            name = _member_name(member.name)
             if name.lower().endswith(".tar"):
                 cls = posixpath.splitext(posixpath.basename(name))[0]
-                inner = _SliceFile(f, member.offset_data, member.size)
+                inner = _buffered(f, member.offset_data, member.size)
                 for sub in _tar_members(inner, f"{uri}:{name}"):
                     if sub.isfile():
-                        rel = f"{cls}/{sub.name.lstrip('./')}"
+                        rel = f"{cls}/{_member_name(sub.name)}"
                         out.append(
                             (rel, SourceItem(rel, "", uri, member.offset_data + sub.offset_data,
                                              sub.size))

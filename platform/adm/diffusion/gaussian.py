@@ -139,7 +139,8 @@ class GaussianDiffusion:
                 "fixed_large_variance": fixed_large,
                 "fixed_large_log_variance": np.log(fixed_large),
                 "recip_posterior_mean_coef1": 1.0 / self.posterior_mean_coef1,
-                "posterior_mean_coef2_over_coef1": self.posterior_mean_coef2 / self.posterior_mean_coef1,
+                "posterior_mean_coef2_over_coef1":
+                    self.posterior_mean_coef2 / self.posterior_mean_coef1,
                 # DDIM's σ_t for η = 1 (eq. 16 of Song et al.): σ = η·this.
                 "ddim_sigma_unit": np.sqrt((1.0 - self.alphas_cumprod_prev) / (1.0 - ac))
                 * np.sqrt(1.0 - ac / self.alphas_cumprod_prev),
@@ -164,6 +165,12 @@ class GaussianDiffusion:
                 table = torch.from_numpy(np.ascontiguousarray(arr)).to(device=device, dtype=dtype)
             self._tables[key] = table
         return table
+
+    def _preload(self, device: torch.device, dtype: torch.dtype) -> None:
+        dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        for name in (*ARRAY_NAMES, *self._extra):
+            self._table(name, device, dtype)
+        self._table("timestep_map", device, torch.int64)
 
     def _extract(self, name: str, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The per-step array `name` at indices t [N], shaped [N, 1, ...] to broadcast against
@@ -380,6 +387,7 @@ class GaussianDiffusion:
             img = torch.randn(*shape, generator=generator, device=device)
         else:
             img = torch.randn(*shape, device=device)
+        self._preload(img.device, img.dtype)  # every host-to-device copy before the loop
         for i in _progress(list(range(self.num_timesteps))[::-1], progress):
             t = torch.full((shape[0],), i, device=device, dtype=torch.int64)
             with torch.no_grad():
