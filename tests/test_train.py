@@ -255,3 +255,92 @@ def test_export_checkpoint_job_reports_missing_run(tmp_path):
                            str(tmp_path / "none"), str(tmp_path / "out")],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "holds no training checkpoint" in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_nonfinite_steps_are_skipped_alike_then_stop_the_run(digits, tmp_path):
+    """lr 1e30: the first step blows the weights up, every later loss is non-finite. Each such
+    step is skipped on both workers (same decision from the all-reduced gradient norm); the
+    fourth in a row stops the run with an error naming the step, and the checkpoints hold the
+    last good (finite) weights."""
+    trace = tmp_path / "trace"
+    path = write_config(tmp_path, flags=TINY_DIFFUSION, data={"uri": digits},
+                        optim={"batch_size": 16, "max_steps": 20, "lr": 1e30,
+                               "max_nonfinite_in_row": 3},
+                        run={"num_workers": 2, "storage": str(tmp_path / "runs"), "name": "nan",
+                             "log_interval": 1, "save_interval": 1, "max_failures": 0,
+                             "trace_file": str(trace)})
+    with pytest.raises(Exception) as err:
+        fit(path)
+    msg = str(err.value)
+    assert "step 5: non-finite loss or gradient in 4 steps in a row" in msg, msg[-2000:]
+    steps = read_trace(trace)
+    assert sorted(s for r, _, s in steps if r == 0) == sorted(s for r, _, s in steps if r == 1)
+    from adm.train.checkpoint import latest_checkpoint, load_state
+
+    ckpt = latest_checkpoint(str(tmp_path / "runs" / "nan"))
+    state, meta = load_state(ckpt)
+    assert meta["step"] == 4
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_bf16_accumulation_clipping_and_loss_aware_sampler(digits, tmp_path):
+    """bf16 autocast, 2 microbatches per worker, clipping, and the loss-second-moment sampler
+    fed with the losses of both workers: after 3 steps of 2 x 8 images it holds 48 losses."""
+    path = write_config(tmp_path, flags=TINY_DIFFUSION, data={"uri": digits},
+                        optim={"batch_size": 16, "max_steps": 3, "precision": "bf16",
+                               "microbatch": 4, "grad_clip": 1.0,
+                               "schedule_sampler": "loss-second-moment"},
+                        run={"num_workers": 2, "storage": str(tmp_path / "runs"), "name": "mp",
+                             "log_interval": 1, "save_interval": 3})
+    cfg, result = fit(path)
+    assert result.metrics["step"] == 3 and 0 < result.metrics["grad_norm"] < float("inf")
+    from adm.train.checkpoint import latest_checkpoint, load_state
+
+    state, _ = load_state(latest_checkpoint(str(tmp_path / "runs" / "mp")))
+    assert int(state["objective"]["loss_counts"].sum()) == 48
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_fp16_with_grad_scaler(digits, tmp_path):
+    path = write_config(tmp_path, flags=TINY_DIFFUSION, data={"uri": digits},
+                        optim={"batch_size": 8, "max_steps": 3, "precision": "fp16"},
+                        run={"num_workers": 1, "storage": str(tmp_path / "runs"), "name": "fp16",
+                             "log_interval": 1, "save_interval": 3})
+    cfg, result = fit(path)
+    from adm.train.checkpoint import latest_checkpoint, load_state
+
+    state, meta = load_state(latest_checkpoint(str(tmp_path / "runs" / "fp16")))
+    assert meta["step"] == 3 and state["scaler"]["scale"] > 0  # the scaler's state is kept
+
+
+from s3_server import s3_server  # noqa: E402,F401 - session fixture
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_train_from_s3_with_checkpoints_on_s3(ray_session, s3_server, tmp_path,  # noqa: F811
+                                               monkeypatch):
+    from adm import storage
+    from adm.data.digits import prepare_digits
+
+    for k, v in s3_server.env.items():
+        monkeypatch.setenv(k, v)
+    bucket = s3_server.new_bucket()
+    data = f"s3://{bucket}/digits"
+    prepare_digits(data, image_size=16, s3=s3_server.options)
+    path = write_config(tmp_path, flags=TINY_DIFFUSION, data={"uri": data},
+                        optim={"batch_size": 8, "max_steps": 2},
+                        run={"num_workers": 1, "storage": f"s3://{bucket}/runs", "name": "s3",
+                             "log_interval": 1, "save_interval": 2})
+    fit(path)
+    run = f"s3://{bucket}/runs/s3"
+    assert storage.exists(f"{run}/export/model000002.pt")
+    assert any(n.startswith("checkpoint_") for n in storage.listdir(run))
+    assert storage.listdir(f"{run}/tensorboard")
+    flags = json.loads(storage.read_bytes(f"{run}/export/flags.json"))
+    openai.load_checkpoint(openai.create_model(flags), f"{run}/export/ema_0.999_000002.pt")

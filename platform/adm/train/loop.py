@@ -58,10 +58,11 @@ def _all_gather_cat(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(out)
 
 
-def train_loop_per_worker(config: dict) -> None:
-    """Train `config` (a `TrainConfig` as a dict) from its last checkpoint, if any, to
-    `optim.max_steps`."""
-    cfg = validate(from_dict(TrainConfig, config))
+def train_loop_per_worker(loop_config: dict) -> None:
+    """Train `loop_config["config"]` (a `TrainConfig` as a dict) from its last checkpoint, if
+    any, to `optim.max_steps`; `loop_config["env"]` holds the driver's AWS settings."""
+    os.environ.update(loop_config.get("env", {}))
+    cfg = validate(from_dict(TrainConfig, loop_config["config"]))
     o, r = cfg.optim, cfg.run
     rank, world = _world()
     device = ray.train.torch.get_device()

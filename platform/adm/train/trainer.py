@@ -26,6 +26,10 @@ from .config import TrainConfig
 from .loop import train_loop_per_worker
 
 
+AWS_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION",
+           "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
+
+
 def run_uri(cfg: TrainConfig) -> str:
     return storage.join(cfg.run.storage, cfg.run.name)
 
@@ -117,9 +121,13 @@ def fit(cfg: TrainConfig) -> ray.train.Result:
     storage.write_bytes(storage.join(run, "config.yaml"),
                         yaml.safe_dump(to_dict(cfg), sort_keys=False).encode())
     fs, path = storage.resolve_filesystem(cfg.run.storage)
+    # The workers reach S3 with the driver's standard AWS settings (endpoint, region,
+    # credentials), which a Ray job's runtime env does not hand to Train's worker processes. They
+    # travel beside the config, never inside it: checkpoints record the config.
+    aws_env = {k: v for k, v in os.environ.items() if k in AWS_ENV}
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=to_dict(cfg),
+        train_loop_config={"config": to_dict(cfg), "env": aws_env},
         scaling_config=ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
                                      resources_per_worker={"CPU": cfg.run.cpus_per_worker}),
         run_config=RunConfig(
