@@ -12,7 +12,8 @@ measured in a separate instrumented run that synchronises around each backward.
 On CPU it runs a small 32x32 ADM and classifier (the 2-core CI box would take minutes per image
 at 128x128); when CUDA is available it runs the ImageNet-128 model and classifier of the
 reference README (flag strings below; random weights, same FLOPs). Timings are the best of
-`--repeats` runs after one warm-up run (which also compiles).
+`--repeats` runs, taken round-robin across the variants after one warm-up run of each (which
+also compiles).
 """
 from __future__ import annotations
 
@@ -97,7 +98,9 @@ class BackwardTimer:
         torch.autograd.grad = self._orig
 
 
-def run_variant(name, options, config, device, batch, steps, repeats, seed):
+def prepare(options, config, device, batch, steps, seed):
+    """Fresh networks for one variant (channels-last converts them in place) and a function that
+    runs one timed, seeded batch; the first run (warm-up, compilation) is timed apart."""
     model, classifier, diffusion = build(config, device)
     size = model.image_size
     shape = (batch, 3, size, size)
@@ -114,12 +117,7 @@ def run_variant(name, options, config, device, batch, steps, repeats, seed):
 
     warmup, out = once()
     assert out.shape == shape and torch.isfinite(out).all() and out.abs().max() <= 1
-    best = min(once()[0] for _ in range(repeats))
-    with BackwardTimer(device) as timer:
-        instrumented, _ = once()
-    assert timer.calls == steps, timer.calls
-    return {"variant": name, "images_per_s": batch / best, "s_per_step": best / steps,
-            "warmup_s": warmup, "backward_fraction": timer.seconds / instrumented}
+    return once, warmup
 
 
 def main() -> None:
@@ -133,9 +131,12 @@ def main() -> None:
     parser.add_argument("--variants", default=None,
                         help="comma-separated subset of: " + ", ".join({**VARIANTS, **CUDA_VARIANTS}))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args()
 
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     config_name = args.config or ("imagenet128" if device.type == "cuda" else "small32")
     batch = args.batch_size or (64 if device.type == "cuda" else 8)
     variants = dict(VARIANTS, **(CUDA_VARIANTS if device.type == "cuda" else {}))
@@ -150,13 +151,25 @@ def main() -> None:
     print(f"# classifier-guided DDIM-{args.steps}, {config_name}, batch {batch}, {what}, "
           f"torch {torch.__version__}")
 
-    rows = []
+    # Warm up every variant, then time them round-robin (best of --repeats each), so that a burst
+    # of load on a shared machine hits every variant alike rather than one of them.
+    runs, rows = {}, {}
     for name, options in variants.items():
-        rows.append(run_variant(name, options, CONFIGS[config_name], device, batch, args.steps,
-                                args.repeats, args.seed))
-        r = rows[-1]
-        print(f"  done {name}: {r['images_per_s']:.3f} img/s (warm-up {r['warmup_s']:.1f} s)",
-              flush=True)
+        runs[name], warmup = prepare(options, CONFIGS[config_name], device, batch, args.steps,
+                                     args.seed)
+        rows[name] = {"variant": name, "warmup_s": warmup, "times": []}
+        print(f"  warmed up {name} ({warmup:.1f} s)", flush=True)
+    for _ in range(args.repeats):
+        for name, once in runs.items():
+            rows[name]["times"].append(once()[0])
+    for name, once in runs.items():
+        with BackwardTimer(device) as timer:
+            instrumented, _ = once()
+        assert timer.calls == args.steps, timer.calls
+        best = min(rows[name]["times"])
+        rows[name].update(images_per_s=batch / best, s_per_step=best / args.steps,
+                          backward_fraction=timer.seconds / instrumented)
+    rows = list(rows.values())
     base = next((r["images_per_s"] for r in rows if r["variant"] == "float32 eager"), None)
     print("\n| variant | images/s | vs float32 eager | s/step | classifier backward share "
           "| warm-up s |")

@@ -122,6 +122,7 @@ def test_two_worker_diffusion_lowers_loss_and_exports(digits, tmp_path):
     events = list((tmp_path / "runs" / "d2" / "tensorboard").iterdir())
     assert events and events[0].stat().st_size > 0
     losses = _scalars(events[0], "mse")
+    print("mse per 10 steps", [round(v, 4) for v in losses])
     assert losses[-1] < 0.8 * losses[0], losses
     export = tmp_path / "runs" / "d2" / "export"
     assert {p.name for p in export.iterdir()} == {"model000060.pt", "ema_0.999_000060.pt",
@@ -159,17 +160,19 @@ def test_two_worker_classifier_beats_chance(digits, tmp_path):
                                "num_classes": 10, "diffusion_steps": 100,
                                "noise_schedule": "cosine"},
                         data={"uri": digits, "val_uri": digits},
-                        optim={"batch_size": 32, "max_steps": 160, "lr": 2e-3,
-                               "lr_anneal_steps": 160},
+                        optim={"batch_size": 32, "max_steps": 240, "lr": 2e-3,
+                               "lr_anneal_steps": 240},
                         run={"num_workers": 2, "storage": str(tmp_path / "runs"), "name": "c2",
-                             "log_interval": 20, "save_interval": 160, "eval_interval": 160,
+                             "log_interval": 40, "save_interval": 240, "eval_interval": 240,
                              "eval_batches": 11})
     cfg, result = fit(path)
     metrics = result.metrics
     print("classifier metrics", {k: round(v, 4) for k, v in metrics.items()})
-    # 10 classes: chance is 0.10. Held-out images are noised at uniform t, where the largest
-    # t leave nothing to see, so the ceiling is well below 1.
-    assert metrics["val_acc_top1"] > 0.25, metrics
+    # 10 classes: chance is 0.10 (top-5: 0.5). Held-out images are noised at uniform t, where
+    # the largest t leave nothing to see, so the ceiling is well below 1. Measured 0.56 / 0.93;
+    # the bounds sit ~5 standard errors (176 images) below that and far above chance.
+    assert metrics["val_acc_top1"] > 0.35, metrics
+    assert metrics["val_acc_top5"] > 0.8, metrics
     assert metrics["val_images"] == 176  # the whole held-out split (11 batches of 16)
 
 
@@ -182,7 +185,7 @@ def test_killed_worker_resumes_from_last_checkpoint(digits, tmp_path):
     attempt 2 from checkpoint + 1 to the end — every step exactly once."""
     trace = tmp_path / "trace"
     path = write_config(tmp_path, flags=TINY_DIFFUSION, data={"uri": digits},
-                        optim={"batch_size": 16, "max_steps": 40},
+                        optim={"batch_size": 16, "max_steps": 45},
                         run={"num_workers": 2, "storage": str(tmp_path / "runs"), "name": "k",
                              "log_interval": 5, "save_interval": 5, "max_failures": 1,
                              "trace_file": str(trace)})
@@ -193,7 +196,8 @@ def test_killed_worker_resumes_from_last_checkpoint(digits, tmp_path):
         while time.time() < deadline and not killed:
             rows = read_trace(trace) if trace.exists() else []
             rank1 = [(pid, s) for r, pid, s in rows if r == 1]
-            if rank1 and rank1[-1][1] >= 12:
+            # late enough that Ray Train has committed a checkpoint even on a loaded machine
+            if rank1 and rank1[-1][1] >= 25:
                 os.kill(rank1[-1][0], signal.SIGKILL)
                 killed.append(rank1[-1])
             time.sleep(0.05)
@@ -213,10 +217,10 @@ def test_killed_worker_resumes_from_last_checkpoint(digits, tmp_path):
     # flight at the kill is not committed).
     assert resumed_from % 5 == 0 and 5 <= resumed_from <= killed[0][1], (resumed_from, killed)
     assert max(first) >= resumed_from  # attempt 1 got at least as far as its checkpoint
-    assert second == list(range(resumed_from + 1, 41))  # each later step trained once
+    assert second == list(range(resumed_from + 1, 46))  # each later step trained once
     lineage = [s for s in first if s <= resumed_from] + second
-    assert lineage == list(range(1, 41))
-    assert (tmp_path / "runs" / "k" / "export" / "model000040.pt").exists()
+    assert lineage == list(range(1, 46))
+    assert (tmp_path / "runs" / "k" / "export" / "model000045.pt").exists()
 
 
 @pytest.mark.slow

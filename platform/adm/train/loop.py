@@ -69,15 +69,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
     torch.manual_seed(r.seed * 1000 + rank)  # each worker draws its own t and noise
 
     model = build_model(cfg).to(device)
-    if r.init_from:
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None and r.init_from:  # a fresh run fine-tunes; a resumed one has its own weights
         openai.load_checkpoint(model, r.init_from)
     objective = make_objective(cfg, device)
     ema = EMA(model, o.ema_rate)
     opt = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=o.precision == "fp16")
     step = 0
-
-    ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
             state, meta = load_state(d)
@@ -131,7 +130,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             got_any = True
             t_start = time.perf_counter()
             wait_s += t_start - t_wait
-            lr = o.lr * (1.0 - step / o.lr_anneal_steps) if o.lr_anneal_steps else o.lr
+            lr = o.lr * max(0.0, 1.0 - step / o.lr_anneal_steps) if o.lr_anneal_steps else o.lr
             for group in opt.param_groups:
                 group["lr"] = lr
 
@@ -162,8 +161,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 nonfinite_in_row += 1
                 skipped_total += 1
             scaler.update()
-            objective.update_sampler(_all_gather_cat(torch.cat(all_t)),
-                                     _all_gather_cat(torch.cat(all_losses)))
+            if objective.loss_aware:  # every worker's (t, loss) pairs, so samplers stay equal
+                objective.update_sampler(_all_gather_cat(torch.cat(all_t)),
+                                         _all_gather_cat(torch.cat(all_losses)))
             acc.add_step(grad_norm if finite else None, lr)
             step += 1
             if r.trace_file:  # one short O_APPEND write per step: atomic between workers
@@ -176,16 +176,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     f"row (limit optim.max_nonfinite_in_row={o.max_nonfinite_in_row}); the last "
                     f"good checkpoint is at step {last_saved}")
 
-            log_now = step % r.log_interval == 0 or step == o.max_steps
-            save_now = step % r.save_interval == 0 or step == o.max_steps
-            if log_now or save_now:
+            last = step == o.max_steps
+            save_now = step % r.save_interval == 0 or last
+            eval_now = val_shard is not None and r.eval_interval > 0 and (
+                step % r.eval_interval == 0 or last)
+            if step % r.log_interval == 0 or save_now or eval_now:
                 elapsed = time.perf_counter() - interval_start
                 metrics = acc.summary(_all_reduce_mean)
                 metrics.update(step=step, epoch=epoch, skipped_nonfinite=skipped_total,
                                images_per_s=acc.images * world / max(elapsed, 1e-9),
                                data_wait_frac=wait_s / max(wait_s + busy_s, 1e-9))
-                if val_shard is not None and r.eval_interval and (
-                        step % r.eval_interval == 0 or step == o.max_steps):
+                if eval_now:
                     metrics.update(objective.evaluate(model, val_shard, cfg, _all_reduce_mean))
                 if rank == 0:
                     print(f"[{cfg.kind}] step {step}/{o.max_steps} " + " ".join(

@@ -40,10 +40,14 @@ class DiffusionObjective:
         terms = self.diffusion.training_losses(model, x, t, model_kwargs=kwargs)
         return (terms["loss"] * weights).mean(), {k: v.detach() for k, v in terms.items()}, t
 
+    @property
+    def loss_aware(self) -> bool:
+        """Whether the timestep sampler learns from the losses (then feed `update_sampler`)."""
+        return isinstance(self.sampler, LossSecondMomentResampler)
+
     def update_sampler(self, t: torch.Tensor, losses: torch.Tensor) -> None:
         """Feed the loss-aware sampler with every worker's (t, loss), identically everywhere."""
-        if isinstance(self.sampler, LossSecondMomentResampler):
-            self.sampler.update_with_all_losses(t.tolist(), losses.float().tolist())
+        self.sampler.update_with_all_losses(t.tolist(), losses.float().tolist())
 
     def state_dict(self) -> dict:
         if isinstance(self.sampler, LossSecondMomentResampler):
@@ -86,9 +90,6 @@ class ClassifierObjective(DiffusionObjective):
         terms = {"loss": loss.detach(), "acc_top1": topk_accuracy(logits.detach(), labels, 1),
                  "acc_top5": topk_accuracy(logits.detach(), labels, 5)}
         return loss.mean(), terms, t
-
-    def update_sampler(self, t, losses) -> None:
-        pass
 
     @torch.no_grad()
     def evaluate(self, model, val_shard, cfg, reduce) -> dict:
