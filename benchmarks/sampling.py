@@ -11,7 +11,7 @@ measured in a separate instrumented run that synchronises around each backward.
 
 On CPU it runs a small 32x32 ADM and classifier (the 2-core CI box would take minutes per image
 at 128x128); when CUDA is available it runs the ImageNet-128 model and classifier of the
-reference README (flag strings below; random weights, same FLOPs). Timings are the best of
+reference README (`adm.presets`; random weights, same FLOPs). Timings are the best of
 `--repeats` runs, taken round-robin across the variants after one warm-up run of each (which
 also compiles).
 """
@@ -36,17 +36,21 @@ CONFIGS = {
                    "--classifier_channel_mult 1,2,2 --classifier_attention_resolutions 16,8 "
                    "--classifier_pool attention",
         scale=1.0),
-    # ImageNet-128 of the reference README (use_fp16 left to the variants), DDIM-25 at scale 1.
-    "imagenet128": dict(
-        model="--attention_resolutions 32,16,8 --class_cond True --diffusion_steps 1000 "
-              "--image_size 128 --learn_sigma True --noise_schedule linear --num_channels 256 "
-              "--num_heads 4 --num_res_blocks 2 --resblock_updown True "
-              "--use_scale_shift_norm True",
-        classifier="--image_size 128 --classifier_attention_resolutions 32,16,8 "
-                   "--classifier_depth 2 --classifier_width 128 --classifier_pool attention "
-                   "--classifier_resblock_updown True --classifier_use_scale_shift_norm True",
-        scale=1.0),
 }
+
+
+def imagenet128() -> dict:
+    """The README's ImageNet-128 model and classifier (adm.presets), DDIM-25 at its scale;
+    `use_fp16` is left to the variants (float32 unless one asks for autocast)."""
+    from adm.presets import preset
+
+    model = preset("128x128_diffusion")
+    return dict(model={**model.model_flags, "use_fp16": False},
+                classifier=preset("128x128_classifier").model_flags,
+                scale=model.alternatives["ddim25"].classifier_scale)
+
+
+CONFIGS["imagenet128"] = imagenet128
 
 VARIANTS = {
     "float32 eager": {},
@@ -154,8 +158,10 @@ def main() -> None:
     # Warm up every variant, then time them round-robin (best of --repeats each), so that a burst
     # of load on a shared machine hits every variant alike rather than one of them.
     runs, rows = {}, {}
+    config = CONFIGS[config_name]
+    config = config() if callable(config) else config
     for name, options in variants.items():
-        runs[name], warmup = prepare(options, CONFIGS[config_name], device, batch, args.steps,
+        runs[name], warmup = prepare(options, config, device, batch, args.steps,
                                      args.seed)
         rows[name] = {"variant": name, "warmup_s": warmup, "times": []}
         print(f"  warmed up {name} ({warmup:.1f} s)", flush=True)
