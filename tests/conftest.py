@@ -6,6 +6,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import pytest
 
+from s3_server import s3_server  # noqa: F401 - the session's S3 server, for every test module
+
 
 @pytest.fixture(scope="session")
 def ray_session():

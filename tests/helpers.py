@@ -34,3 +34,16 @@ def assert_within(got, want, atol: float, rtol: float = 0.0, what: str = "") -> 
         f"{what}: {int(bad.sum())}/{err.numel()} elements out of tolerance; "
         f"max |err| {err.max().item():.3e}, atol {atol} (scaled {atol * scale:.3e}), rtol {rtol}"
     )
+
+
+def fixture_network(name: str):
+    """A fresh model of models.pt, built from its flags with its (float8-exact) weights, in
+    eval mode."""
+    from adm.compat import openai
+
+    entry = load_fixture("models.pt")["models"][name]
+    build = {"unet": openai.create_model, "superres": openai.create_superres_model,
+             "classifier": openai.create_classifier}[entry["kind"]]
+    model = build(entry["flags"])
+    model.load_state_dict(float_state_dict(entry), strict=True)
+    return model.eval()

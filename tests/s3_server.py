@@ -1,6 +1,6 @@
 """A real S3 API for the tests: moto in server mode, a separate process on 127.0.0.1.
 
-Use it by importing the fixture into a test module (``from s3_server import s3_server``). The
+tests/conftest.py makes the fixture available to every test module (``s3_server``). The
 session-scoped fixture starts ``python -m moto.server -H 127.0.0.1 -p PORT`` once, polls the port
 until it answers, yields an ``S3Server`` (the endpoint URL, ``S3Options`` for ``adm.storage``,
 and a bucket factory), and terminates the process at the end of the session. All traffic stays

@@ -11,7 +11,6 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from helpers import assert_within
-from s3_server import s3_server  # noqa: F401 - session fixture
 from test_data_prepare import CLASSES, good_files, make_image_files, write_tree
 
 from adm import storage
@@ -130,7 +129,7 @@ def test_superres_pairs_match_the_reference_low_res(dataset):
 
 
 @pytest.mark.timeout(180)
-def test_dataset_streams_from_s3(ray_session, s3_server, tmp_path):  # noqa: F811
+def test_dataset_streams_from_s3(ray_session, s3_server, tmp_path):
     opts = s3_server.options
     bucket = s3_server.new_bucket()
     files = make_image_files(per_class=2)

@@ -20,7 +20,6 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
-from s3_server import s3_server  # noqa: F401 - session fixture
 
 from adm import storage
 from adm.data.digits import DIGITS_CLASSES
@@ -309,7 +308,7 @@ def test_labels_file_formats_and_errors():
 
 
 @pytest.mark.timeout(180)
-def test_prepare_from_and_to_s3(ray_session, s3_server, tmp_path):  # noqa: F811
+def test_prepare_from_and_to_s3(ray_session, s3_server, tmp_path):
     """Source and shards both in the S3-compatible store; pyarrow reads, boto3 PUTs."""
     opts = s3_server.options
     bucket = s3_server.new_bucket()

@@ -11,21 +11,13 @@ import torch
 
 from adm.compat import openai
 from adm.guidance import classifier_cond_fn
-from helpers import assert_within, float_state_dict, load_fixture
+from helpers import assert_within, fixture_network, load_fixture
 
 STEP, XSTART, LOSS = 5e-5, 5e-3, (1e-5, 1e-2)  # the README's tolerances
 CASES = sorted(load_fixture("diffusion_steps.pt")["cases"])
 
 
-@functools.lru_cache(maxsize=None)
-def network(name: str):
-    """A model of models.pt with its (float8-exact) weights, in eval mode."""
-    entry = load_fixture("models.pt")["models"][name]
-    build = {"unet": openai.create_model, "superres": openai.create_superres_model,
-             "classifier": openai.create_classifier}[entry["kind"]]
-    model = build(entry["flags"])
-    model.load_state_dict(float_state_dict(entry), strict=True)
-    return model.eval()
+network = functools.lru_cache(maxsize=None)(fixture_network)  # shared across the cases
 
 
 def analytic_cond_fn(x, t, **kwargs):

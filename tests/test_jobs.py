@@ -58,15 +58,25 @@ def head_cluster(tmp_path):
         current.unlink()
 
 
+def submit(cmd, env, timeout=300):
+    """`ray job submit ...`, retried while the head's job agent is still starting (the
+    dashboard answers before the agent does: "No available agent to submit job")."""
+    deadline = time.time() + 90
+    while True:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        if "No available agent" not in proc.stdout + proc.stderr or time.time() > deadline:
+            return proc
+        time.sleep(2)
+
+
 @pytest.mark.slow
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(500)
 def test_train_job_under_ray_job_submit(head_cluster, tmp_path):
     address, env = head_cluster
     data = tmp_path / "digits"
-    prep = subprocess.run([RAY, "job", "submit", "--address", address, "--working-dir", str(ROOT),
-                           "--", sys.executable, "jobs/prepare_digits.py", "--out", str(data),
-                           "--image-size", "16"],
-                          env=env, capture_output=True, text=True, timeout=300)
+    prep = submit([RAY, "job", "submit", "--address", address, "--working-dir", str(ROOT),
+                   "--", sys.executable, "jobs/prepare_digits.py", "--out", str(data),
+                   "--image-size", "16"], env)
     assert prep.returncode == 0, prep.stdout[-3000:] + prep.stderr[-3000:]
     cfg = yaml.safe_load((ROOT / "jobs/configs/quickstart/diffusion.yaml").read_text())
     cfg["model"]["flags"].update(image_size=16, channel_mult="1,2", diffusion_steps=100)
@@ -77,13 +87,12 @@ def test_train_job_under_ray_job_submit(head_cluster, tmp_path):
            sys.executable, "jobs/train_diffusion.py", "--config", str(config),
            "--data", str(data), "--storage", str(runs), "--num-workers", "2",
            "--max-steps", "3", "optim.batch_size=16", "run.log_interval=1"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = submit(cmd, env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "step 3/3" in proc.stdout
     export = runs / "quickstart-diffusion" / "export"
     assert (export / "model000003.pt").exists() and (export / "flags.json").exists()
     # a bad config fails before any worker starts, naming the key, and the job exits non-zero
-    bad = subprocess.run(cmd[:-2] + ["optim.batch_size=15"], env=env, capture_output=True,
-                         text=True, timeout=300)
+    bad = submit(cmd[:-2] + ["optim.batch_size=15"], env)
     assert bad.returncode != 0
     assert "optim.batch_size: 15 is not divisible by run.num_workers=2" in bad.stdout + bad.stderr

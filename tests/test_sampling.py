@@ -11,20 +11,13 @@ import torch.nn as nn
 
 from adm.compat import openai
 from adm.diffusion import sample
-from helpers import assert_within, float_state_dict, load_fixture
+from helpers import assert_within, fixture_network, load_fixture
 
 LOOP = 1e-3
 FX = load_fixture("ddim_loop.pt")
 
 
-def network(name: str):
-    """A fresh model of models.pt (fresh: some tests convert it to channels-last)."""
-    entry = load_fixture("models.pt")["models"][name]
-    build = {"unet": openai.create_model, "superres": openai.create_superres_model,
-             "classifier": openai.create_classifier}[entry["kind"]]
-    model = build(entry["flags"])
-    model.load_state_dict(float_state_dict(entry), strict=True)
-    return model.eval()
+network = fixture_network  # fresh each call: some tests convert it to channels-last
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import os
 
 import pyarrow.fs as pafs
 import pytest
-from s3_server import s3_server  # noqa: F401 - session fixture
 
 from adm import storage
 from adm.storage import S3Options
@@ -55,8 +54,8 @@ def test_uri_helpers():
     assert storage.join("/data", "train") == os.path.join("/data", "train")
     assert storage.is_s3("s3://b/k") and not storage.is_s3("/s3/b")
     assert storage.basename("s3://b/p/x.json") == "x.json"
-    fs, path = storage.resolve_filesystem("file:///tmp/x")
-    assert isinstance(fs, pafs.LocalFileSystem) and path == "/tmp/x"
+    fs, path = storage.resolve_filesystem("file:///data/x")
+    assert isinstance(fs, pafs.LocalFileSystem) and path == "/data/x"
     with pytest.raises(ValueError, match="unsupported URI scheme 'gs'"):
         storage.resolve_filesystem("gs://bucket/key")
     with pytest.raises(ValueError, match="no bucket"):
@@ -108,7 +107,7 @@ def test_local_write_is_atomic(tmp_path, monkeypatch):
 
 
 @pytest.mark.timeout(120)
-def test_s3_roundtrip_pyarrow_and_boto3(s3_server):  # noqa: F811
+def test_s3_roundtrip_pyarrow_and_boto3(s3_server):
     opts = s3_server.options
     bucket = s3_server.new_bucket()
     base = f"s3://{bucket}/prefix"
@@ -138,7 +137,7 @@ def test_s3_roundtrip_pyarrow_and_boto3(s3_server):  # noqa: F811
 
 
 @pytest.mark.timeout(120)
-def test_s3_settings_from_the_environment(s3_server, monkeypatch):  # noqa: F811
+def test_s3_settings_from_the_environment(s3_server, monkeypatch):
     """With only the standard AWS variables set (as a job on a cluster has them), the default
     options reach the S3-compatible endpoint."""
     for k, v in s3_server.env.items():

@@ -118,7 +118,6 @@ def test_two_worker_diffusion_lowers_loss_and_exports(digits, tmp_path):
     assert sorted(s for r, _, s in trace if r == 0) == list(range(1, 61))
     assert sorted(s for r, _, s in trace if r == 1) == list(range(1, 61))
     # TensorBoard events hold the loss curve
-    from tensorboardX.proto import event_pb2  # noqa: F401  (tensorboardX wrote them)
     events = list((tmp_path / "runs" / "d2" / "tensorboard").iterdir())
     assert events and events[0].stat().st_size > 0
     losses = _scalars(events[0], "mse")
@@ -134,7 +133,6 @@ def test_two_worker_diffusion_lowers_loss_and_exports(digits, tmp_path):
 
 def _scalars(event_file, tag):
     """Values of one scalar tag from a TensorBoard event file, in step order."""
-    from tensorboardX.event_file_writer import EventFileWriter  # noqa: F401
     from tensorboardX.proto import event_pb2
     import struct
 
@@ -322,12 +320,10 @@ def test_fp16_with_grad_scaler(digits, tmp_path):
     assert meta["step"] == 3 and state["scaler"]["scale"] > 0  # the scaler's state is kept
 
 
-from s3_server import s3_server  # noqa: E402,F401 - session fixture
-
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-def test_train_from_s3_with_checkpoints_on_s3(ray_session, s3_server, tmp_path,  # noqa: F811
+def test_train_from_s3_with_checkpoints_on_s3(ray_session, s3_server, tmp_path,
                                                monkeypatch):
     from adm import storage
     from adm.data.digits import prepare_digits
