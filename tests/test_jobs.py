@@ -26,13 +26,20 @@ def head_cluster(tmp_path):
     """A separate local cluster, started with `ray start --head --block` so that stopping it
     (SIGTERM to that process) stops this cluster only, not the test session's Ray."""
     gcs, dash = free_port(), free_port()
+    # The per-node agents get ports of their own: the defaults (e.g. 52365) may be held by the
+    # test session's Ray, and then the job agent never comes up ("No available agent").
+    agent_ports = [f"--dashboard-agent-listen-port={free_port()}",
+                   f"--dashboard-agent-grpc-port={free_port()}",
+                   f"--runtime-env-agent-port={free_port()}",
+                   f"--metrics-export-port={free_port()}",
+                   f"--ray-client-server-port={free_port()}"]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     log = open(tmp_path / "head.log", "w")
     proc = subprocess.Popen(
         [RAY, "start", "--head", "--block", f"--port={gcs}", "--num-cpus=4",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-         "--node-ip-address=127.0.0.1", "--disable-usage-stats"],
+         "--node-ip-address=127.0.0.1", "--disable-usage-stats", *agent_ports],
         stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
     deadline = time.time() + 90
