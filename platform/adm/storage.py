@@ -81,6 +81,13 @@ class S3Options:
             )
         return cls.from_env(**config)
 
+    @property
+    def effective_region(self) -> str | None:
+        """The region to use. pyarrow asks AWS for a bucket's region when none is given; a
+        custom endpoint cannot answer that, so S3-compatible stores get the conventional
+        default."""
+        return self.region or ("us-east-1" if self.endpoint_url else None)
+
     def pyarrow_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``pyarrow.fs.S3FileSystem``."""
         kwargs: dict[str, Any] = {}
@@ -92,11 +99,8 @@ class S3Options:
                 )
             kwargs["endpoint_override"] = parsed.netloc + parsed.path.rstrip("/")
             kwargs["scheme"] = parsed.scheme
-        # pyarrow asks AWS for a bucket's region when none is given; a custom endpoint cannot
-        # answer that, so S3-compatible stores get the conventional default.
-        region = self.region or ("us-east-1" if self.endpoint_url else None)
-        if region:
-            kwargs["region"] = region
+        if self.effective_region:
+            kwargs["region"] = self.effective_region
         if self.access_key and self.secret_key:
             kwargs["access_key"] = self.access_key
             kwargs["secret_key"] = self.secret_key
@@ -364,9 +368,8 @@ def _boto3_client(options: S3Options):
     kwargs: dict[str, Any] = {}
     if options.endpoint_url:
         kwargs["endpoint_url"] = options.endpoint_url
-    region = options.region or ("us-east-1" if options.endpoint_url else None)
-    if region:
-        kwargs["region_name"] = region
+    if options.effective_region:
+        kwargs["region_name"] = options.effective_region
     if options.access_key and options.secret_key:
         kwargs["aws_access_key_id"] = options.access_key
         kwargs["aws_secret_access_key"] = options.secret_key

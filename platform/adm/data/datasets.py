@@ -100,16 +100,18 @@ class DataConfig:
         return cls(**values)
 
 
-def train_data_config(config: DataConfig = DataConfig()) -> "ray.train.DataConfig":
+def train_data_config(config: DataConfig = DataConfig(),
+                      datasets_to_split: str | list[str] = "all") -> "ray.train.DataConfig":
     """The ``dataset_config`` to give ``TorchTrainer`` so that Train's per-worker split keeps
     the pipeline's order repeatable (Train otherwise replaces the dataset's execution options
-    with the driver's defaults)."""
+    with the driver's defaults). ``datasets_to_split``: the datasets Train splits between its
+    workers; the others reach every worker whole (e.g. a small held-out set)."""
     import ray.train
 
     # Train's own defaults (resource limits etc. from the driver's DataContext), plus our order.
     options = ray.train.DataConfig.default_ingest_options()
     options.preserve_order = config.deterministic
-    return ray.train.DataConfig(execution_options=options)
+    return ray.train.DataConfig(datasets_to_split=datasets_to_split, execution_options=options)
 
 
 def _epoch_seed(seed: int):

@@ -20,7 +20,8 @@ from ray.train.torch import TorchTrainer
 
 from .. import storage
 from ..config import ConfigError, to_dict
-from ..data.datasets import DataConfig, image_dataset, split_info, superres_dataset
+from ..data.datasets import (DataConfig, image_dataset, split_info, superres_dataset,
+                             train_data_config)
 from .checkpoint import export_run
 from .config import TrainConfig
 from .loop import train_loop_per_worker
@@ -139,10 +140,8 @@ def fit(cfg: TrainConfig) -> ray.train.Result:
         ),
         datasets=build_datasets(cfg),
         # Only the training set is split between workers; every worker evaluates the whole
-        # (small) held-out set. preserve_order keeps the seeded order repeatable.
-        dataset_config=ray.train.DataConfig(
-            datasets_to_split=["train"],
-            execution_options=ray.data.ExecutionOptions(preserve_order=True)),
+        # (small) held-out set.
+        dataset_config=train_data_config(datasets_to_split=["train"]),
     )
     result = trainer.fit()
     if result.error is not None:
