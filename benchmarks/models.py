@@ -5,16 +5,18 @@ torch.compile (and channels_last), measured in one run.
     python benchmarks/models.py --device cuda --batch 32
     python benchmarks/models.py --preset 128x128_diffusion --device cuda
 
-Configurations are timed round-robin (one forward of each per round, median over rounds), so a
-machine that gets busier during the run slows every configuration alike.
+Timing is `torch.utils.benchmark.Timer` (CUDA synchronisation, thread count, block sizes):
+configurations are timed round-robin, one `blocked_autorange` of each per round, and the rounds'
+measurements merged (median), so a machine that gets busier during the run slows every
+configuration alike.
 """
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
+from torch.utils import benchmark
 from torch.utils.flop_counter import FlopCounterMode
 
 from adm.models import set_attention_impl
@@ -57,6 +59,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--rounds", type=int, default=3, help="timed rounds after one warm-up")
+    ap.add_argument("--min-run-time", type=float, default=0.2,
+                    help="seconds of forwards per configuration and round (blocked_autorange)")
     ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset")
     args = ap.parse_args()
 
@@ -103,15 +107,6 @@ def main() -> None:
     except Exception as e:  # FLOP counting is informational
         print(f"# (FLOP count unavailable: {e})")
 
-    def timed(fn) -> float:
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0
-
     for name in names:  # warm-up (and compilation) outside the timed rounds
         t0 = time.perf_counter()
         runners[name]()
@@ -119,14 +114,17 @@ def main() -> None:
         if dev.type == "cuda":  # GPU: a few extra warm-ups so autotuning settles
             for _ in range(3):
                 runners[name]()
-    times = {name: [] for name in names}
-    inner = 1 if dev.type == "cpu" else 10
+    timers = {name: benchmark.Timer(stmt="fn()", globals={"fn": runners[name]},
+                                    num_threads=torch.get_num_threads(),
+                                    label=f"{args.preset} forward", sub_label=name)
+              for name in names}
+    rounds = {name: [] for name in names}
     for _ in range(args.rounds):
         for name in names:
-            times[name].append(statistics.mean(timed(runners[name]) for _ in range(inner)))
+            rounds[name].append(timers[name].blocked_autorange(min_run_time=args.min_run_time))
+    med = {name: benchmark.Measurement.merge(rounds[name])[0].median for name in names}
 
     print(f"{'configuration':32} {'ms/forward':>11} {'images/s':>9} {'GFLOP/s':>9}")
-    med = {n: statistics.median(v) for n, v in times.items()}
     for name in names:
         s = med[name]
         rate = f"{gflops / s:9.0f}" if gflops else f"{'-':>9}"

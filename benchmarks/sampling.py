@@ -11,9 +11,10 @@ measured in a separate instrumented run that synchronises around each backward.
 
 On CPU it runs a small 32x32 ADM and classifier (the 2-core CI box would take minutes per image
 at 128x128); when CUDA is available it runs the ImageNet-128 model and classifier of the
-reference README (`adm.presets`; random weights, same FLOPs). Timings are the best of
-`--repeats` runs, taken round-robin across the variants after one warm-up run of each (which
-also compiles).
+reference README (`adm.presets`; random weights, same FLOPs). Timing is
+`torch.utils.benchmark.Timer` (CUDA synchronisation, thread count): after one warm-up run of each
+variant (which also compiles), `--repeats` rounds take one `blocked_autorange` of every variant
+in turn, and each variant's rounds are merged; the table gives their median.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import argparse
 import time
 
 import torch
+from torch.utils import benchmark
 
 from adm.compat import openai
 from adm.diffusion import sample
@@ -83,7 +85,7 @@ class BackwardTimer:
     synchronises and times itself."""
 
     def __init__(self, device):
-        self.device, self.seconds, self.calls, self._orig = device, 0.0, 0, torch.autograd.grad
+        self.device, self.durations, self._orig = device, [], torch.autograd.grad
 
     def __enter__(self):
         def timed(*args, **kwargs):
@@ -91,8 +93,7 @@ class BackwardTimer:
             start = time.perf_counter()
             out = self._orig(*args, **kwargs)
             sync(self.device)
-            self.seconds += time.perf_counter() - start
-            self.calls += 1
+            self.durations.append(time.perf_counter() - start)
             return out
 
         torch.autograd.grad = timed
@@ -102,9 +103,11 @@ class BackwardTimer:
         torch.autograd.grad = self._orig
 
 
-def prepare(options, config, device, batch, steps, seed):
-    """Fresh networks for one variant (channels-last converts them in place) and a function that
-    runs one timed, seeded batch; the first run (warm-up, compilation) is timed apart."""
+def prepare(name: str, options: dict, config: dict, device: torch.device, batch: int,
+            steps: int, seed: int):
+    """Fresh networks for one variant (channels-last converts them in place), a function that
+    samples one seeded batch and its `benchmark.Timer`; returns (once, timer, warm-up seconds):
+    the first run (warm-up, compilation) is timed apart."""
     model, classifier, diffusion = build(config, device)
     size = model.image_size
     shape = (batch, 3, size, size)
@@ -112,16 +115,19 @@ def prepare(options, config, device, batch, steps, seed):
 
     def once():
         generator = torch.Generator(device).manual_seed(seed)
-        sync(device)
-        start = time.perf_counter()
-        out = sample(model, diffusion, shape, sampler="ddim", steps=steps, classifier=classifier,
-                     classifier_scale=config["scale"], y=y, generator=generator, **options)
-        sync(device)
-        return time.perf_counter() - start, out
+        return sample(model, diffusion, shape, sampler="ddim", steps=steps, classifier=classifier,
+                      classifier_scale=config["scale"], y=y, generator=generator, **options)
 
-    warmup, out = once()
+    sync(device)
+    start = time.perf_counter()
+    out = once()
+    sync(device)
+    warmup = time.perf_counter() - start
     assert out.shape == shape and torch.isfinite(out).all() and out.abs().max() <= 1
-    return once, warmup
+    timer = benchmark.Timer(stmt="once()", globals={"once": once},
+                            num_threads=torch.get_num_threads(), label="guided DDIM sampling",
+                            sub_label=name)
+    return once, timer, warmup
 
 
 def main() -> None:
@@ -155,26 +161,30 @@ def main() -> None:
     print(f"# classifier-guided DDIM-{args.steps}, {config_name}, batch {batch}, {what}, "
           f"torch {torch.__version__}")
 
-    # Warm up every variant, then time them round-robin (best of --repeats each), so that a burst
-    # of load on a shared machine hits every variant alike rather than one of them.
+    # Warm up every variant, then time them round-robin (--repeats rounds), so that a burst of
+    # load on a shared machine hits every variant alike rather than one of them.
     runs, rows = {}, {}
     config = CONFIGS[config_name]
     config = config() if callable(config) else config
     for name, options in variants.items():
-        runs[name], warmup = prepare(options, config, device, batch, args.steps,
-                                     args.seed)
-        rows[name] = {"variant": name, "warmup_s": warmup, "times": []}
+        once, timer, warmup = prepare(name, options, config, device, batch, args.steps, args.seed)
+        runs[name] = (once, timer)
+        rows[name] = {"variant": name, "warmup_s": warmup, "measurements": []}
         print(f"  warmed up {name} ({warmup:.1f} s)", flush=True)
     for _ in range(args.repeats):
-        for name, once in runs.items():
-            rows[name]["times"].append(once()[0])
-    for name, once in runs.items():
-        with BackwardTimer(device) as timer:
-            instrumented, _ = once()
-        assert timer.calls == args.steps, timer.calls
-        best = min(rows[name]["times"])
-        rows[name].update(images_per_s=batch / best, s_per_step=best / args.steps,
-                          backward_fraction=timer.seconds / instrumented)
+        for name, (_, timer) in runs.items():
+            rows[name]["measurements"].append(timer.blocked_autorange(min_run_time=0.0))
+    for name, (_, timer) in runs.items():
+        # The guidance gradient's share, in a separate measurement with every backward
+        # synchronised and timed (per run: backward seconds over the run's mean time).
+        # Only the last timed block counts: blocked_autorange also runs untimed calls first.
+        with BackwardTimer(device) as backward:
+            m = timer.blocked_autorange(min_run_time=0.0)
+        assert len(backward.durations) % args.steps == 0, (len(backward.durations), args.steps)
+        last_block = backward.durations[-m.number_per_run * args.steps:]
+        median = benchmark.Measurement.merge(rows[name].pop("measurements"))[0].median
+        rows[name].update(images_per_s=batch / median, s_per_step=median / args.steps,
+                          backward_fraction=sum(last_block) / m.number_per_run / m.times[-1])
     rows = list(rows.values())
     base = next((r["images_per_s"] for r in rows if r["variant"] == "float32 eager"), None)
     print("\n| variant | images/s | vs float32 eager | s/step | classifier backward share "

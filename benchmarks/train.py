@@ -62,9 +62,12 @@ def main() -> None:
                 f"optim.precision={precision}", f"run.num_workers={n}",
                 f"run.name=bench-{precision}-{n}", f"run.storage={work}/runs",
                 f"run.log_interval={half}", f"run.save_interval={args.steps}",
-                f"data.uri={data}", "data.decode_cpus=0.5", "data.decode_workers=2",
+                f"data.uri={data}", "data.decode_num_cpus=0.5", "data.decode_workers=2",
                 f"run.cpus_per_worker={1 if args.gpus else 0.5}",
-                f"run.use_gpu={str(args.gpus).lower()}"])
+                f"run.use_gpu={str(args.gpus).lower()}"]
+                # the preset's use_fp16 must agree with the precision measured
+                + ([f"model.flags.use_fp16={str(precision == 'fp16').lower()}"]
+                   if args.gpus else []))
             m = fit(run).metrics  # the last interval's metrics (reported with the checkpoint)
             rows.append((precision, n, m["images_per_s"], m["data_wait_frac"]))
             print(f"# {precision} x{n}: {m['images_per_s']:.1f} images/s, "

@@ -7,17 +7,25 @@
 Writes OUT/train (and OUT/val) with shard-*.parquet, classes.json and manifest.json (contract 7).
 Bad images are skipped, logged and listed in the manifest; rerunning after an interruption
 finishes the job without rewriting finished shards. See adm.data.shards for the details.
+The inputs are checked before Ray starts; a problem with them (here or later, e.g. no usable
+images) ends the job with one `error: ...` line on stderr and exit status 2.
 """
 from __future__ import annotations
 
 import argparse
 
-from adm.data.prepare import init_ray, prepare_imagenet
+from adm.data.prepare import (
+    check_prepare_inputs,
+    prepare_imagenet,
+    report_input_error,
+)
 from adm.data.shards import ShardWriterConfig
+from adm.data.sources import InputError
+from adm.runtime import init_ray
 from adm.storage import S3Options
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--src", help="training images: a class-folder tree, or a tar of per-class "
                                  "tars / of a class-folder tree (path or s3:// URI)")
@@ -32,22 +40,32 @@ def main(argv: list[str] | None = None) -> int:
                    help="CPU share of each decode-check / shard-writing Ray task")
     p.add_argument("--max-in-flight", type=int, default=None,
                    help="Ray tasks submitted at once (default: twice the cluster's CPUs)")
-    p.add_argument("--progress-interval", type=float, default=10.0, help="seconds between "
-                                                                         "progress lines")
+    p.add_argument("--progress-interval", type=float, default=10.0,
+                   help="least seconds between two updates of a progress bar")
     p.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL)")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else local)")
-    args = p.parse_args(argv)
-    if not args.src and not args.val:
-        p.error("give --src, --val or both")
-    if args.val_labels and not args.val:
-        p.error("--val-labels needs --val")
-    config = ShardWriterConfig(images_per_shard=args.images_per_shard, shuffle_seed=args.seed,
-                               num_cpus_per_task=args.num_cpus_per_task,
-                               max_in_flight=args.max_in_flight,
-                               progress_interval_s=args.progress_interval)
-    init_ray(args.address)
-    prepare_imagenet(args.out, src=args.src, val=args.val, val_labels=args.val_labels,
-                     config=config, s3=S3Options.from_env(endpoint_url=args.s3_endpoint))
+    p.add_argument("--verbose", action="store_true", help="let Ray's own logs through")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    s3 = S3Options.from_env(endpoint_url=args.s3_endpoint)
+    try:  # everything that can be checked cheaply, before Ray starts
+        config = ShardWriterConfig(images_per_shard=args.images_per_shard, shuffle_seed=args.seed,
+                                   num_cpus_per_task=args.num_cpus_per_task,
+                                   max_in_flight=args.max_in_flight,
+                                   progress_interval_s=args.progress_interval)
+        check_prepare_inputs(args.out, src=args.src, val=args.val, val_labels=args.val_labels,
+                             s3=s3)
+    except InputError as e:
+        return report_input_error(e)
+    init_ray(args.address, args.verbose)
+    try:
+        prepare_imagenet(args.out, src=args.src, val=args.val, val_labels=args.val_labels,
+                         config=config, s3=s3)
+    except InputError as e:  # found while running: no usable images, a foreign --out, ...
+        return report_input_error(e)
     return 0
 
 

@@ -8,6 +8,7 @@ on the loopback interface; the credentials are moto's dummies.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import socket
@@ -44,8 +45,9 @@ class S3Server:
         return name
 
 
-@pytest.fixture(scope="session")
-def s3_server():
+@contextlib.contextmanager
+def running_s3_server():
+    """A moto server process on a free loopback port, for the duration of the block."""
     port = _free_port()
     endpoint = f"http://127.0.0.1:{port}"
     env = {
@@ -82,3 +84,9 @@ def s3_server():
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    with running_s3_server() as server:
+        yield server

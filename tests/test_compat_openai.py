@@ -177,3 +177,32 @@ def test_nested_state_dict_is_accepted(tmp_path):
     path = tmp_path / "nested.pt"
     torch.save({"model": model.state_dict(), "step": torch.tensor(3)}, path)
     assert openai.load_checkpoint(model, str(path)) is model
+
+
+def test_flag_string_edge_cases():
+    f = openai.parse_flags("--num_heads_upsample -1 --channel_mult '' --timestep_respacing=ddim25 "
+                           "--dropout=0.5 --dropout 0.25")
+    assert (f["num_heads_upsample"], f["channel_mult"], f["timestep_respacing"], f["dropout"]) \
+        == (-1, "", "ddim25", 0.25)  # negative values, empty values, the last of a repeated flag
+    with pytest.raises(openai.FlagError, match="unknown flag.*image\\b"):
+        openai.parse_flags("--image=64")  # no abbreviation of --image_size
+    with pytest.raises(openai.FlagError, match="--image_size has no value"):
+        openai.parse_flags("--image_size --class_cond True")
+    with pytest.raises(openai.FlagError, match="got 'stray'"):
+        openai.parse_flags("--image_size 64 stray")
+
+
+def test_values_the_reference_builds_are_accepted():
+    """The reference builds these; only what it cannot build is refused, naming the flag."""
+    small = {"image_size": 16, "num_channels": 32, "channel_mult": "1,2",
+             "attention_resolutions": "8"}
+    for extra in ({"num_res_blocks": 0}, {"dropout": 1.0},
+                  {"num_heads": 0, "num_head_channels": 32}):
+        openai.create_model({**small, **extra})
+    openai.create_classifier({"image_size": 16, "classifier_width": 64, "classifier_depth": 0,
+                              "classifier_channel_mult": "1,2",
+                              "classifier_attention_resolutions": "8"})
+    for extra, flag in (({"num_heads": 0}, "num_heads=0"), ({"dropout": 1.5}, "dropout=1.5"),
+                        ({"num_heads_upsample": 0}, "num_heads_upsample=0")):
+        with pytest.raises(openai.FlagError, match=flag):
+            openai.create_model({**small, **extra})

@@ -149,13 +149,15 @@ def test_dataset_streams_from_s3(ray_session, s3_server, tmp_path):
 
 
 def test_config_and_missing_dataset_errors(tmp_path):
-    with pytest.raises(ValueError, match="shuffle must be"):
+    from adm.config import ConfigError, from_dict
+
+    with pytest.raises(ConfigError, match="data.shuffle: must be"):
         DataConfig(shuffle="sometimes")
-    with pytest.raises(ValueError, match="decode_num_cpus"):
+    with pytest.raises(ConfigError, match="data.decode_num_cpus"):
         DataConfig(decode_num_cpus=0)
-    with pytest.raises(ValueError, match=r"unknown data config key\(s\) \['decode_wrokers'\]"):
-        DataConfig.from_dict({"decode_wrokers": 2})
-    assert DataConfig.from_dict({"decode_workers": 3}).decode_workers == 3
+    with pytest.raises(ConfigError, match=r"unknown config key\(s\): data.decode_wrokers"):
+        from_dict(DataConfig, {"decode_wrokers": 2}, "data")
+    assert from_dict(DataConfig, {"decode_workers": 3}, "data").decode_workers == 3
     with pytest.raises(FileNotFoundError, match="no prepared dataset"):
         image_dataset(str(tmp_path / "nothing"), 16)
     with pytest.raises(ValueError, match="small_size"):

@@ -3,17 +3,19 @@ S3 API (moto server on 127.0.0.1).
 
 The source trees are generated here with ImageNet's real quirks: a CMYK JPEG, a grayscale JPEG,
 an RGBA PNG, a PNG named .JPEG, and a truncated, an empty and an undecodable .JPEG, plus files
-that are not images. The kill/restart test uses the job's documented test hook
-``ADM_PREPARE_TEST_KILL_AFTER_SHARDS`` (the driver SIGKILLs itself after that many shards)."""
+that are not images. The kill/restart test SIGKILLs a running job from outside, once it has
+written some shards; the bad-input tests run the jobs as the user would and read their stderr."""
 from __future__ import annotations
 
 import hashlib
 import io
 import os
 import signal
+import re
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +27,7 @@ from adm import storage
 from adm.data.digits import DIGITS_CLASSES
 from adm.data.manifest import load_split, shard_name
 from adm.data.prepare import prepare_imagenet
-from adm.data.shards import KILL_AFTER_SHARDS_ENV, ShardMismatchError, ShardWriterConfig
+from adm.data.shards import ShardMismatchError, ShardWriterConfig
 from adm.data.sources import parse_labels_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -170,16 +172,22 @@ def check_prepared(split_uri: str, files: dict[str, bytes], s3=None) -> dict:
 
 
 @pytest.mark.timeout(180)
-def test_prepare_local_folder_roundtrip(ray_session, tmp_path):
+def test_prepare_local_folder_roundtrip(ray_session, tmp_path, capsys):
     files = make_image_files()
     src = write_tree(tmp_path / "train", files)
     logs: list[str] = []
     manifests = prepare_imagenet(str(tmp_path / "out"), src=src, config=CONFIG, log=logs.append)
     check_prepared(str(tmp_path / "out"), files)
     assert manifests["train"]["images_written"] == len(good_files(files))
-    # Progress is reported while it runs, and bad files are logged.
-    assert any("decode-checked" in line for line in logs)
-    assert any("shards:" in line for line in logs)
+    # Progress bars (tqdm on stderr: count, rate, ETA) while it runs; bad files are logged.
+    err = capsys.readouterr().err
+    candidates, n_shards = len(files) - len(OTHER), len(manifests["train"]["shards"])
+    # tqdm shows a rate below 1/s inverted (s/img), as on a loaded machine.
+    assert re.search(rf"train: decode-checked: 100%.*{candidates}/{candidates} "
+                     r"\[[0-9:]+<[0-9:]+, +[0-9.]+(img/s|s/img), bad=3\]", err), err
+    assert re.search(rf"train: shards written: 100%.*{n_shards}/{n_shards} "
+                     r"\[[0-9:]+<[0-9:]+, +[0-9.]+(shard/s|s/shard)\]", err), err
+    assert sum("skipping" in line for line in logs) == len(BAD)
     assert any("skipped 7 files" in line for line in logs)
     # Readers never see temporaries; nothing but shards, classes and manifest is left.
     names = os.listdir(tmp_path / "out" / "train")
@@ -331,36 +339,95 @@ def test_prepare_from_and_to_s3(ray_session, s3_server, tmp_path):
     assert load_split(local).manifest["shards"] == m["shards"]
 
 
-def _run_job(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=REPO, env={**os.environ, **env},
-                          capture_output=True, text=True, timeout=150)
+def _run_job(args: list[str], env: dict[str, str] | None = None,
+             timeout: float = 150) -> subprocess.CompletedProcess:
+    """Run a job like a user; the result also has the job's ``pid``."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | (env or {})
+    with subprocess.Popen([sys.executable, *args], cwd=REPO, env=env, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE) as p:
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            raise
+    done = subprocess.CompletedProcess(p.args, p.returncode, out, err)
+    done.pid = p.pid
+    return done
+
+
+def _finished_shards(split: Path) -> list[str]:
+    """Shards committed so far (a shard appears by an atomic rename, so a name is a whole
+    shard; temporaries are hidden)."""
+    return sorted(n for n in os.listdir(split) if re.fullmatch(r"shard-\d+\.parquet", n)) \
+        if split.is_dir() else []
+
+
+def _kill_once_shards_appear(proc: subprocess.Popen, split: Path, at_least: int,
+                             timeout: float) -> list[str]:
+    """SIGKILL the job's process group as soon as ``at_least`` shards are committed; return the
+    shards seen then. Fails if the job ends (or stalls) first."""
+    deadline = time.monotonic() + timeout
+    while len(seen := _finished_shards(split)) < at_least:
+        assert proc.poll() is None, f"the job ended (status {proc.returncode}) before writing " \
+                                    f"{at_least} shards"
+        assert time.monotonic() < deadline, f"no {at_least} shards after {timeout} s: {seen}"
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    return seen
+
+
+# Enough one-image shards, written one at a time, that the job is still writing when the test
+# (polling every 10 ms) kills it, even on a loaded 2-core machine: a shard takes milliseconds.
+KILL_PER_CLASS = 50
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(300)
 def test_killed_job_restarts_to_identical_output(ray_session, tmp_path):
-    files = make_image_files()
+    files = make_image_files(per_class=KILL_PER_CLASS)
     src = write_tree(tmp_path / "train", files)
     address = ray_session.get_runtime_context().gcs_address
     # The reference: one uninterrupted run.
-    prepare_imagenet(str(tmp_path / "whole"), src=src, config=CONFIG, log=lambda m: None)
+    one_per_shard = ShardWriterConfig(images_per_shard=1, num_cpus_per_task=0.5)
+    whole = prepare_imagenet(str(tmp_path / "whole"), src=src, config=one_per_shard,
+                             log=lambda m: None)["train"]
+    n_shards = len(whole["shards"])
 
     out = str(tmp_path / "resumed")
-    job = ["jobs/prepare_imagenet.py", "--src", src, "--out", out, "--images-per-shard", "5",
-           "--num-cpus-per-task", "0.5", "--max-in-flight", "1", "--address", address]
-    killed = _run_job(job, {KILL_AFTER_SHARDS_ENV: "2"})
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     split = Path(out) / "train"
-    assert sorted(os.listdir(split)) == ["classes.json", shard_name(0), shard_name(1)]
-    # A write that was cut off mid-way leaves a hidden temporary (never a half shard).
-    (split / f".{shard_name(2)}.tmp-0123456789abcdef").write_bytes(b"PAR1 half a shard")
-    finished = _run_job(job, {})
+    job = ["jobs/prepare_imagenet.py", "--src", src, "--out", out, "--images-per-shard", "1",
+           "--num-cpus-per-task", "0.5", "--address", address]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    with open(tmp_path / "killed.log", "wb") as log:
+        # One shard at a time, so that the kill lands mid-run. Its own process group (session),
+        # so that the kill takes the job and anything it started.
+        proc = subprocess.Popen([sys.executable, *job, "--max-in-flight", "1"], cwd=REPO, env=env,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            seen = _kill_once_shards_appear(proc, split, at_least=2, timeout=150)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-3000:]
+    # Killed mid-run: no manifest (the split is unfinished), not every shard.
+    assert not (split / "manifest.json").exists()
+    left = _finished_shards(split)
+    assert 2 <= len(seen) <= len(left) < n_shards, (len(seen), len(left), n_shards)
+    # A write cut off mid-way leaves a hidden temporary (never a half shard).
+    (split / f".{shard_name(n_shards - 1)}.tmp-0123456789abcdef").write_bytes(b"PAR1 half")
+
+    # The rerun may write in parallel: the output does not depend on the order of the writes.
+    finished = _run_job(job)
     assert finished.returncode == 0, finished.stderr[-3000:]
-    assert "2 of 5 shards are already written" in finished.stderr, finished.stderr[-3000:]
+    kept = re.search(r"(\d+) of (\d+) shards are already written", finished.stderr)
+    assert kept, finished.stderr[-3000:]
+    assert len(left) <= int(kept[1]) < n_shards == int(kept[2])
     assert "removed the unfinished write" in finished.stderr
     # Same shards, same manifest, byte for byte.
     assert tree_bytes(out) == tree_bytes(str(tmp_path / "whole"))
-    check_prepared(out, files)
+    assert load_split(out).manifest == whole
 
 
 @pytest.mark.timeout(180)
@@ -394,3 +461,156 @@ def test_prepare_digits_job(ray_session, tmp_path):
     img = Image.open(io.BytesIO(rows[0]["image"]))
     assert (img.format, img.mode, img.size) == ("PNG", "L", (32, 32))
     assert rows[0]["label"] == int(rows[0]["source"].split("/")[0])
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _assert_one_error_line(proc: subprocess.CompletedProcess, *expected: str) -> str:
+    """Exit status 2, no traceback, and a last stderr line ``error: ...`` that holds every
+    string of ``expected`` (what is wrong, and where)."""
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    # No traceback, not even one folded into the message (a Ray task's error carries the
+    # remote frames: 'ray::task() (pid=...) File "...", line ...').
+    for trace in ("Traceback", 'File "', "ray::"):
+        assert trace not in proc.stderr and trace not in proc.stdout, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    errors = [ln for ln in lines if ln.startswith("error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], proc.stderr[-3000:]
+    for text in expected:
+        assert text in errors[0], (text, errors[0])
+    return errors[0]
+
+
+def _assert_checked_before_ray(proc: subprocess.CompletedProcess, *expected: str) -> None:
+    """A pre-Ray check: the one error line is all the job wrote, and it started no Ray. (With no
+    address a job starts a local Ray, which makes its session folder ``session_<time>_<pid of
+    the job>`` in Ray's temp folder, whatever its log settings; and, at Ray's default log
+    level, prints "Started a local Ray instance".)"""
+    from ray._common.utils import get_default_ray_temp_dir
+
+    _assert_one_error_line(proc, *expected)
+    assert proc.stderr.count("\n") == 1 and not proc.stdout, proc.stderr[-3000:]
+    assert "Ray instance" not in proc.stderr
+    sessions = list(Path(get_default_ray_temp_dir()).glob(f"session_*_{proc.pid}"))
+    assert not sessions, f"the job started Ray before it refused its input: {sessions}"
+
+
+def _bad_input_files(tmp: Path) -> dict[str, str]:
+    """Named paths of the bad-input cases."""
+    (tmp / "tree" / "n1").mkdir(parents=True)
+    (tmp / "tree" / "n1" / "a.JPEG").write_bytes(_encode(Image.fromarray(_photo(20, 20, 1)),
+                                                         "JPEG"))
+    with tarfile.open(tmp / "train.tar.gz", "w:gz") as t:
+        info = tarfile.TarInfo("n1/x.JPEG")
+        info.size = 1
+        t.addfile(info, io.BytesIO(b"x"))
+    (tmp / "train.tar").write_bytes(b"this is not a tar file at all\n" * 40)
+    (tmp / "a_file").write_bytes(b"x")
+    (tmp / "ground_truth.txt").write_text("65\n970\n")
+    return {k: str(tmp / v) for k, v in {
+        "tree": "tree", "gz": "train.tar.gz", "notar": "train.tar", "file": "a_file",
+        "labels": "ground_truth.txt", "missing": "missing", "out": "out"}.items()}
+
+
+PREPARE_BAD_INPUT = {  # case -> (arguments of prepare_imagenet.py, what the error line says)
+    "missing src": (["--src", "{missing}", "--out", "{out}"],
+                    ["--src {missing}", "does not exist"]),
+    "compressed tar": (["--src", "{gz}", "--out", "{out}"], ["{gz}", "gzip-compressed tar"]),
+    "not a tar": (["--src", "{notar}", "--out", "{out}"], ["{notar}", "not a readable tar"]),
+    "missing val": (["--src", "{tree}", "--val", "{missing}", "--out", "{out}"],
+                    ["--val {missing}", "does not exist"]),
+    "missing labels": (["--src", "{tree}", "--val", "{tree}", "--val-labels", "{missing}",
+                        "--out", "{out}"], ["labels file {missing}", "does not exist"]),
+    "bad labels": (["--src", "{tree}", "--val", "{tree}", "--val-labels", "{labels}", "--out",
+                    "{out}"], ["{labels} line 1: expected '<image> <class>'"]),
+    "labels without val": (["--src", "{tree}", "--val-labels", "{labels}", "--out", "{out}"],
+                           ["--val-labels needs --val"]),
+    "nothing to do": (["--out", "{out}"], ["nothing to prepare"]),
+    "images per shard": (["--src", "{tree}", "--out", "{out}", "--images-per-shard", "0"],
+                         ["images per shard must be at least 1, got 0"]),
+    "out is a file": (["--src", "{tree}", "--out", "{file}"], ["--out {file}", "is a file"]),
+    "out under a file": (["--src", "{tree}", "--out", "{file}/x"], ["{file}", "is a file"]),
+    "val before train": (["--val", "{tree}", "--out", "{out}"], ["classes.json does not exist"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PREPARE_BAD_INPUT))
+def test_prepare_imagenet_refuses_bad_input_before_ray(case, tmp_path):
+    paths = _bad_input_files(tmp_path)
+    args, expected = PREPARE_BAD_INPUT[case]
+    proc = _run_job(["jobs/prepare_imagenet.py", *(a.format(**paths) for a in args)], timeout=60)
+    _assert_checked_before_ray(proc, *(e.format(**paths) for e in expected))
+    assert not os.path.exists(paths["out"])
+
+
+@pytest.mark.timeout(120)
+def test_prepare_imagenet_refuses_bad_s3_input_before_ray(s3_server, tmp_path):
+    bucket = s3_server.new_bucket()
+    storage.write_bytes(f"s3://{bucket}/train/n1/a.JPEG", b"x", s3_server.options)
+    env = s3_server.env
+    proc = _run_job(["jobs/prepare_imagenet.py", "--src", f"s3://{bucket}/nothing", "--out",
+                     str(tmp_path / "out")], env, timeout=60)
+    _assert_checked_before_ray(proc, f"--src s3://{bucket}/nothing", "does not exist")
+    proc = _run_job(["jobs/prepare_imagenet.py", "--src", f"s3://{bucket}/train", "--out",
+                     "s3://adm-no-such-bucket/shards"], env, timeout=60)
+    _assert_checked_before_ray(proc, "--out s3://adm-no-such-bucket/shards",
+                               "bucket adm-no-such-bucket does not exist")
+
+
+@pytest.mark.timeout(180)
+def test_prepare_imagenet_reports_bad_input_found_while_running(ray_session, tmp_path):
+    """Found after Ray started (by the scan or the writer): still one error line, status 2."""
+    address = ray_session.get_runtime_context().gcs_address
+    no_images = write_tree(tmp_path / "no_images", {"n1/notes.txt": b"x", "n2/a.csv": b"y"})
+    proc = _run_job(["jobs/prepare_imagenet.py", "--src", no_images, "--out",
+                     str(tmp_path / "out"), "--address", address])
+    _assert_one_error_line(proc, "no usable images for train", "not an image file name")
+    all_bad = write_tree(tmp_path / "all_bad", {k: v for k, v in make_image_files().items()
+                                                if k in BAD})
+    proc = _run_job(["jobs/prepare_imagenet.py", "--src", all_bad, "--out",
+                     str(tmp_path / "out"), "--address", address])
+    _assert_one_error_line(proc, "no usable images for train: all 3 files were skipped")
+    # An --out that holds a split finished from other files.
+    good = write_tree(tmp_path / "good", good_files(make_image_files(per_class=1)))
+    prepare_imagenet(str(tmp_path / "done"), src=good, config=CONFIG, log=lambda m: None)
+    other = write_tree(tmp_path / "other", good_files(make_image_files(per_class=2)))
+    proc = _run_job(["jobs/prepare_imagenet.py", "--src", other, "--out", str(tmp_path / "done"),
+                     "--images-per-shard", "5", "--address", address])
+    _assert_one_error_line(proc, "already holds a finished split", "use an empty --out")
+    # A shard of another dataset where this run would write one (raised in a Ray task).
+    split = tmp_path / "done" / "train"
+    (split / "manifest.json").unlink()
+    (split / shard_name(0)).write_bytes((split / shard_name(1)).read_bytes())
+    proc = _run_job(["jobs/prepare_imagenet.py", "--src", good, "--out", str(tmp_path / "done"),
+                     "--images-per-shard", "5", "--address", address])
+    _assert_one_error_line(proc, shard_name(0), "holds other images")
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--image-size", "4"], "image size must be at least 8"),
+    (["--images-per-shard", "0"], "images per shard must be at least 1"),
+    (["--out", "{file}"], "is a file, not a folder"),
+])
+def test_prepare_digits_refuses_bad_input_before_ray(args, expected, tmp_path):
+    (tmp_path / "a_file").write_bytes(b"x")
+    args = [a.format(file=tmp_path / "a_file") for a in args]
+    out = [] if "--out" in args else ["--out", str(tmp_path / "out")]
+    proc = _run_job(["jobs/prepare_digits.py", *out, *args], timeout=60)
+    _assert_checked_before_ray(proc, expected)
+
+
+def test_export_checkpoint_refuses_bad_input(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "a_file").write_bytes(b"x")
+    cases = {  # arguments -> what the error line says
+        (str(tmp_path / "none"), str(tmp_path / "out")): [str(tmp_path / "none"),
+                                                          "no folder there"],
+        (str(tmp_path / "run"), str(tmp_path / "out")): [str(tmp_path / "run"),
+                                                         "holds no training checkpoint"],
+        (str(tmp_path / "run"), str(tmp_path / "a_file")): ["OUT_DIR", "is a file"],
+    }
+    for args, expected in cases.items():
+        proc = _run_job(["jobs/export_checkpoint.py", *args], timeout=90)
+        _assert_one_error_line(proc, *expected)
+        assert not proc.stdout and proc.stderr.count("\n") == 1

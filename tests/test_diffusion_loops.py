@@ -66,3 +66,15 @@ def test_calc_bpd_loop():
         assert_within(got[key], c[key], 1e-5, 1e-3, key)
     assert_within(got["total_bpd"], c["total_bpd"], 1e-5, 1e-2, "total_bpd")
     assert_within(got["prior_bpd"], c["prior_bpd"], 1e-9, 1e-3, "prior_bpd")
+
+
+def test_progress_bar_is_tqdm(capsys):
+    """progress=True shows tqdm's bar (on stderr) over the loop's steps; off by default."""
+    d = openai.create_diffusion({"diffusion_steps": 20, "noise_schedule": "cosine",
+                                 "timestep_respacing": "3"})
+    model = lambda x, t, **kw: torch.zeros_like(x)  # noqa: E731
+    d.ddim_sample_loop(model, (1, 3, 4, 4), progress=True)
+    err = capsys.readouterr().err
+    assert "100%|" in err and "3/3" in err
+    d.ddim_sample_loop(model, (1, 3, 4, 4))
+    assert capsys.readouterr().err == ""

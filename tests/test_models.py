@@ -1,4 +1,7 @@
 """The ADM networks against the reference's outputs, and their fast paths against float32."""
+import functools
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -161,3 +164,63 @@ def test_class_conditional_needs_labels():
     model, entry = fixture_model("unet_cond")
     with pytest.raises(ValueError, match="class-conditional"):
         model(entry["inputs"]["x"], entry["inputs"]["t"])
+
+
+# -- no residual blocks per level (fixtures/adm_reference_extra/models_depth0.pt) -----------------
+
+DEPTH0 = Path(__file__).parent / "fixtures" / "adm_reference_extra" / "models_depth0.pt"
+
+
+@functools.lru_cache(maxsize=None)
+def depth0_fixture() -> dict:
+    return torch.load(DEPTH0, map_location="cpu", weights_only=True)
+
+
+def _depth0_inputs(model, entry: dict, n: int = 2) -> tuple:
+    """Random inputs of the model's size: (x [n,3,S,S], t [n], keyword inputs)."""
+    kind, flags = entry["kind"], entry["flags"]
+    size = flags["large_size"] if kind == "superres" else flags["image_size"]
+    kwargs = {}
+    if kind == "superres":
+        kwargs["low_res"] = torch.randn(n, 3, flags["small_size"], flags["small_size"])
+    if getattr(model, "num_classes", None) is not None and kind != "classifier":
+        kwargs["y"] = torch.arange(n)
+    return torch.randn(n, 3, size, size), torch.tensor([0, 999])[:n], kwargs
+
+
+@pytest.mark.parametrize("name", sorted(torch.load(DEPTH0, weights_only=True)["models"]))
+def test_zero_residual_blocks_build_as_the_reference_and_run(name):
+    """num_res_blocks=0 (classifier_depth=0): the reference keeps only the resampling blocks in
+    the encoder and one block per decoder level, the upsampler riding on it. Same keys, shapes
+    and parameter count as the reference's model, and a forward pass of the right shape."""
+    entry = depth0_fixture()["models"][name]
+    model = BUILDERS[entry["kind"]](entry["flags"]).eval()
+    got = [[k, list(v.shape)] for k, v in model.state_dict().items()]
+    assert got == entry["state_dict_shapes"]
+    assert sum(p.numel() for p in model.parameters()) == entry["num_params"]
+    x, t, kwargs = _depth0_inputs(model, entry)
+    with torch.no_grad():
+        out = model(x, t, **kwargs)
+    want = (2, 1000) if entry["kind"] == "classifier" else (2, model.out_channels, *x.shape[2:])
+    assert tuple(out.shape) == want and torch.isfinite(out).all()
+
+
+def test_zero_residual_blocks_output_matches_reference():
+    entry = depth0_fixture()["models"]["unet_nrb0"]
+    model = openai.create_model(entry["flags"])
+    model.load_state_dict(float_state_dict(entry), strict=True)
+    with torch.no_grad():
+        out = model.eval()(entry["inputs"]["x"], entry["inputs"]["t"])
+    assert_within(out, entry["output"], MODEL_ATOL, what="unet_nrb0")
+
+
+@pytest.mark.parametrize("build, flag", [(openai.create_model, "num_res_blocks"),
+                                         (openai.create_superres_model, "num_res_blocks"),
+                                         (openai.create_classifier, "classifier_depth")])
+def test_negative_depth_is_refused_naming_the_flag(build, flag):
+    flags = {"image_size": 16, "large_size": 16, "small_size": 8, "channel_mult": "1,2",
+             "classifier_channel_mult": "1,2", "attention_resolutions": "8",
+             "classifier_attention_resolutions": "8", "num_channels": 32,
+             "classifier_width": 64, flag: -1}
+    with pytest.raises(openai.FlagError, match=f"{flag}=-1"):
+        build(flags)

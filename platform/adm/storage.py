@@ -11,11 +11,13 @@ that a local folder and an S3 (or S3-compatible: MinIO, Ceph, moto) prefix behav
   not at all. pyarrow's S3 output stream is not used for this because closing it after an error
   completes the upload with whatever was written so far.
 
-S3 settings come from, in order: an explicit ``S3Options`` argument, ``configure()`` (a config
-key), then the standard AWS environment variables: ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``
-(an endpoint override for S3-compatible stores), ``AWS_REGION`` / ``AWS_DEFAULT_REGION``,
-``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` / ``AWS_SESSION_TOKEN``. When no key is set,
-pyarrow and boto3 fall back to their default credential chains (config files, instance roles).
+S3 settings come from an explicit ``S3Options`` argument, else the standard AWS environment
+variables: ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` (an endpoint override for
+S3-compatible stores), ``AWS_REGION`` / ``AWS_DEFAULT_REGION``. Credentials are never copied
+out of the environment: pyarrow and boto3 read them through their default credential chains
+(``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` / ``AWS_SESSION_TOKEN``, config files,
+instance roles) in whichever process uses them, so options and filesystems that travel to Ray
+tasks carry no secret unless one was given explicitly.
 """
 from __future__ import annotations
 
@@ -42,8 +44,8 @@ class S3Options:
     """How to reach S3 or an S3-compatible store.
 
     ``endpoint_url`` is a full URL such as ``http://127.0.0.1:9000`` (MinIO) or ``None`` for AWS.
-    Fields left ``None`` are taken from the environment by ``from_env``; credentials that stay
-    ``None`` leave the choice to the AWS default credential chain."""
+    ``from_env`` fills the endpoint and region from the environment; credentials that stay
+    ``None`` (the default) leave the choice to the AWS default credential chain."""
 
     endpoint_url: str | None = None
     region: str | None = None
@@ -53,33 +55,19 @@ class S3Options:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "S3Options":
-        """Options from the standard AWS environment variables, with ``overrides`` on top."""
+        """The endpoint and region from the standard AWS environment variables, with
+        ``overrides`` (any field, credentials included) on top."""
         env = os.environ if environ is None else environ
         values = {
             "endpoint_url": env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None,
             "region": env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None,
-            "access_key": env.get("AWS_ACCESS_KEY_ID") or None,
-            "secret_key": env.get("AWS_SECRET_ACCESS_KEY") or None,
-            "session_token": env.get("AWS_SESSION_TOKEN") or None,
+            "access_key": None, "secret_key": None, "session_token": None,
         }
         unknown = set(overrides) - set(values)
         if unknown:
             raise TypeError(f"unknown S3 option(s) {sorted(unknown)}; known: {sorted(values)}")
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any] | None) -> "S3Options":
-        """Options from a config mapping (e.g. a YAML ``storage:`` section) with the keys
-        ``endpoint_url`` and ``region`` (credentials stay in the environment), over the env."""
-        config = dict(config or {})
-        allowed = {"endpoint_url", "region"}
-        unknown = set(config) - allowed
-        if unknown:
-            raise ValueError(
-                f"unknown storage config key(s) {sorted(unknown)}; allowed: {sorted(allowed)}"
-            )
-        return cls.from_env(**config)
 
     @property
     def effective_region(self) -> str | None:
@@ -109,24 +97,9 @@ class S3Options:
         return kwargs
 
 
-_configured: dict[str, Any] = {}
-
-
-def configure(*, endpoint_url: str | None = None, region: str | None = None) -> None:
-    """Set process-wide S3 settings (a config key) that take precedence over the environment.
-
-    Only this process sees them: pass ``S3Options`` (or the filesystem from
-    ``resolve_filesystem``, which pickles its settings) to Ray tasks explicitly."""
-    _configured.clear()
-    if endpoint_url is not None:
-        _configured["endpoint_url"] = endpoint_url
-    if region is not None:
-        _configured["region"] = region
-
-
 def default_s3_options() -> S3Options:
-    """The options used when a function here is called without ``s3=``."""
-    return S3Options.from_env(**_configured)
+    """The options used when a function here is called without ``s3=``: the environment's."""
+    return S3Options.from_env()
 
 
 def is_s3(uri: str) -> bool:
@@ -197,15 +170,6 @@ def is_dir(uri: str, s3: S3Options | None = None) -> bool:
     return fs.get_file_info(path).type == pafs.FileType.Directory
 
 
-def file_size(uri: str, s3: S3Options | None = None) -> int:
-    """Size in bytes of the file at ``uri``; ``FileNotFoundError`` when there is none."""
-    fs, path = resolve_filesystem(uri, s3)
-    info = fs.get_file_info(path)
-    if info.type != pafs.FileType.File:
-        raise FileNotFoundError(f"no file at {uri}")
-    return int(info.size)
-
-
 def listdir(uri: str, s3: S3Options | None = None) -> list[str]:
     """Sorted names of the entries directly inside the folder ``uri``."""
     fs, path = resolve_filesystem(uri, s3)
@@ -244,16 +208,6 @@ def open_input(uri: str, s3: S3Options | None = None):
     return fs.open_input_file(path)
 
 
-def open_output(uri: str, s3: S3Options | None = None):
-    """A pyarrow output stream. NOT atomic: for S3 an error before ``close`` may still publish a
-    partial object, locally readers may see a partial file. Use ``write_bytes`` for anything
-    another process may read while it is written."""
-    fs, path = resolve_filesystem(uri, s3)
-    if not is_s3(uri):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-    return fs.open_output_stream(path)
-
-
 def read_bytes(uri: str, s3: S3Options | None = None) -> bytes:
     """The whole content of the file at ``uri``."""
     fs, path = resolve_filesystem(uri, s3)
@@ -266,15 +220,6 @@ def read_bytes(uri: str, s3: S3Options | None = None) -> bytes:
         if "not found" in str(e).lower() or "does not exist" in str(e).lower():
             raise FileNotFoundError(f"no file at {uri}") from e
         raise
-
-
-def read_range(uri: str, offset: int, size: int, s3: S3Options | None = None) -> bytes:
-    """``size`` bytes of the file at ``uri`` starting at ``offset``."""
-    with open_input(uri, s3) as f:
-        data = f.read_at(size, offset)
-    if len(data) != size:
-        raise EOFError(f"{uri}: wanted {size} bytes at offset {offset}, got {len(data)}")
-    return data
 
 
 def temp_name_prefix(name: str) -> str:
@@ -351,6 +296,31 @@ def delete(uri: str, s3: S3Options | None = None, missing_ok: bool = True) -> No
     except OSError as e:
         if not (missing_ok and "not found" in str(e).lower()):
             raise
+
+
+def why_not_writable(uri: str, s3: S3Options | None = None) -> str | None:
+    """Why a folder cannot be created or written at ``uri``, or None when nothing cheap says so.
+
+    Local: ``uri`` (or its nearest existing parent) must be a folder this user may write in.
+    S3: the bucket must exist (whether this key may PUT is only known by writing)."""
+    uri = _check_uri(uri)
+    if is_s3(uri):
+        fs, path = resolve_filesystem(uri, s3)
+        bucket = path.split("/", 1)[0]
+        if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+            return f"bucket {bucket} does not exist"
+        return None
+    _, path = resolve_filesystem(uri)
+    if os.path.exists(path) and not os.path.isdir(path):
+        return f"{uri} is a file, not a folder"
+    parent = path
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"{parent} is a file, so no folder can be made under it"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"{parent} is not writable by this user"
+    return None
 
 
 def makedirs(uri: str, s3: S3Options | None = None) -> None:

@@ -21,6 +21,7 @@ unchanged; the model runs its torso under float16 autocast on CUDA (see
 """
 from __future__ import annotations
 
+import argparse
 import functools
 import io
 import pickle
@@ -106,6 +107,33 @@ def _coerce(name: str, value: Any) -> Any:
                     f"(default {default!r})")
 
 
+@functools.lru_cache(maxsize=1)
+def _flag_parser() -> argparse.ArgumentParser:
+    """An argparse parser of every known flag as ``--name VALUE`` (strings, typed later by
+    `_coerce`); flags not given stay absent. No abbreviations, no help, no exit on errors."""
+    parser = argparse.ArgumentParser(prog="adm flags", add_help=False, allow_abbrev=False,
+                                     exit_on_error=False)
+    for name in ALL_DEFAULTS:
+        parser.add_argument(f"--{name}", dest=name, default=argparse.SUPPRESS)
+    return parser
+
+
+def _parse_flag_string(text: str) -> dict[str, str]:
+    """``"--image_size 64 --class_cond=True"`` -> {"image_size": "64", "class_cond": "True"}
+    (shell quoting as `shlex.split` reads it). Unknown flags are collected here and reported by
+    `parse_flags`, as for dicts.
+
+    :raises FlagError: naming a flag without a value, or a token that is not a --flag."""
+    try:
+        known, extra = _flag_parser().parse_known_args(shlex.split(text))
+    except argparse.ArgumentError as e:  # the only per-flag error: a missing value
+        raise FlagError(f"flag {e.argument_name} has no value ({e.message})") from None
+    unknown = [token[2:].split("=", 1)[0] for token in extra if token.startswith("--")]
+    if extra and not unknown:
+        raise FlagError(f"expected a --flag in the flag string, got {extra[0]!r}")
+    return {**vars(known), **dict.fromkeys(unknown)}  # unknown ones: named by parse_flags
+
+
 def parse_flags(flags: Mapping[str, Any] | str | None = None) -> dict:
     """Every known flag, typed: the reference defaults updated with `flags`.
 
@@ -116,22 +144,7 @@ def parse_flags(flags: Mapping[str, Any] | str | None = None) -> dict:
     if flags is None:
         flags = {}
     if isinstance(flags, str):
-        tokens, given = shlex.split(flags), {}
-        i = 0
-        while i < len(tokens):
-            tok = tokens[i]
-            if not tok.startswith("--"):
-                raise FlagError(f"expected a --flag in the flag string, got {tok!r}")
-            if "=" in tok:
-                key, value = tok[2:].split("=", 1)
-                i += 1
-            else:
-                if i + 1 >= len(tokens) or tokens[i + 1].startswith("--"):
-                    raise FlagError(f"flag --{tok[2:]} has no value")
-                key, value = tok[2:], tokens[i + 1]
-                i += 2
-            given[key] = value
-        flags = given
+        flags = _parse_flag_string(flags)
     unknown = sorted(set(flags) - set(ALL_DEFAULTS))
     if unknown:
         raise FlagError(f"unknown flag(s): {', '.join(unknown)} (not a flag of guided-diffusion's "
@@ -160,13 +173,27 @@ def _check_widths(base: int, mult: tuple, flag: str) -> None:
                             "the 32 groups of GroupNorm")
 
 
+def _check_depth(f: dict, name: str) -> None:
+    """Residual blocks per level: 0 is valid (the reference then keeps only the resampling
+    blocks in the encoder and one block per level in the decoder); a negative count is not."""
+    if f[name] < 0:
+        raise FlagError(f"flag {name}={f[name]} must be 0 or more (residual blocks per level)")
+
+
 def _unet_kwargs(f: dict, image_size: int, channel_mult: tuple) -> dict:
-    _check_positive(f, "num_channels", "num_heads", "num_classes")
-    if f["num_res_blocks"] < 1:
-        raise FlagError(f"flag num_res_blocks={f['num_res_blocks']} must be at least 1")
-    if not 0.0 <= f["dropout"] < 1.0:
-        raise FlagError(f"flag dropout={f['dropout']} must be in [0, 1)")
-    if f["num_head_channels"] != -1 and f["num_head_channels"] <= 0:
+    _check_positive(f, "num_channels", "num_classes")
+    _check_depth(f, "num_res_blocks")
+    # nn.Dropout's range: the reference builds (and runs) p = 1 too.
+    if not 0.0 <= f["dropout"] <= 1.0:
+        raise FlagError(f"flag dropout={f['dropout']} must be in [0, 1]")
+    if f["num_head_channels"] == -1:
+        # Head counts are used only without a fixed head width (the reference ignores them
+        # otherwise, so e.g. num_heads=0 with num_head_channels=64 builds there and here).
+        _check_positive(f, "num_heads")
+        if f["num_heads_upsample"] != -1 and f["num_heads_upsample"] <= 0:
+            raise FlagError(f"flag num_heads_upsample={f['num_heads_upsample']} must be -1 "
+                            "(= num_heads) or positive")
+    elif f["num_head_channels"] <= 0:
         raise FlagError(f"flag num_head_channels={f['num_head_channels']} must be -1 or positive")
     _check_widths(f["num_channels"], channel_mult, "num_channels/channel_mult")
     return dict(
@@ -241,7 +268,8 @@ def create_superres_model(flags: Mapping[str, Any] | str | None = None) -> Super
 def create_classifier(flags: Mapping[str, Any] | str | None = None) -> Classifier:
     """The noisy-image classifier of `flags` (reference `create_classifier`), random weights."""
     f = parse_flags(flags)
-    _check_positive(f, "image_size", "classifier_width", "classifier_depth", "num_classes")
+    _check_positive(f, "image_size", "classifier_width", "num_classes")
+    _check_depth(f, "classifier_depth")
     if f["classifier_pool"] not in POOLS:
         raise FlagError(f"flag classifier_pool={f['classifier_pool']!r} is not one of {POOLS}")
     size = f["image_size"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from adm.data.config import DataConfig
 from adm.data.preprocess import (
     BadImageError,
     center_crop_arr,
@@ -20,14 +21,12 @@ from adm.data.preprocess import (
 
 if TYPE_CHECKING:  # pragma: no cover
     from adm.data.datasets import (  # noqa: F401
-        DataConfig,
         image_dataset,
-        split_info,
         superres_dataset,
         train_data_config,
     )
 
-_LAZY = {"DataConfig", "image_dataset", "superres_dataset", "split_info", "train_data_config"}
+_LAZY = {"image_dataset", "superres_dataset", "train_data_config"}
 
 __all__ = [
     "BadImageError",
@@ -36,7 +35,6 @@ __all__ = [
     "decode_image",
     "image_dataset",
     "random_crop_arr",
-    "split_info",
     "superres_dataset",
     "superres_low_res",
     "to_model_range",

@@ -29,8 +29,7 @@ to keep decoding off the GPU nodes).
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
-from typing import Any, Iterator, Literal
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -38,6 +37,7 @@ import ray
 from ray.data.expressions import random as random_expr
 
 from adm import storage
+from adm.data.config import DataConfig
 from adm.data.manifest import SplitInfo, load_split
 from adm.data.preprocess import (
     BadImageError,
@@ -50,54 +50,7 @@ from adm.data.preprocess import (
 )
 from adm.storage import S3Options
 
-ShuffleMode = Literal["shards", "global", "none"]
 _KEY = "_adm_key"  # per-row random key column (dropped before the data leaves the pipeline)
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """Where and how the pipeline runs.
-
-    ``decode_workers``: most decode tasks at once (``None``: as many as free CPUs allow).
-    ``decode_num_cpus``: CPU share each decode task reserves; keep the sum of these and the
-    Train workers' CPUs within the node (see the 2-core hang in the Ray notes).
-    ``decode_resources``: extra custom resources each decode task needs, to pin decoding to the
-    nodes that offer them (CPU nodes), e.g. ``{"adm_decode": 1}``.
-    ``decode_batch_size``: images decoded per batch (a decode task takes one shard and streams
-    it out in batches; the number of shards bounds the parallelism). ``read_num_cpus``: CPU
-    share of the tasks that read shard files (mostly I/O). ``shuffle``: see the module docstring.
-    ``deterministic``: same order for the same seed (``preserve_order``); turn off to let fast
-    tasks overtake slow ones for a little more throughput."""
-
-    decode_workers: int | None = None
-    decode_num_cpus: float = 1.0
-    decode_resources: dict[str, float] = field(default_factory=dict)
-    decode_batch_size: int = 64
-    read_num_cpus: float = 0.25
-    shuffle: ShuffleMode = "shards"
-    deterministic: bool = True
-
-    def __post_init__(self) -> None:
-        if self.shuffle not in ("shards", "global", "none"):
-            raise ValueError(f"shuffle must be 'shards', 'global' or 'none', got {self.shuffle!r}")
-        if self.decode_workers is not None and self.decode_workers < 1:
-            raise ValueError(f"decode_workers must be >= 1 or None, got {self.decode_workers}")
-        if self.decode_num_cpus <= 0:
-            raise ValueError(f"decode_num_cpus must be > 0, got {self.decode_num_cpus}")
-        if self.read_num_cpus <= 0:
-            raise ValueError(f"read_num_cpus must be > 0, got {self.read_num_cpus}")
-        if self.decode_batch_size < 1:
-            raise ValueError(f"decode_batch_size must be >= 1, got {self.decode_batch_size}")
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any] | None) -> "DataConfig":
-        """Build from a config mapping; an unknown key is an error that names it."""
-        values = dict(values or {})
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown data config key(s) {unknown}; known: {sorted(known)}")
-        return cls(**values)
 
 
 def train_data_config(config: DataConfig = DataConfig(),
@@ -280,9 +233,3 @@ def superres_dataset(
     return _build(info, image_size=large_size, random_crop=False, random_flip=random_flip,
                   min_crop_frac=0.8, max_crop_frac=1.0, low_res_size=small_size, seed=seed,
                   config=config, s3=s3)
-
-
-def split_info(uri: str, split: str = "train", s3: S3Options | None = None) -> SplitInfo:
-    """The manifest, classes and shard URIs of a prepared split (e.g. to size a training run:
-    ``split_info(uri).num_images``, ``len(split_info(uri).classes)``)."""
-    return load_split(uri, split, s3)

@@ -23,12 +23,18 @@ from PIL import Image
 
 from adm import storage
 from adm.data.shards import Log, ShardWriterConfig, stderr_log, write_split
-from adm.data.sources import ScanResult, SourceItem
+from adm.data.sources import InputError, ScanResult, SourceItem
 from adm.storage import S3Options
 
 DIGITS_IMAGE_SIZE = 32
 DIGITS_CLASSES = [str(d) for d in range(10)]
 VAL_EVERY = 10  # every tenth image of each class is held out
+
+
+def check_image_size(image_size: int) -> None:
+    """``InputError`` unless ``image_size`` is a size the digits can be written at (>= 8)."""
+    if image_size < 8:
+        raise InputError(f"image size must be at least 8 (the digits are 8x8), got {image_size}")
 
 
 def digits_png(image_8x8: np.ndarray, image_size: int = DIGITS_IMAGE_SIZE) -> bytes:
@@ -47,8 +53,7 @@ def digits_scans(image_size: int = DIGITS_IMAGE_SIZE) -> dict[str, ScanResult]:
     """The digits as in-memory candidate images, split into ``train`` and ``val``."""
     from sklearn.datasets import load_digits
 
-    if image_size < 8:
-        raise ValueError(f"image_size must be >= 8 (the digits are 8x8), got {image_size}")
+    check_image_size(image_size)
     digits = load_digits()
     splits: dict[str, list[SourceItem]] = {"train": [], "val": []}
     rank_in_class: dict[int, int] = {}

@@ -22,7 +22,6 @@ from adm.storage import S3Options
 MANIFEST = "manifest.json"
 CLASSES = "classes.json"
 FORMAT = "adm-shards/1"
-SHARD_COLUMNS = ("image", "label", "class_name", "source")
 
 
 def shard_name(index: int) -> str:

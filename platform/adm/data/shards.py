@@ -22,11 +22,8 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import random
-import signal
 import sys
-import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -34,25 +31,23 @@ from typing import Any, Callable, Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
+from tqdm import tqdm
 
 from adm import storage
 from adm.data.manifest import CLASSES, FORMAT, MANIFEST, shard_name
 from adm.data.preprocess import BadImageError, check_image, read_info
-from adm.data.sources import ScanResult, Skipped, SourceItem, read_items
+from adm.data.sources import InputError, ScanResult, Skipped, SourceItem, read_items
 from adm.storage import S3Options
-
-# Test hook (documented in tests/test_data_prepare.py): when set to k, the driver kills itself
-# with SIGKILL right after the k-th shard written by this run is committed - a crash at a
-# reproducible point, used to check that a restarted job finishes with identical output.
-KILL_AFTER_SHARDS_ENV = "ADM_PREPARE_TEST_KILL_AFTER_SHARDS"
 
 Log = Callable[[str], None]
 MAX_LOGGED_BAD = 100  # bad files logged one by one; all of them go to the manifest
 
 
 def stderr_log(message: str) -> None:
-    """The default log: one line to stderr, flushed (Ray job logs show it at once)."""
-    print(message, file=sys.stderr, flush=True)
+    """The default log: one line to stderr, flushed (Ray job logs show it at once), written
+    through tqdm so that it does not break a progress bar drawn on a terminal."""
+    tqdm.write(message, file=sys.stderr)
+    sys.stderr.flush()
 
 
 @dataclass(frozen=True)
@@ -64,8 +59,9 @@ class ShardWriterConfig:
     ``check_chunk_size``: images per decode-check task. ``num_cpus_per_task``: CPU share each
     Ray task asks for. ``max_in_flight``: tasks submitted at once (default: twice the cluster's
     CPUs over ``num_cpus_per_task``) - bounds driver memory. ``row_group_size``: Parquet rows
-    per row group, small so readers can stream a shard. ``progress_interval_s``: seconds
-    between progress lines."""
+    per row group, small so readers can stream a shard. ``progress_interval_s``: least seconds
+    between two updates of a progress bar (tqdm's ``mininterval``; the bars go to stderr, where
+    a Ray job's log keeps every update, so the default is slow)."""
 
     images_per_shard: int = 1000
     shuffle_seed: int = 0
@@ -76,15 +72,20 @@ class ShardWriterConfig:
     progress_interval_s: float = 10.0
 
     def __post_init__(self) -> None:
+        # InputError: the jobs pass these straight from their flags.
         if self.images_per_shard < 1:
-            raise ValueError(f"images_per_shard must be >= 1, got {self.images_per_shard}")
+            raise InputError(f"images per shard must be at least 1, got {self.images_per_shard}")
         if self.check_chunk_size < 1:
-            raise ValueError(f"check_chunk_size must be >= 1, got {self.check_chunk_size}")
+            raise InputError(f"check chunk size must be at least 1, got {self.check_chunk_size}")
         if self.num_cpus_per_task <= 0:
-            raise ValueError(f"num_cpus_per_task must be > 0, got {self.num_cpus_per_task}")
+            raise InputError(f"CPUs per task must be more than 0, got {self.num_cpus_per_task}")
+        if self.max_in_flight is not None and self.max_in_flight < 1:
+            raise InputError(f"tasks in flight must be at least 1, got {self.max_in_flight}")
+        if self.progress_interval_s < 0:
+            raise InputError(f"progress interval must be >= 0 s, got {self.progress_interval_s}")
 
 
-class ShardMismatchError(RuntimeError):
+class ShardMismatchError(InputError):
     """An existing shard holds other images than this run would write there."""
 
 
@@ -181,20 +182,21 @@ def _verify_shard(uri: str, items: Sequence[SourceItem], s3: S3Options | None) -
 # ----------------------------------------------------------------------------- driver
 
 
-class _Progress:
-    """Rate-limited progress lines for a long phase."""
+def _progress_bar(what: str, total: int, unit: str, config: ShardWriterConfig) -> tqdm:
+    """A tqdm bar on stderr (count, rate, ETA) for one phase of the writer."""
+    return tqdm(total=total, desc=f"[prepare] {what}", unit=unit, file=sys.stderr,
+                mininterval=config.progress_interval_s)
 
-    def __init__(self, what: str, total: int, interval_s: float, log: Log):
-        self.what, self.total, self.interval_s, self.log = what, total, interval_s, log
-        self.done, self.start, self.last = 0, time.monotonic(), 0.0
 
-    def update(self, n: int, extra: str = "") -> None:
-        self.done += n
-        now = time.monotonic()
-        if now - self.last >= self.interval_s or self.done == self.total:
-            self.last = now
-            rate = self.done / max(now - self.start, 1e-9)
-            self.log(f"[prepare] {self.what}: {self.done}/{self.total} ({rate:.0f}/s){extra}")
+def _result(ref: ray.ObjectRef) -> Any:
+    """``ray.get`` that hands on a task's ``InputError`` as itself (its message, not Ray's
+    wrapper with the remote traceback), so the job reports it in one line."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, InputError):
+            raise e.cause from None
+        raise
 
 
 def _run_bounded(
@@ -210,7 +212,7 @@ def _run_bounded(
             pending[submit()] = on_result
         done, _ = ray.wait(list(pending), num_returns=1)
         for ref in done:
-            pending.pop(ref)(ray.get(ref))
+            pending.pop(ref)(_result(ref))
 
 
 def _default_in_flight(config: ShardWriterConfig) -> int:
@@ -247,12 +249,86 @@ def _write_classes(out: str, classes: Sequence[str], s3: S3Options | None) -> No
     if storage.exists(uri, s3):
         existing = storage.read_json(uri, s3)
         if existing != list(classes):
-            raise ValueError(
+            raise InputError(
                 f"{uri} already lists {len(existing)} other classes than this run's "
                 f"{len(classes)}: this folder holds another dataset; use an empty --out"
             )
         return
     storage.write_json(uri, list(classes), s3)
+
+
+def _task_options(config: ShardWriterConfig) -> dict[str, Any]:
+    return {"num_cpus": config.num_cpus_per_task, "max_retries": 3}
+
+
+def _check_all(
+    items: Sequence[SourceItem], split: str, config: ShardWriterConfig, s3: S3Options | None,
+    log: Log,
+) -> dict[int, str]:
+    """Decode-check ``items`` in parallel tasks; return {position in ``items``: reason} for the
+    bad ones (each logged, up to ``MAX_LOGGED_BAD``)."""
+    bad: dict[int, str] = {}
+    check_remote = ray.remote(_check_chunk).options(**_task_options(config))
+    with _progress_bar(f"{split}: decode-checked", len(items), "img", config) as bar:
+
+        def on_result(result: list[tuple[int, str]], start: int, n: int) -> None:
+            for i, reason in result:
+                bad[start + i] = reason
+                if len(bad) <= MAX_LOGGED_BAD:
+                    log(f"[prepare] {split}: skipping {items[start + i].source}: {reason}")
+                elif len(bad) == MAX_LOGGED_BAD + 1:
+                    log(f"[prepare] {split}: more bad files; all are listed in manifest.json")
+            bar.set_postfix(bad=len(bad), refresh=False)
+            bar.update(n)
+
+        jobs = []
+        for start in range(0, len(items), config.check_chunk_size):
+            chunk = items[start : start + config.check_chunk_size]
+            jobs.append((lambda chunk=chunk: check_remote.remote(chunk, s3),
+                         lambda r, start=start, n=len(chunk): on_result(r, start, n)))
+        _run_bounded(jobs, _default_in_flight(config))
+    return bad
+
+
+def _write_all(
+    shards: Sequence[Sequence[SourceItem]], labels: Sequence[Sequence[int]], out: str, split: str,
+    config: ShardWriterConfig, s3: S3Options | None, log: Log,
+) -> list[dict[str, Any]]:
+    """Write shard k of ``shards`` (with its ``labels``) to ``out``, or verify it when an
+    interrupted run already wrote it; return the shard records in shard order."""
+    options = _task_options(config)
+    write_remote = ray.remote(_write_shard).options(**options)
+    verify_remote = ray.remote(_verify_shard).options(**options)
+    records: list[dict[str, Any]] = [{} for _ in shards]
+    n = config.images_per_shard
+    with _progress_bar(f"{split}: shards written", len(shards), "shard", config) as bar:
+
+        def on_result(record: dict[str, Any], k: int) -> None:
+            records[k] = record
+            bar.update(1)
+
+        jobs, present = [], 0
+        for k, (shard_items, shard_labels) in enumerate(zip(shards, labels)):
+            uri = storage.join(out, shard_name(k))
+            if storage.exists(uri, s3):
+                present += 1
+                submit = lambda uri=uri, it=shard_items: verify_remote.remote(uri, it, s3)
+            else:
+                submit = lambda uri=uri, it=shard_items, lb=shard_labels, first=k * n: (
+                    write_remote.remote(uri, it, lb, first, config.row_group_size, s3))
+            jobs.append((submit, lambda r, k=k: on_result(r, k)))
+        if present:
+            log(f"[prepare] {split}: {present} of {len(shards)} shards are already written; "
+                "verifying them instead of writing them again")
+        _run_bounded(jobs, _default_in_flight(config))
+    return records
+
+
+def _no_images_message(split: str, skipped: Sequence[Skipped]) -> str:
+    if not skipped:
+        return f"no images for {split}"
+    return (f"no usable images for {split}: all {len(skipped)} files were skipped (first: "
+            f"{skipped[0].source}: {skipped[0].reason})")
 
 
 def write_split(
@@ -281,85 +357,39 @@ def write_split(
                 and manifest.get("images_per_shard") == config.images_per_shard
                 and manifest.get("shuffle_seed") == config.shuffle_seed)
         if not same:
-            raise ValueError(
+            raise InputError(
                 f"{out} already holds a finished split prepared from other files or with other "
                 "settings; use an empty --out"
             )
         log(f"[prepare] {split}: already complete at {out} ({manifest['images_written']} images)")
         return manifest
 
+    if not scan.items:
+        raise InputError(_no_images_message(split, scan.skipped))
+
     if not ray.is_initialized():
         ray.init()
     storage.makedirs(out, s3)
     _write_classes(out, classes, s3)
     _remove_stale_temp_files(out, s3, log)
-    in_flight = _default_in_flight(config)
-    task_options = {"num_cpus": config.num_cpus_per_task, "max_retries": 3}
 
     # 1. check (in path order: neighbouring files are read together).
-    items = scan.items
-    bad: dict[int, str] = {}
-    progress = _Progress(f"{split}: decode-checked", len(items), config.progress_interval_s, log)
-    check_remote = ray.remote(_check_chunk).options(**task_options)
-    jobs = []
-    for start in range(0, len(items), config.check_chunk_size):
-        chunk = items[start : start + config.check_chunk_size]
-
-        def on_result(result, start=start, n=len(chunk)):
-            for i, reason in result:
-                bad[start + i] = reason
-                if len(bad) <= MAX_LOGGED_BAD:
-                    log(f"[prepare] {split}: skipping {items[start + i].source}: {reason}")
-                elif len(bad) == MAX_LOGGED_BAD + 1:
-                    log(f"[prepare] {split}: more bad files; all are listed in manifest.json")
-            progress.update(n, f", {len(bad)} bad")
-
-        jobs.append((lambda chunk=chunk: check_remote.remote(chunk, s3), on_result))
-    _run_bounded(jobs, in_flight)
+    bad = _check_all(scan.items, split, config, s3, log)
 
     # 2. plan
-    good = [it for i, it in enumerate(items) if i not in bad]
+    good = [it for i, it in enumerate(scan.items) if i not in bad]
     random.Random(config.shuffle_seed).shuffle(good)
-    skipped = sorted(list(scan.skipped) + [Skipped(items[i].source, r) for i, r in bad.items()],
-                     key=lambda s: s.source)
+    skipped = sorted(
+        list(scan.skipped) + [Skipped(scan.items[i].source, r) for i, r in bad.items()],
+        key=lambda s: s.source)
     n = config.images_per_shard
     shards = [good[i : i + n] for i in range(0, len(good), n)]
     if not shards:
-        raise ValueError(f"no usable images for {split}: all {len(skipped)} files were skipped "
-                         f"(first: {skipped[0].source}: {skipped[0].reason})" if skipped
-                         else f"no images for {split}")
+        raise InputError(_no_images_message(split, skipped))
 
     # 3. write (or verify what an interrupted run already wrote)
-    kill_after = int(os.environ.get(KILL_AFTER_SHARDS_ENV, "0") or 0)
-    records: dict[int, dict[str, Any]] = {}
-    progress = _Progress(f"{split}: shards", len(shards), config.progress_interval_s, log)
-    write_remote = ray.remote(_write_shard).options(**task_options)
-    verify_remote = ray.remote(_verify_shard).options(**task_options)
-    present = 0
-    jobs = []
-    for k, shard_items in enumerate(shards):
-        uri = storage.join(out, shard_name(k))
-        if storage.exists(uri, s3):
-            present += 1
-            submit = lambda uri=uri, it=shard_items: verify_remote.remote(uri, it, s3)
-        else:
-            labels = [label_of[it.class_name] for it in shard_items]
-            submit = lambda uri=uri, it=shard_items, lb=labels, first=k * n: write_remote.remote(
-                uri, it, lb, first, config.row_group_size, s3)
-
-        def on_result(record, k=k):
-            records[k] = record
-            progress.update(1)
-            written = sum(r["written"] for r in records.values())
-            if kill_after and record["written"] and written >= kill_after:
-                log(f"[prepare] test hook {KILL_AFTER_SHARDS_ENV}={kill_after}: killing myself")
-                os.kill(os.getpid(), signal.SIGKILL)
-
-        jobs.append((submit, on_result))
-    if present:
-        log(f"[prepare] {split}: {present} of {len(shards)} shards are already written; "
-            "verifying them instead of writing them again")
-    _run_bounded(jobs, in_flight)
+    labels = [[label_of[it.class_name] for it in shard] for shard in shards]
+    records = _write_all(shards, labels, out, split, config, s3, log)
 
     class_counts = Counter(it.class_name for it in good)
     manifest = {
@@ -374,8 +404,7 @@ def write_split(
         "images_written": len(good),
         "images_skipped": len(skipped),
         "class_counts": {c: class_counts.get(c, 0) for c in classes},
-        "shards": [{k2: v for k2, v in records[k].items() if k2 != "written"}
-                   for k in range(len(shards))],
+        "shards": [{k: v for k, v in r.items() if k != "written"} for r in records],
         "skipped": [{"source": s.source, "reason": s.reason} for s in skipped],
     }
     storage.write_json(manifest_uri, manifest, s3)

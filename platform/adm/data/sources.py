@@ -15,6 +15,7 @@ reads instead of one process streaming a 140 GB tar.
 from __future__ import annotations
 
 import io
+import os
 import posixpath
 import tarfile
 from collections import defaultdict
@@ -35,6 +36,16 @@ _COMPRESSED_MAGIC = {
     b"\xfd7zXZ\x00": "xz",
     b"\x28\xb5\x2f\xfd": "zstd",
 }
+
+
+class InputError(ValueError):
+    """Something the user gave cannot be used (a missing or unreadable source, a compressed tar,
+    a bad labels file, an output folder holding another dataset). The message says what is wrong
+    in one line; the jobs print it as ``error: <message>`` and exit 2, without a traceback."""
+
+
+class MissingInputError(InputError, FileNotFoundError):
+    """An input that does not exist (also a ``FileNotFoundError``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,7 +137,7 @@ def _tar_members(fileobj, where: str) -> Iterable[tarfile.TarInfo]:
     fileobj.seek(0)
     for magic, kind in _COMPRESSED_MAGIC.items():
         if head.startswith(magic):
-            raise ValueError(
+            raise InputError(
                 f"{where} is a {kind}-compressed tar; only uncompressed tars can be read in "
                 "parallel by offset (ImageNet's tars are uncompressed): decompress it first"
             )
@@ -135,7 +146,7 @@ def _tar_members(fileobj, where: str) -> Iterable[tarfile.TarInfo]:
             for member in tar:
                 yield member
     except tarfile.ReadError as e:
-        raise ValueError(f"{where} is not a readable tar file: {e}") from e
+        raise InputError(f"{where} is not a readable tar file: {e}") from e
 
 
 def _strip_single_top_folder(paths: Sequence[str]) -> str:
@@ -172,7 +183,7 @@ def _finish(items: list[SourceItem], skipped: list[Skipped]) -> ScanResult:
     items.sort(key=lambda it: it.source)
     for a, b in zip(items, items[1:]):
         if a.source == b.source:
-            raise ValueError(f"two files have the same path {a.source!r} in the source")
+            raise InputError(f"two files have the same path {a.source!r} in the source")
     skipped.sort(key=lambda s: s.source)
     return ScanResult(items, skipped)
 
@@ -219,8 +230,26 @@ def _tar_entries(uri: str, s3: S3Options | None) -> list[tuple[str, SourceItem]]
     return out
 
 
-def _is_tar_path(uri: str, s3: S3Options | None) -> bool:
-    return storage.is_file(uri, s3)
+def check_source(uri: str, what: str, s3: S3Options | None = None) -> None:
+    """Raise ``InputError`` unless ``uri`` is a readable folder or a readable, uncompressed tar.
+
+    Cheap (one stat, for a tar the first header block), so a job runs it before starting Ray.
+    ``what`` names the input in the message (e.g. ``"--src"``)."""
+    where = f"{what} {uri}"
+    try:
+        if storage.is_dir(uri, s3):
+            if not storage.is_s3(uri) and not os.access(uri, os.R_OK | os.X_OK):
+                raise InputError(f"{where} is a folder this user cannot read")
+            return
+        if storage.is_file(uri, s3):
+            with storage.open_input(uri, s3) as f:
+                next(iter(_tar_members(_buffered(f, 0, f.size()), where)), None)
+            return
+    except InputError:
+        raise
+    except (OSError, ValueError) as e:  # permission denied, S3 unreachable, a bad URI
+        raise InputError(f"{where} cannot be read: {e}") from e
+    raise MissingInputError(f"{where} does not exist (expected a folder or an uncompressed tar)")
 
 
 def scan_class_tree(src: str, s3: S3Options | None = None) -> ScanResult:
@@ -228,16 +257,16 @@ def scan_class_tree(src: str, s3: S3Options | None = None) -> ScanResult:
 
     Files that are not candidate images (other extensions, hidden files, files outside a class
     folder) are listed in ``skipped`` with the reason."""
-    if _is_tar_path(src, s3):
+    if storage.is_file(src, s3):
         return _classify_tree_entries(_tar_entries(src, s3))
     if not storage.is_dir(src, s3):
-        raise FileNotFoundError(f"source {src} is neither a folder nor a tar file")
+        raise MissingInputError(f"source {src} is neither a folder nor a tar file")
     entries = [
         (e.relpath, SourceItem(e.relpath, "", storage.join(src, e.relpath), -1, e.size))
         for e in storage.list_files(src, s3)
     ]
     if not entries:
-        raise ValueError(f"source folder {src} holds no files")
+        raise InputError(f"source folder {src} holds no files")
     return _classify_tree_entries(entries)
 
 
@@ -257,7 +286,7 @@ def parse_labels_file(text: str, where: str = "labels file") -> dict[str, str]:
         if lineno == 1 and fields[0].lower() in ("imageid", "image", "filename", "file"):
             continue  # a CSV header
         if len(fields) < 2:
-            raise ValueError(
+            raise InputError(
                 f"{where} line {lineno}: expected '<image> <class>', got {raw!r}. (The "
                 "devkit's ILSVRC2012_validation_ground_truth.txt holds bare ILSVRC ids, which "
                 "are not synset names: give a file that names each image's synset, e.g. "
@@ -266,12 +295,26 @@ def parse_labels_file(text: str, where: str = "labels file") -> dict[str, str]:
         name = posixpath.splitext(posixpath.basename(fields[0]))[0]
         previous = labels.get(name)
         if previous is not None and previous != fields[1]:
-            raise ValueError(f"{where} line {lineno}: {name!r} labelled both {previous!r} "
+            raise InputError(f"{where} line {lineno}: {name!r} labelled both {previous!r} "
                              f"and {fields[1]!r}")
         labels[name] = fields[1]
     if not labels:
-        raise ValueError(f"{where} has no labels")
+        raise InputError(f"{where} has no labels")
     return labels
+
+
+def read_labels_file(uri: str, s3: S3Options | None = None) -> dict[str, str]:
+    """``parse_labels_file`` of the file at ``uri``; ``InputError`` when it is missing, not
+    UTF-8 text or not a labels file."""
+    try:
+        text = storage.read_bytes(uri, s3).decode("utf-8-sig")
+    except FileNotFoundError as e:
+        raise MissingInputError(f"labels file {uri} does not exist") from e
+    except UnicodeDecodeError as e:
+        raise InputError(f"labels file {uri} is not UTF-8 text ({e})") from e
+    except (OSError, ValueError) as e:
+        raise InputError(f"labels file {uri} cannot be read: {e}") from e
+    return parse_labels_file(text, where=f"labels file {uri}")
 
 
 def scan_labelled_files(
@@ -280,7 +323,7 @@ def scan_labelled_files(
     """Scan a folder or tar of images whose classes come from ``labels`` (see
     ``parse_labels_file``), e.g. ImageNet's flat validation folder. Images without a label are
     skipped with that reason."""
-    if _is_tar_path(src, s3):
+    if storage.is_file(src, s3):
         entries = _tar_entries(src, s3)
     elif storage.is_dir(src, s3):
         entries = [
@@ -288,7 +331,7 @@ def scan_labelled_files(
             for e in storage.list_files(src, s3)
         ]
     else:
-        raise FileNotFoundError(f"source {src} is neither a folder nor a tar file")
+        raise MissingInputError(f"source {src} is neither a folder nor a tar file")
     items, skipped = [], []
     for relpath, proto in entries:
         reason = _reason_not_image(relpath)

@@ -26,6 +26,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .losses import discretized_gaussian_log_likelihood, mean_flat, normal_kl
 
@@ -68,21 +69,8 @@ class LossType(enum.Enum):
 
 
 def _progress(indices: list[int], enabled: bool):
-    """tqdm over the indices when asked for and installed; a plain counter on stderr otherwise."""
-    if not enabled:
-        return indices
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        import sys
-
-        def counted():
-            for n, i in enumerate(indices, 1):
-                yield i
-                print(f"\rstep {n}/{len(indices)}", end="\n" if n == len(indices) else "",
-                      file=sys.stderr, flush=True)
-        return counted()
-    return tqdm(indices)
+    """The indices, wrapped in a tqdm progress bar (on stderr) when `enabled`."""
+    return tqdm(indices) if enabled else indices
 
 
 class GaussianDiffusion:
@@ -128,22 +116,18 @@ class GaussianDiffusion:
             self.posterior_mean_coef1 = betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - ac)
             self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - ac)
             fixed_large = np.append(pv_clipped[0], betas[1:])
-            # Further per-step arrays the methods gather (float64, cast once per device).
+            # Further per-step arrays the methods gather (float64, cast once per device), each
+            # one the reference also computes in float64 numpy before its cast. The roots the
+            # DDIM steps and condition_score take are not here: the reference takes them in the
+            # step, of float32 ᾱ's, which differs where 1 − ᾱ is small (see `_ddim_coefs`).
             self._extra = {
                 "one_minus_alphas_cumprod": 1.0 - ac,
-                "sqrt_alphas_cumprod_prev": np.sqrt(self.alphas_cumprod_prev),
-                "sqrt_one_minus_alphas_cumprod_prev": np.sqrt(1.0 - self.alphas_cumprod_prev),
-                "sqrt_alphas_cumprod_next": np.sqrt(self.alphas_cumprod_next),
-                "sqrt_one_minus_alphas_cumprod_next": np.sqrt(1.0 - self.alphas_cumprod_next),
                 "log_betas": np.log(betas),
                 "fixed_large_variance": fixed_large,
                 "fixed_large_log_variance": np.log(fixed_large),
                 "recip_posterior_mean_coef1": 1.0 / self.posterior_mean_coef1,
                 "posterior_mean_coef2_over_coef1":
                     self.posterior_mean_coef2 / self.posterior_mean_coef1,
-                # DDIM's σ_t for η = 1 (eq. 16 of Song et al.): σ = η·this.
-                "ddim_sigma_unit": np.sqrt((1.0 - self.alphas_cumprod_prev) / (1.0 - ac))
-                * np.sqrt(1.0 - ac / self.alphas_cumprod_prev),
             }
         self._tables: dict = {}
 
@@ -306,7 +290,8 @@ class GaussianDiffusion:
         (not clipped again) and `mean` recomputed from ε'."""
         eps = self._predict_eps_from_xstart(x, t, p_mean_var["pred_xstart"])
         gradient = cond_fn(x, self.model_timesteps(t), **(model_kwargs or {}))
-        eps = eps - self._extract("sqrt_one_minus_alphas_cumprod", t, x) * gradient
+        # √(1−ᾱ_t) of the gathered ᾱ_t, as the reference takes it (not its float64 table).
+        eps = eps - (1 - self._extract("alphas_cumprod", t, x)).sqrt() * gradient
         out = dict(p_mean_var)
         out["pred_xstart"] = self._predict_xstart_from_eps(x, t, eps)
         out["mean"], _, _ = self.q_posterior_mean_variance(out["pred_xstart"], x, t)
@@ -342,17 +327,30 @@ class GaussianDiffusion:
         if cond_fn is not None:
             out = self.condition_score(cond_fn, out, x, t, model_kwargs)
         eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
-        x0_coef = self._extract("sqrt_alphas_cumprod_prev", t, x)
-        if eta == 0.0:
-            return {"sample": out["pred_xstart"] * x0_coef
-                    + self._extract("sqrt_one_minus_alphas_cumprod_prev", t, x) * eps,
-                    "pred_xstart": out["pred_xstart"]}
-        sigma = eta * self._extract("ddim_sigma_unit", t, x)
-        eps_coef = torch.sqrt(1 - self._extract("alphas_cumprod_prev", t, x) - sigma ** 2)
+        x0_coef, eps_coef, sigma = self._ddim_coefs(
+            self._extract("alphas_cumprod", t, x), self._extract("alphas_cumprod_prev", t, x), eta)
+        sample = out["pred_xstart"] * x0_coef + eps_coef * eps
+        if eta == 0.0:  # σ = 0: the step is deterministic and draws nothing
+            return {"sample": sample, "pred_xstart": out["pred_xstart"]}
         noise = self._noise_like(x, generator)
         nonzero = (t != 0).to(noise.dtype).view(-1, *([1] * (x.ndim - 1)))
-        sample = out["pred_xstart"] * x0_coef + eps_coef * eps + nonzero * sigma * noise
-        return {"sample": sample, "pred_xstart": out["pred_xstart"]}
+        return {"sample": sample + nonzero * sigma * noise, "pred_xstart": out["pred_xstart"]}
+
+    @staticmethod
+    def _ddim_coefs(alpha_bar: torch.Tensor, alpha_bar_to: torch.Tensor, eta: float):
+        """DDIM's coefficients for a step from ᾱ = alpha_bar to ᾱ' = alpha_bar_to ([N, 1, ...]
+        each): (√ᾱ', √(1 − ᾱ' − σ²), σ) with σ = η·√((1−ᾱ')/(1−ᾱ))·√(1 − ᾱ/ᾱ').
+
+        Computed here, in x's precision, from the gathered ᾱ's and in the reference's order:
+        near t = 0, 1 − ᾱ' is a difference of nearly equal numbers and the ε it multiplies is
+        large ((x/√ᾱ − x_0)/√(1/ᾱ − 1) after clipping), so the float32 rounding of ᾱ' shows in
+        the sample; roots of float64 ᾱ' land up to ~10 times the fixtures' tolerance away."""
+        if eta == 0.0:
+            sigma = torch.zeros_like(alpha_bar)
+        else:
+            sigma = (eta * torch.sqrt((1 - alpha_bar_to) / (1 - alpha_bar))
+                     * torch.sqrt(1 - alpha_bar / alpha_bar_to))
+        return torch.sqrt(alpha_bar_to), torch.sqrt(1 - alpha_bar_to - sigma ** 2), sigma
 
     def ddim_reverse_sample(self, model: Model, x: torch.Tensor, t: torch.Tensor,
                             clip_denoised: bool = True, denoised_fn=None, model_kwargs=None,
@@ -363,9 +361,11 @@ class GaussianDiffusion:
             raise ValueError("ddim_reverse_sample is the deterministic ODE: eta must be 0")
         out = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)
         eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
-        sample = (out["pred_xstart"] * self._extract("sqrt_alphas_cumprod_next", t, x)
-                  + self._extract("sqrt_one_minus_alphas_cumprod_next", t, x) * eps)
-        return {"sample": sample, "pred_xstart": out["pred_xstart"]}
+        # Roots of the gathered ᾱ_{t+1} (η = 0), as the reference takes them: see _ddim_coefs.
+        x0_coef, eps_coef, _ = self._ddim_coefs(
+            self._extract("alphas_cumprod", t, x), self._extract("alphas_cumprod_next", t, x), 0.0)
+        return {"sample": out["pred_xstart"] * x0_coef + eps_coef * eps,
+                "pred_xstart": out["pred_xstart"]}
 
     # -- whole loops -------------------------------------------------------------------------
 

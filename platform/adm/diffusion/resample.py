@@ -22,7 +22,17 @@ SAMPLERS = ("uniform", "loss-second-moment")
 
 
 class ScheduleSampler(ABC):
-    """A distribution over a diffusion's timestep indices 0..T−1."""
+    """A distribution over a diffusion's timestep indices 0..T−1.
+
+    Draws come from the sampler's own generator once `reseed` has been called (training seeds
+    it per step from the run's seed), else from numpy's global one, as the reference does."""
+
+    rng: np.random.Generator | None = None
+
+    def reseed(self, seed) -> None:
+        """Draw from now on from a new generator seeded with `seed` (an int or a sequence of
+        ints, as `numpy.random.default_rng` takes)."""
+        self.rng = np.random.default_rng(seed)
 
     @abstractmethod
     def weights(self) -> np.ndarray:
@@ -31,14 +41,14 @@ class ScheduleSampler(ABC):
     def sample(self, batch_size: int, device, generator: np.random.Generator | None = None):
         """Importance-sample a batch of timesteps.
 
-        :param generator: a numpy Generator to draw from; the global numpy RNG when None
-            (as the reference).
+        :param generator: a numpy Generator to draw from; when None, the sampler's own
+            generator (see `reseed`), else the global numpy RNG (as the reference).
         :return: (timesteps [batch_size] int64, weights [batch_size] float32 = 1/(T·p(t))),
             both on `device`; multiply the per-example losses by the weights.
         """
         w = self.weights()
         p = w / np.sum(w)
-        rng = np.random if generator is None else generator
+        rng = generator or self.rng or np.random
         indices = rng.choice(len(p), size=(batch_size,), p=p)
         weights = 1.0 / (len(p) * p[indices])
         return (torch.from_numpy(np.asarray(indices)).long().to(device),
@@ -106,11 +116,16 @@ class LossSecondMomentResampler(LossAwareSampler):
         self._loss_counts = np.array(state["loss_counts"], dtype=np.int64)
 
 
-def create_named_schedule_sampler(name: str, diffusion) -> ScheduleSampler:
+def create_named_schedule_sampler(name: str, diffusion, seed=None) -> ScheduleSampler:
     """``"uniform"`` or ``"loss-second-moment"`` for `diffusion` (anything with
-    `num_timesteps`); ValueError naming an unknown name."""
+    `num_timesteps`), drawing from its own generator seeded with `seed` when given; ValueError
+    naming an unknown name."""
     if name == "uniform":
-        return UniformSampler(diffusion)
-    if name == "loss-second-moment":
-        return LossSecondMomentResampler(diffusion)
-    raise ValueError(f"unknown schedule sampler {name!r}: expected one of {SAMPLERS}")
+        sampler = UniformSampler(diffusion)
+    elif name == "loss-second-moment":
+        sampler = LossSecondMomentResampler(diffusion)
+    else:
+        raise ValueError(f"unknown schedule sampler {name!r}: expected one of {SAMPLERS}")
+    if seed is not None:
+        sampler.reseed(seed)
+    return sampler

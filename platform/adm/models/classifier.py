@@ -28,7 +28,8 @@ POOLS = ("adaptive", "attention", "spatial", "spatial_v2")
 
 
 class Classifier(nn.Module):
-    """Encoder half of the ADM U-Net with a classification head; arguments as `UNet`'s."""
+    """Encoder half of the ADM U-Net with a classification head; arguments as `UNet`'s
+    (`num_res_blocks` is the reference's `classifier_depth`, 0 included)."""
 
     def __init__(
         self,

@@ -45,7 +45,8 @@ class UNet(nn.Module):
         the classifier, kept for introspection.
     :param model_channels: base width (`num_channels`); level i has channel_mult[i] times it.
     :param out_channels: 3, or 6 with a learned variance (eps, then v).
-    :param num_res_blocks: residual blocks per level (the decoder has one more per level).
+    :param num_res_blocks: residual blocks per level (the decoder has one more per level);
+        0 is valid: the encoder keeps only its downsamplers, each decoder level one block.
     :param attention_resolutions: downsample rates (1, 2, 4, ...) that get self-attention.
     :param num_classes: class-conditional when set: a label embedding added to the time one.
     :param num_heads / num_head_channels: a fixed number of heads, or (when not -1) a fixed

@@ -3,8 +3,9 @@
 A checkpoint directory holds `state.pt` (model, EMA averages, optimizer, grad scaler, step,
 timestep-sampler state, all tensors and plain values, so it loads with `weights_only=True`)
 and `meta.json` (step, kind, flags, config). The export writes what the reference writes:
-`model%06d.pt`, `ema_<rate>_%06d.pt` (plain state dicts) and `flags.json` (the flags that build
-the model with `adm.compat.openai` or the reference's scripts).
+`model%06d.pt`, `ema_<rate>_%06d.pt` (plain state dicts), `flags.json` (the model and
+diffusion flags that build the model with `adm.compat.openai` or the reference's scripts, and
+nothing else) and the training data's `classes.json`.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch
 
 from .. import storage
 
-STATE_FILE, META_FILE = "state.pt", "meta.json"
+STATE_FILE, META_FILE, CLASSES = "state.pt", "meta.json", "classes.json"
 
 
 def save_state(directory: str, state: dict[str, Any], meta: dict[str, Any]) -> None:
@@ -75,7 +76,8 @@ def export_files(state: dict[str, Any], meta: dict[str, Any], out_uri: str) -> l
 
 
 def export_run(run_uri: str, out_uri: str) -> list[str]:
-    """Export the latest checkpoint of a training run (`jobs/export_checkpoint.py`)."""
+    """Export the latest checkpoint of a training run (`jobs/export_checkpoint.py`), with the
+    training data's `classes.json` beside `flags.json` when the run recorded it."""
     ckpt = latest_checkpoint(run_uri)
     if ckpt is None:
         raise FileNotFoundError(f"{run_uri} holds no training checkpoint (checkpoint_*/"
@@ -83,4 +85,9 @@ def export_run(run_uri: str, out_uri: str) -> list[str]:
     meta = json.loads(storage.read_bytes(storage.join(ckpt, META_FILE)))
     state = torch.load(io.BytesIO(storage.read_bytes(storage.join(ckpt, STATE_FILE))),
                        map_location="cpu", weights_only=True)
-    return export_files(state, meta, out_uri)
+    written = export_files(state, meta, out_uri)
+    classes = storage.join(run_uri, CLASSES)
+    if storage.exists(classes):
+        written.append(storage.join(out_uri, CLASSES))
+        storage.write_bytes(written[-1], storage.read_bytes(classes))
+    return written

@@ -1,25 +1,32 @@
 """The command line shared by `jobs/train_{diffusion,classifier,upsampler}.py` (contract 9):
 
-    python jobs/train_diffusion.py --config YAML [--data URI] [--num-workers N] [--gpus]
-        [--storage URI] [--max-steps N] [--init-from PT] [--address ADDR] [key=value ...]
+    python jobs/train_diffusion.py --config YAML [--data ROOT] [--val-data URI]
+        [--num-workers N] [--gpus] [--storage URI] [--max-steps N] [--init-from PT]
+        [--address ADDR] [--verbose] [key=value ...]
 
-`key=value` overrides any config key (`optim.lr=3e-4`, `run.name=big`). Everything is checked
+`--data ROOT` is a prepared dataset root: the run trains on its train split and holds out its
+val split when it has one (`--val-data` names other held-out shards). `key=value` overrides any
+config key (`optim.lr=3e-4`, `run.name=big`, `data.val_uri=null`). Everything is checked
 before Ray starts; running the same command again resumes the run.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 
+from .. import storage
 from ..config import ConfigError
-from .config import load_config
+from ..data.manifest import MANIFEST
+from .config import TrainConfig, load_config, validate
 
 
 def parse_args(kind: str, argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=f"train_{kind}.py", description=f"Train the {kind} model "
                                 "on Ray Train (resumes a run found in its storage folder).")
     p.add_argument("--config", required=True, help="YAML config (path or s3:// URI)")
-    p.add_argument("--data", help="training shards: overrides data.uri")
+    p.add_argument("--data", help="a prepared dataset root: trains on its train split, holds "
+                                  "out its val split if any (overrides data.uri, data.val_uri)")
     p.add_argument("--val-data", help="held-out shards: overrides data.val_uri")
     p.add_argument("--num-workers", type=int, help="Ray Train workers (overrides run.num_workers)")
     p.add_argument("--gpus", action="store_true", help="one GPU per worker (run.use_gpu)")
@@ -27,32 +34,50 @@ def parse_args(kind: str, argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-steps", type=int, help="train to this step (optim.max_steps)")
     p.add_argument("--init-from", help="a released-format state dict to fine-tune from")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else local)")
+    p.add_argument("--verbose", action="store_true", help="let Ray's own logs through")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     return p.parse_args(argv)
 
 
+def _held_out(root: str) -> str | None:
+    """`root` when it is a dataset root with a finished val split, else None."""
+    return root if storage.exists(storage.join(root, "val", MANIFEST)) else None
+
+
+def resolve_config(kind: str, args: argparse.Namespace) -> TrainConfig:
+    """The run's config from the file, the overrides and the command line's options."""
+    cfg = load_config(
+        args.config, args.overrides,
+        run__num_workers=args.num_workers, run__use_gpu=True if args.gpus else None,
+        run__storage=args.storage, optim__max_steps=args.max_steps,
+        run__init_from=args.init_from)
+    if cfg.kind != kind:
+        raise ConfigError(f"kind: {args.config} is a {cfg.kind!r} config; this job trains "
+                          f"{kind!r} models")
+    if args.data:
+        cfg = replace(cfg, data=replace(cfg.data, uri=args.data, val_uri=_held_out(args.data)))
+    if args.val_data:
+        cfg = replace(cfg, data=replace(cfg.data, val_uri=args.val_data))
+    return validate(cfg)
+
+
 def main(kind: str, argv: list[str] | None = None) -> int:
     args = parse_args(kind, argv)
+    from ..runtime import configure_output, init_ray
+
+    configure_output(args.verbose)
     try:
-        cfg = load_config(
-            args.config, args.overrides,
-            data__uri=args.data, data__val_uri=args.val_data,
-            run__num_workers=args.num_workers, run__use_gpu=True if args.gpus else None,
-            run__storage=args.storage, optim__max_steps=args.max_steps,
-            run__init_from=args.init_from)
-        if cfg.kind != kind:
-            raise ConfigError(f"kind: {args.config} is a {cfg.kind!r} config; this job trains "
-                              f"{kind!r} models")
+        cfg = resolve_config(kind, args)
+        from .trainer import check_data, fit, resolve_paths, run_uri
+
+        check_data(resolve_paths(cfg))  # before Ray starts: bad data fails in one line
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    from ..data.prepare import init_ray
-    from .trainer import fit, run_uri
-
-    init_ray(args.address)
+    init_ray(args.address, args.verbose)
     try:
-        fit(cfg)
+        fit(cfg, log_level="INFO" if args.verbose else "WARNING")
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

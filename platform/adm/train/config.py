@@ -18,25 +18,34 @@ import torch
 
 from ..compat import openai
 from ..config import ConfigError, apply_overrides, from_dict, load_yaml
+from ..data.config import DataConfig
 
 KINDS = ("diffusion", "classifier", "upsampler")
+# The flags each kind's model and diffusion are built from (the reference's
+# `*_and_diffusion_defaults`, plus adm's extensions); `model.flags` takes these only.
+FLAG_NAMES = {
+    "diffusion": frozenset(openai.MODEL_DEFAULTS) | frozenset(openai.DIFFUSION_DEFAULTS),
+    "upsampler": (frozenset(openai.MODEL_DEFAULTS) - {"image_size"})
+    | frozenset(openai.SUPERRES_DEFAULTS) | frozenset(openai.DIFFUSION_DEFAULTS),
+    "classifier": frozenset(openai.CLASSIFIER_DEFAULTS) | frozenset(openai.DIFFUSION_DEFAULTS),
+}
+# Where a training flag of the reference's scripts lives in this config.
+TRAINING_FLAG_KEYS = {"lr": "optim.lr", "weight_decay": "optim.weight_decay",
+                      "lr_anneal_steps": "optim.lr_anneal_steps", "batch_size": "optim.batch_size",
+                      "microbatch": "optim.microbatch", "ema_rate": "optim.ema_rate",
+                      "schedule_sampler": "optim.schedule_sampler", "noised": "optim.noised",
+                      "iterations": "optim.max_steps", "log_interval": "run.log_interval",
+                      "save_interval": "run.save_interval", "eval_interval": "run.eval_interval",
+                      "resume_checkpoint": "run.init_from", "data_dir": "data.uri",
+                      "val_data_dir": "data.val_uri"}
 PRECISIONS = ("fp32", "bf16", "fp16")
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_SPREAD")
 
 
 @dataclass
 class ModelSection:
     preset: str | None = None  # a released checkpoint's preset (adm.presets) to take flags from
     flags: dict = field(default_factory=dict)  # guided-diffusion flags, over the preset's
-
-
-@dataclass
-class DataSection:
-    uri: str = ""  # training shards (prepare_imagenet.py / prepare_digits.py output)
-    val_uri: str = ""  # held-out shards: the classifier's accuracy
-    random_crop: bool = False  # the reference's random-crop augmentation
-    random_flip: bool = True
-    decode_workers: int | None = None  # most decode tasks at once (None: as CPUs allow)
-    decode_cpus: float = 0.5  # CPUs each decode worker reserves
 
 
 @dataclass
@@ -62,6 +71,7 @@ class RunSection:
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    placement_strategy: str = "PACK"  # of the worker group: PACK | SPREAD | STRICT_SPREAD
     log_interval: int = 10
     save_interval: int = 1000
     keep_checkpoints: int = 2
@@ -69,28 +79,30 @@ class RunSection:
     eval_interval: int = 100  # classifier: held-out accuracy every N steps (0: off)
     eval_batches: int = 4
     seed: int = 0
-    init_from: str = ""  # a released-format state dict to start from (fine-tuning)
-    trace_file: str = ""  # diagnostics: every worker appends "rank pid step" per trained step
+    init_from: str | None = None  # a released-format state dict to start from (fine-tuning)
 
 
 @dataclass
 class TrainConfig:
     kind: str
     model: ModelSection = field(default_factory=ModelSection)
-    data: DataSection = field(default_factory=DataSection)
+    data: DataConfig = field(default_factory=DataConfig)
     optim: OptimSection = field(default_factory=OptimSection)
     run: RunSection = field(default_factory=RunSection)
 
     @property
     def model_flags(self) -> dict:
-        """Every flag of this run's model: the preset's, overridden by `model.flags`, with the
-        reference defaults filled in (what `flags.json` records)."""
+        """The flags that build this run's model and its diffusion, and nothing else (what
+        `flags.json` records): the preset's, overridden by `model.flags`, with the reference
+        defaults filled in."""
+        names = FLAG_NAMES[self.kind]
         base = {}
         if self.model.preset:
             from ..presets import preset
 
-            base = preset(self.model.preset).model_flags
-        return openai.parse_flags({**base, **self.model.flags})
+            base = {k: v for k, v in preset(self.model.preset).model_flags.items() if k in names}
+        return {k: v for k, v in openai.parse_flags({**base, **self.model.flags}).items()
+                if k in names}
 
     @property
     def image_size(self) -> int:
@@ -118,6 +130,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                        ("run.keep_checkpoints", r.keep_checkpoints)):
         if value < 1:
             raise ConfigError(f"{key}: {value} must be at least 1")
+    if r.placement_strategy not in PLACEMENT_STRATEGIES:
+        raise ConfigError(f"run.placement_strategy: {r.placement_strategy!r} is not one of "
+                          f"{PLACEMENT_STRATEGIES}")
     if o.batch_size % r.num_workers:
         raise ConfigError(f"optim.batch_size: {o.batch_size} is not divisible by "
                           f"run.num_workers={r.num_workers}")
@@ -131,15 +146,36 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"optim.ema_rate: {o.ema_rate} must be rates in (0, 1)")
     if not cfg.data.uri:
         raise ConfigError("data.uri: no training shards given (set it or pass --data)")
-    if cfg.kind == "classifier" and r.eval_interval and not cfg.data.val_uri:
-        raise ConfigError("data.val_uri: the classifier reports held-out accuracy; give the "
-                          "held-out shards or set run.eval_interval: 0")
+    _check_flags(cfg)
     try:  # the model must build from its flags (on the meta device: no memory, no time)
         with torch.device("meta"):
             build_model(cfg)
     except (KeyError, ValueError) as e:
         raise ConfigError(f"model: {e}") from None
     return cfg
+
+
+def _check_flags(cfg: TrainConfig) -> None:
+    """`model.flags` holds model and diffusion flags of this kind only, and its fp16 flag
+    agrees with `optim.precision` (one setting decides how the step runs)."""
+    names = FLAG_NAMES[cfg.kind]
+    for key in sorted(set(cfg.model.flags) - names):
+        where = TRAINING_FLAG_KEYS.get(key)
+        hint = f"; set {where} instead" if where else ""
+        raise ConfigError(f"model.flags.{key}: not a model or diffusion flag of a {cfg.kind} "
+                          f"model{hint}")
+    try:
+        flags = cfg.model_flags
+    except ValueError as e:  # openai.FlagError
+        raise ConfigError(f"model.flags: {e}") from None
+    fp16_flag = "classifier_use_fp16" if cfg.kind == "classifier" else "use_fp16"
+    if flags[fp16_flag] and cfg.optim.precision != "fp16":
+        source = f"the preset {cfg.model.preset}" if fp16_flag not in cfg.model.flags and \
+            cfg.model.preset else "model.flags"
+        raise ConfigError(
+            f"model.flags.{fp16_flag}: True (from {source}) runs the model in float16, but "
+            f"optim.precision is {cfg.optim.precision!r}; float16 training needs loss scaling: "
+            f"set optim.precision: fp16, or model.flags.{fp16_flag}: false")
 
 
 BUILDERS = {"diffusion": openai.create_model, "classifier": openai.create_classifier,

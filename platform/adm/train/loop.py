@@ -4,31 +4,45 @@ Only the loss differs between the three (`objectives.py`); optimizer, EMA, mixed
 gradient accumulation, non-finite-step skipping, checkpoints, metrics and the loss-aware
 timestep sampler's gather are written once, here. Ray Train runs `train_loop_per_worker` on
 every worker (DDP over NCCL on GPUs, gloo on CPUs).
+
+Randomness: every draw of step s on worker r (timesteps, noise, dropout) comes from
+(run.seed, r, s), so a run resumed from a checkpoint at step s draws what an uninterrupted run
+draws after s, and two runs with the same seed draw the same.
 """
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 
+import numpy as np
 import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ..compat import openai
 from ..config import from_dict, to_dict
 from .checkpoint import load_state, save_state
 from .config import TrainConfig, build_model, validate
-from .ema import EMA
 from .metrics import MetricAccumulator, TensorBoardLog
 from .objectives import make_objective
 
 
+log = logging.getLogger("adm.train")
+
+
 class NonFiniteError(RuntimeError):
     """Too many non-finite losses or gradients in a row."""
+
+
+class ResumeError(RuntimeError):
+    """A checkpoint that the run's config cannot continue from."""
 
 
 def _autocast(device: torch.device, precision: str):
@@ -37,13 +51,12 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
-def _world() -> tuple[int, int]:
-    ctx = ray.train.get_context()
-    return ctx.get_world_rank(), ctx.get_world_size()
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if _distributed():
         dist.all_reduce(x)
         x /= dist.get_world_size()
     return x
@@ -51,163 +64,260 @@ def _all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
 
 def _all_gather_cat(x: torch.Tensor) -> torch.Tensor:
     """Concatenate an equally-shaped tensor from every worker (rank order)."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if not _distributed():
         return x
     out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
     dist.all_gather(out, x)
     return torch.cat(out)
 
 
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """The seed of every random draw of `step` on worker `rank`."""
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, np.uint64)[0] >> 1)
+
+
+@dataclass
+class Worker:
+    """Everything one worker trains with; `step` counts optimizer steps taken (or skipped)."""
+
+    cfg: TrainConfig
+    rank: int
+    world: int
+    device: torch.device
+    model: torch.nn.Module
+    ddp: torch.nn.Module  # the model wrapped for DDP (the model itself with one worker)
+    emas: dict[float, AveragedModel]
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    objective: object
+    step: int = 0
+
+    def state(self) -> dict:
+        """The training state a checkpoint keeps (tensors and plain values only)."""
+        return {"model": self.model.state_dict(),
+                "ema": [_ema_params(self.emas[rate]) for rate in self.emas],
+                "optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict(),
+                "objective": self.objective.state_dict()}
+
+    def meta(self) -> dict:
+        cfg = self.cfg
+        return {"step": self.step, "kind": cfg.kind, "ema_rates": [str(r) for r in self.emas],
+                "flags": cfg.model_flags, "config": to_dict(cfg)}
+
+
+def _ema_params(ema: AveragedModel) -> dict[str, torch.Tensor]:
+    """An EMA's averaged weights keyed like the model's state dict, on the CPU."""
+    return {k: v.detach().cpu().clone() for k, v in ema.module.state_dict().items()}
+
+
+def build_worker(cfg: TrainConfig) -> Worker:
+    """The model, EMAs, optimizer, scaler and objective of this worker, at step 0."""
+    ctx = ray.train.get_context()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.run.seed)  # the initial weights (DDP then broadcasts rank 0's)
+    model = build_model(cfg).to(device)
+    emas = {float(rate): AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(rate),
+                                       use_buffers=False) for rate in cfg.optim.ema_rate}
+    for ema in emas.values():  # average from the initial weights on, as the reference does
+        ema.n_averaged.fill_(1)  # (AveragedModel would copy the weights at its first update)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr,
+                            weight_decay=cfg.optim.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.optim.precision == "fp16")
+    return Worker(cfg, ctx.get_world_rank(), ctx.get_world_size(), device, model, model, emas,
+                  opt, scaler, make_objective(cfg, device))
+
+
+def restore(w: Worker, checkpoint: ray.train.Checkpoint | None) -> None:
+    """Continue from a Ray checkpoint, or start a fresh run (from `run.init_from` if set).
+    EMAs are matched by rate; a checkpoint with other rates than the config is refused."""
+    if checkpoint is None:
+        if w.cfg.run.init_from:
+            openai.load_checkpoint(w.model, w.cfg.run.init_from)
+            for ema in w.emas.values():
+                ema.module.load_state_dict(w.model.state_dict())
+        return
+    with checkpoint.as_directory() as d:
+        state, meta = load_state(d)
+    saved = [float(r) for r in meta["ema_rates"]]
+    if sorted(saved) != sorted(w.emas):
+        raise ResumeError(f"optim.ema_rate: the run's checkpoint at step {meta['step']} keeps "
+                          f"EMAs at rates {saved}, the config asks for {list(w.emas)}; resume "
+                          "with the same rates or start a new run (run.name)")
+    w.model.load_state_dict(state["model"])
+    for rate, params in zip(saved, state["ema"]):
+        w.emas[rate].module.load_state_dict(params)
+    w.opt.load_state_dict(state["optimizer"])
+    w.scaler.load_state_dict(state["scaler"])
+    w.objective.load_state_dict(state["objective"])
+    w.step = int(meta["step"])
+
+
+def train_step(w: Worker, batch: dict[str, torch.Tensor], acc: MetricAccumulator) -> bool:
+    """One optimizer step on this worker's `batch` (gradients accumulated over microbatches,
+    all-reduced by DDP). Returns whether it was taken: a step whose all-reduced gradient norm
+    is not finite is skipped on every worker alike, and feeds neither the EMA nor the
+    timestep sampler."""
+    o = w.cfg.optim
+    lr = o.lr * max(0.0, 1.0 - w.step / o.lr_anneal_steps) if o.lr_anneal_steps else o.lr
+    for group in w.opt.param_groups:
+        group["lr"] = lr
+    seed = step_seed(w.cfg.run.seed, w.rank, w.step)
+    torch.manual_seed(seed)
+    w.objective.reseed(seed)
+
+    w.opt.zero_grad(set_to_none=True)
+    n = len(batch["image"])
+    micro = o.microbatch if o.microbatch > 0 else n
+    terms_t = []
+    for i in range(0, n, micro):
+        chunk = {k: v[i:i + micro] for k, v in batch.items()}
+        last = i + micro >= n
+        sync = contextlib.nullcontext() if last or w.ddp is w.model else w.ddp.no_sync()
+        with sync:
+            with _autocast(w.device, o.precision):
+                loss, terms, t = w.objective.losses(w.ddp, chunk)
+            w.scaler.scale(loss * (len(t) / n)).backward()
+        terms_t.append((terms, t))
+    w.scaler.unscale_(w.opt)
+    grad_norm = torch.nn.utils.clip_grad_norm_(w.model.parameters(), o.grad_clip or math.inf)
+    # The gradients are all-reduced, so every worker sees the same norm and takes the same
+    # decision here: no extra collective, one host sync per step.
+    finite = bool(torch.isfinite(grad_norm))
+    if finite:
+        w.scaler.step(w.opt)
+        for ema in w.emas.values():
+            ema.update_parameters(w.model)
+        for terms, t in terms_t:
+            acc.add(terms, t)
+        if w.objective.loss_aware:  # every worker's (t, loss), so the samplers stay equal
+            w.objective.update_sampler(_all_gather_cat(torch.cat([t for _, t in terms_t])),
+                                       _all_gather_cat(torch.cat([x["loss"] for x, _ in terms_t])))
+    w.scaler.update()
+    acc.add_step(grad_norm if finite else None, lr)
+    w.step += 1
+    return finite
+
+
+def save_and_report(w: Worker, metrics: dict, save: bool) -> None:
+    """Report the interval's metrics; every worker reports (it is a barrier), and rank 0
+    attaches the checkpoint when `save`."""
+    if not save or w.rank != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as d:
+        save_state(d, w.state(), w.meta())
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def _progress_bar(w: Worker):
+    """Rank 0's progress bar (steps, rate, ETA), drawn on the driver by Ray."""
+    if w.rank != 0:
+        return None
+    from ray.experimental.tqdm_ray import tqdm
+
+    bar = tqdm(total=w.cfg.optim.max_steps, desc=f"[{w.cfg.kind}] train", unit="step")
+    bar.update(w.step)
+    return bar
+
+
+def _use_s3_settings(endpoint_url: str | None = None, region: str | None = None) -> None:
+    """The driver's S3 endpoint and region, where `adm.storage` reads them (the standard AWS
+    variables) in this worker process."""
+    for name, value in (("AWS_ENDPOINT_URL", endpoint_url), ("AWS_REGION", region)):
+        if value:
+            os.environ[name] = value
+
+
+def _train_report_log_level(level: str) -> None:
+    """Ray Train (2.60) logs every report, a dump of all its metrics, at INFO through a logger
+    named after its source file, outside the `ray.train` loggers that its LoggingConfig
+    filters: give that logger the run's level too."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray version: nothing to quiet
+        return
+    logging.getLogger(context.__file__).setLevel(level)
+
+
+LOGGED = ("loss", "mse", "vb", "acc_top1", "val_acc_top1", "grad_norm", "lr", "images_per_s",
+          "data_wait_frac")
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     """Train `loop_config["config"]` (a `TrainConfig` as a dict) from its last checkpoint, if
-    any, to `optim.max_steps`; `loop_config["env"]` holds the driver's AWS settings."""
-    os.environ.update(loop_config.get("env", {}))
+    any, to `optim.max_steps`. `loop_config["s3"]` holds the driver's non-secret S3 settings
+    (endpoint, region); credentials come from the worker's own environment or role."""
+    _use_s3_settings(**loop_config.get("s3", {}))
+    _train_report_log_level(loop_config.get("log_level", "WARNING"))
     cfg = validate(from_dict(TrainConfig, loop_config["config"]))
     o, r = cfg.optim, cfg.run
-    rank, world = _world()
-    device = ray.train.torch.get_device()
-    torch.manual_seed(r.seed * 1000 + rank)  # each worker draws its own t and noise
+    w = build_worker(cfg)
+    restore(w, ray.train.get_checkpoint())
+    w.ddp = ray.train.torch.prepare_model(w.model, move_to_device=False)
+    last_saved = w.step
 
-    model = build_model(cfg).to(device)
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is None and r.init_from:  # a fresh run fine-tunes; a resumed one has its own weights
-        openai.load_checkpoint(model, r.init_from)
-    objective = make_objective(cfg, device)
-    ema = EMA(model, o.ema_rate)
-    opt = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
-    scaler = torch.amp.GradScaler(device.type, enabled=o.precision == "fp16")
-    step = 0
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            state, meta = load_state(d)
-        model.load_state_dict(state["model"])
-        for rate, avg in zip(o.ema_rate, state["ema"]):
-            ema.load_state_dict(rate, avg)
-        opt.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        objective.load_state_dict(state["objective"])
-        step = int(meta["step"])
-    last_saved = step
-
-    ddp = ray.train.torch.prepare_model(model, move_to_device=False)
-    params = [p for p in model.parameters() if p.requires_grad]
     shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if cfg.data.val_uri else None
-    acc = MetricAccumulator(device, objective.num_timesteps)
-    tb = TensorBoardLog(cfg) if rank == 0 else None
-    micro = o.microbatch if o.microbatch > 0 else cfg.per_worker_batch
-    nonfinite_in_row = skipped_total = 0
+    acc = MetricAccumulator(w.device, w.objective.num_timesteps)
+    tb = TensorBoardLog(cfg) if w.rank == 0 else None
+    bar = _progress_bar(w)
+    nonfinite_in_row = skipped = epoch = 0
     wait_s = busy_s = 0.0
     interval_start = time.perf_counter()
-
-    def save_and_report(metrics: dict) -> None:
-        """Every worker reports (it is a barrier); rank 0 attaches the checkpoint."""
-        if rank != 0:
-            ray.train.report(metrics)
-            return
-        state = {
-            "model": model.state_dict(),
-            "ema": [ema.state_dict(rate) for rate in o.ema_rate],
-            "optimizer": opt.state_dict(),
-            "scaler": scaler.state_dict(),
-            "objective": objective.state_dict(),
-        }
-        meta = {"step": step, "kind": cfg.kind, "ema_rates": [str(x) for x in o.ema_rate],
-                "flags": cfg.model_flags, "config": to_dict(cfg)}
-        with tempfile.TemporaryDirectory() as d:
-            save_state(d, state, meta)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-
-    epoch = 0
-    while step < o.max_steps:
-        # Each pass over the shard is one epoch; the pipeline reshuffles (seeded) every epoch.
-        batches = shard.iter_torch_batches(batch_size=cfg.per_worker_batch, drop_last=True,
-                                           device=device)
-        epoch += 1
-        got_any = False
+    while w.step < o.max_steps:
+        epoch += 1  # each pass over the shard is one epoch, reshuffled (seeded) by the pipeline
+        got_batch = False
         t_wait = time.perf_counter()
-        for batch in batches:
-            got_any = True
+        for batch in shard.iter_torch_batches(batch_size=cfg.per_worker_batch, drop_last=True,
+                                              device=w.device):
+            got_batch = True
             t_start = time.perf_counter()
             wait_s += t_start - t_wait
-            lr = o.lr * max(0.0, 1.0 - step / o.lr_anneal_steps) if o.lr_anneal_steps else o.lr
-            for group in opt.param_groups:
-                group["lr"] = lr
-
-            opt.zero_grad(set_to_none=True)
-            n = cfg.per_worker_batch
-            all_t, all_losses = [], []
-            for i in range(0, n, micro):
-                chunk = {k: v[i:i + micro] for k, v in batch.items()}
-                last = i + micro >= n
-                sync = contextlib.nullcontext() if last or ddp is model else ddp.no_sync()
-                with sync:
-                    with _autocast(device, o.precision):
-                        loss, terms, t = objective.losses(ddp, chunk)
-                    scaler.scale(loss * (len(t) / n)).backward()
-                acc.add(terms, t)
-                all_t.append(t)
-                all_losses.append(terms["loss"].detach())
-            scaler.unscale_(opt)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, o.grad_clip or math.inf)
-            # DDP has all-reduced the gradients, so every worker sees the same norm and takes
-            # the same decision here: no extra collective, one host sync per step.
-            finite = bool(torch.isfinite(grad_norm))
-            if finite:
-                scaler.step(opt)
-                ema.update(model)
+            if train_step(w, batch, acc):
                 nonfinite_in_row = 0
             else:
                 nonfinite_in_row += 1
-                skipped_total += 1
-            scaler.update()
-            if objective.loss_aware:  # every worker's (t, loss) pairs, so samplers stay equal
-                objective.update_sampler(_all_gather_cat(torch.cat(all_t)),
-                                         _all_gather_cat(torch.cat(all_losses)))
-            acc.add_step(grad_norm if finite else None, lr)
-            step += 1
-            if r.trace_file:  # one short O_APPEND write per step: atomic between workers
-                with open(r.trace_file, "a") as f:
-                    f.write(f"{rank} {os.getpid()} {step}\n")
+                skipped += 1
             busy_s += time.perf_counter() - t_start
+            if bar is not None:
+                bar.update(1)
             if nonfinite_in_row > o.max_nonfinite_in_row:
                 raise NonFiniteError(
-                    f"step {step}: non-finite loss or gradient in {nonfinite_in_row} steps in a "
-                    f"row (limit optim.max_nonfinite_in_row={o.max_nonfinite_in_row}); the last "
-                    f"good checkpoint is at step {last_saved}")
+                    f"step {w.step}: non-finite loss or gradient in {nonfinite_in_row} steps in "
+                    f"a row (limit optim.max_nonfinite_in_row={o.max_nonfinite_in_row}); the "
+                    f"last good checkpoint is at step {last_saved}")
 
-            last = step == o.max_steps
-            save_now = step % r.save_interval == 0 or last
-            eval_now = val_shard is not None and r.eval_interval > 0 and (
-                step % r.eval_interval == 0 or last)
-            if step % r.log_interval == 0 or save_now or eval_now:
+            done = w.step >= o.max_steps
+            save = w.step % r.save_interval == 0 or done
+            evaluate = val_shard is not None and r.eval_interval > 0 and (
+                w.step % r.eval_interval == 0 or done)
+            if w.step % r.log_interval == 0 or save or evaluate:
                 elapsed = time.perf_counter() - interval_start
                 metrics = acc.summary(_all_reduce_mean)
-                metrics.update(step=step, epoch=epoch, skipped_nonfinite=skipped_total,
-                               images_per_s=acc.images * world / max(elapsed, 1e-9),
+                metrics.update(step=w.step, epoch=epoch, skipped_nonfinite=skipped,
+                               images_per_s=acc.images * w.world / max(elapsed, 1e-9),
                                data_wait_frac=wait_s / max(wait_s + busy_s, 1e-9))
-                if eval_now:
-                    metrics.update(objective.evaluate(model, val_shard, cfg, _all_reduce_mean))
-                if rank == 0:
-                    print(f"[{cfg.kind}] step {step}/{o.max_steps} " + " ".join(
-                        f"{k}={v:.4g}" for k, v in metrics.items()
-                        if k in ("loss", "mse", "vb", "acc_top1", "val_acc_top1", "images_per_s",
-                                 "data_wait_frac", "lr", "grad_norm")), flush=True)
-                    tb.write(metrics, step)
-                if save_now:
-                    save_and_report(metrics)
-                    last_saved = step
-                else:
-                    ray.train.report(metrics)
+                if evaluate:
+                    metrics.update(w.objective.evaluate(w.model, val_shard, cfg,
+                                                        _all_reduce_mean))
+                if w.rank == 0:  # a log record, not a print: Train's print patch shows prints twice
+                    log.info(f"[{cfg.kind}] step {w.step}/{o.max_steps} " + " ".join(
+                        f"{k}={metrics[k]:.4g}" for k in LOGGED if k in metrics))
+                    tb.write(metrics, w.step)
+                save_and_report(w, metrics, save)
+                if save:
+                    last_saved = w.step
                 acc.reset()
                 wait_s = busy_s = 0.0
                 interval_start = time.perf_counter()
-            if step >= o.max_steps:
+            if done:
                 break
             t_wait = time.perf_counter()
-        if not got_any:
+        if not got_batch:
             raise ValueError(f"data.uri {cfg.data.uri}: an epoch gave no full batch of "
                              f"{cfg.per_worker_batch} images per worker; the data set is smaller "
                              "than the global batch")
+    if bar is not None:
+        bar.close()
     if tb is not None:
         tb.close()

@@ -24,7 +24,7 @@ class DiffusionObjective:
         self.diffusion = openai.create_diffusion({**flags, "timestep_respacing": ""})
         self.sampler = create_named_schedule_sampler(cfg.optim.schedule_sampler, self.diffusion)
         self.num_timesteps = self.diffusion.num_timesteps
-        self.class_cond = flags["class_cond"]
+        self.class_cond = flags.get("class_cond", False)  # classifiers have no such flag
         self.superres = cfg.kind == "upsampler"
         self.device = device
 
@@ -39,6 +39,10 @@ class DiffusionObjective:
             kwargs["low_res"] = batch["low_res"]
         terms = self.diffusion.training_losses(model, x, t, model_kwargs=kwargs)
         return (terms["loss"] * weights).mean(), {k: v.detach() for k, v in terms.items()}, t
+
+    def reseed(self, seed: int) -> None:
+        """Draw the next timesteps from a generator seeded with `seed` (see `loop.step_seed`)."""
+        self.sampler.reseed(seed)
 
     @property
     def loss_aware(self) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures
 import os
 from dataclasses import replace
+from typing import Callable, Sequence
 
 import pyarrow.parquet as pq
 import ray
@@ -20,15 +21,11 @@ from ray.train.torch import TorchTrainer
 
 from .. import storage
 from ..config import ConfigError, to_dict
-from ..data.datasets import (DataConfig, image_dataset, split_info, superres_dataset,
-                             train_data_config)
+from ..data.datasets import image_dataset, superres_dataset, train_data_config
+from ..data.manifest import CLASSES, load_split
 from .checkpoint import export_run
 from .config import TrainConfig
 from .loop import train_loop_per_worker
-
-
-AWS_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION",
-           "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
 
 
 def run_uri(cfg: TrainConfig) -> str:
@@ -38,7 +35,7 @@ def run_uri(cfg: TrainConfig) -> str:
 def _min_image_side(uri: str) -> int:
     """The smallest width or height among a split's images, from the shards' Parquet
     statistics (footers only: no image is read)."""
-    info = split_info(uri)
+    info = load_split(uri)
 
     def shard_min(shard_uri: str) -> int:
         with storage.open_input(shard_uri) as f:
@@ -64,7 +61,7 @@ def check_data(cfg: TrainConfig) -> None:
         if not uri:
             continue
         try:
-            info = split_info(uri, "val" if key == "data.val_uri" else "train")
+            info = load_split(uri, "val" if key == "data.val_uri" else "train")
         except (FileNotFoundError, ValueError) as e:
             raise ConfigError(f"{key}: {e}") from None
         flags = cfg.model_flags
@@ -85,66 +82,102 @@ def check_data(cfg: TrainConfig) -> None:
 
 def build_datasets(cfg: TrainConfig) -> dict[str, ray.data.Dataset]:
     d = cfg.data
-    dcfg = DataConfig(decode_workers=d.decode_workers, decode_num_cpus=d.decode_cpus)
     flags = cfg.model_flags
     if cfg.kind == "upsampler":
         datasets = {"train": superres_dataset(d.uri, flags["large_size"], flags["small_size"],
                                               random_flip=d.random_flip, seed=cfg.run.seed,
-                                              config=dcfg)}
+                                              config=d)}
     else:
         datasets = {"train": image_dataset(d.uri, cfg.image_size, random_crop=d.random_crop,
                                            random_flip=d.random_flip, seed=cfg.run.seed,
-                                           config=dcfg)}
+                                           config=d)}
     if d.val_uri:
         datasets["val"] = image_dataset(d.val_uri, cfg.image_size, split="val", random_flip=False,
-                                        seed=cfg.run.seed,
-                                        config=DataConfig(decode_workers=d.decode_workers,
-                                                          decode_num_cpus=d.decode_cpus,
-                                                          shuffle="none"))
+                                        seed=cfg.run.seed, config=replace(d, shuffle="none"))
     return datasets
 
 
-def _absolute(uri: str) -> str:
-    """Local paths made absolute on the driver: workers and Ray Data tasks run elsewhere."""
+def _absolute(uri: str | None) -> str | None:
+    """A local path made absolute on the driver: workers and Ray Data tasks run elsewhere."""
     return uri if not uri or storage.is_s3(uri) else os.path.abspath(os.path.expanduser(uri))
 
 
-def fit(cfg: TrainConfig) -> ray.train.Result:
+def resolve_paths(cfg: TrainConfig) -> TrainConfig:
+    """`cfg` with its local paths absolute."""
+    return replace(cfg, data=replace(cfg.data, uri=_absolute(cfg.data.uri),
+                                     val_uri=_absolute(cfg.data.val_uri)),
+                   run=replace(cfg.run, storage=_absolute(cfg.run.storage),
+                               init_from=_absolute(cfg.run.init_from)))
+
+
+def warn_local_paths_on_a_cluster(cfg: TrainConfig) -> None:
+    """Every node must reach the data and the run folder: on a multi-node cluster a local path
+    works only where it is a shared file system (or all nodes share one machine)."""
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    if nodes < 2:
+        return
+    local = [f"{key}={uri}" for key, uri in (("data.uri", cfg.data.uri),
+                                             ("data.val_uri", cfg.data.val_uri),
+                                             ("run.storage", cfg.run.storage))
+             if uri and not storage.is_s3(uri)]
+    if local:
+        print(f"warning: {', '.join(local)}: local path(s) on a {nodes}-node cluster; every "
+              "node must see the same files there (a shared file system), else use s3://",
+              flush=True)
+
+
+def fit(cfg: TrainConfig, callbacks: Sequence[ray.train.UserCallback] = (),
+        log_level: str = "WARNING") -> ray.train.Result:
     """Train (or resume) the run of `cfg` to `optim.max_steps`, then export its last
-    checkpoint to `<run>/export`."""
-    cfg = replace(cfg, data=replace(cfg.data, uri=_absolute(cfg.data.uri),
-                                    val_uri=_absolute(cfg.data.val_uri)),
-                  run=replace(cfg.run, storage=_absolute(cfg.run.storage),
-                              init_from=_absolute(cfg.run.init_from),
-                              trace_file=_absolute(cfg.run.trace_file)))
+    checkpoint to `<run>/export`. `callbacks` are Ray Train's, run on the Train controller;
+    `log_level` is that of Ray Train's own messages in the terminal (all go to its log files)."""
+    cfg = resolve_paths(cfg)
+    result = make_trainer(cfg, callbacks, log_level=log_level).fit()
+    if result.error is not None:
+        raise result.error
+    run = run_uri(cfg)
+    export_run(run, storage.join(run, "export"))
+    return result
+
+
+def make_trainer(cfg: TrainConfig, callbacks: Sequence[ray.train.UserCallback] = (),
+                 train_loop: Callable[[dict], None] = train_loop_per_worker,
+                 log_level: str = "WARNING") -> TorchTrainer:
+    """The `TorchTrainer` of a run (paths already absolute): its data checked, its config and
+    classes recorded in the run folder. `train_loop` wraps or replaces the per-worker loop."""
     check_data(cfg)
+    warn_local_paths_on_a_cluster(cfg)
+    if cfg.kind == "classifier" and not cfg.data.val_uri:
+        print("[classifier] no held-out data (data.val_uri unset): held-out evaluation is off; "
+              "training accuracy is reported", flush=True)
     run = run_uri(cfg)
     storage.write_bytes(storage.join(run, "config.yaml"),
                         yaml.safe_dump(to_dict(cfg), sort_keys=False).encode())
+    storage.write_bytes(storage.join(run, CLASSES),  # export/ copies it beside flags.json
+                        storage.read_bytes(storage.join(load_split(cfg.data.uri).root, CLASSES)))
     fs, path = storage.resolve_filesystem(cfg.run.storage)
-    # The workers reach S3 with the driver's standard AWS settings (endpoint, region,
-    # credentials), which a Ray job's runtime env does not hand to Train's worker processes. They
-    # travel beside the config, never inside it: checkpoints record the config.
-    aws_env = {k: v for k, v in os.environ.items() if k in AWS_ENV}
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"config": to_dict(cfg), "env": aws_env},
+    # Only the non-secret S3 settings travel to the workers (Ray records train_loop_config in
+    # its run state); credentials come from each node's environment or instance role, or from
+    # the job's runtime env, the standard AWS ways.
+    s3 = storage.default_s3_options()
+    return TorchTrainer(
+        train_loop,
+        train_loop_config={"config": to_dict(cfg), "log_level": log_level,
+                           "s3": {"endpoint_url": s3.endpoint_url, "region": s3.region}},
         scaling_config=ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
-                                     resources_per_worker={"CPU": cfg.run.cpus_per_worker}),
+                                     resources_per_worker={"CPU": cfg.run.cpus_per_worker},
+                                     placement_strategy=cfg.run.placement_strategy),
         run_config=RunConfig(
             name=cfg.run.name,
             storage_path=path,
             storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
+            callbacks=list(callbacks),
+            logging_config=ray.LoggingConfig(log_level=log_level),
         ),
         datasets=build_datasets(cfg),
         # Only the training set is split between workers; every worker evaluates the whole
         # (small) held-out set.
         dataset_config=train_data_config(datasets_to_split=["train"]),
     )
-    result = trainer.fit()
-    if result.error is not None:
-        raise result.error
-    export_run(run, storage.join(run, "export"))
-    return result

@@ -1,0 +1,92 @@
+"""Generate N samples on Ray Data (guided base model, then optionally the upsampler) into the
+ADM evaluator's `samples.npz`:
+
+    python jobs/sample.py --model URI [--model-preset NAME]
+        [--classifier URI [--classifier-preset NAME] --classifier-scale S]
+        [--upsampler URI [--upsampler-preset NAME] [--upsampler-steps N]]
+        [--sampler ddim|ddpm] [--steps N] [--num-samples N] [--batch-size B]
+        [--classes uniform|balanced|3,7,9] [--seed S] [--out URI]
+        [--num-workers N] [--gpus] [--config YAML] [--address ADDR] [key=value ...]
+
+Every setting can also come from `--config YAML` (see jobs/configs/sample/) or a `key=value`
+override (any `adm.generate.SampleConfig` field); the command line wins. Everything is checked
+before Ray starts: a bad setting prints one `error: ...` line and exits 2. Running the same
+command again resumes the run; a finished run is left as it is.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="sample.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = p.add_argument
+    add("--config", help="YAML file of settings (path or s3://)")
+    add("--model", help="base model state dict (path or s3://); flags from flags.json beside it")
+    add("--model-preset", help="flags and README sampling defaults of a released file")
+    add("--classifier", help="noisy-image classifier state dict: classifier guidance")
+    add("--classifier-preset", help="flags of a released classifier")
+    add("--classifier-scale", type=float, help="guidance scale s (README default with a preset)")
+    add("--upsampler", help="upsampler state dict: stage 2")
+    add("--upsampler-preset", help="flags of a released upsampler")
+    add("--upsampler-steps", help="stage 2 steps (int) or respacing ('250', 'ddim25')")
+    add("--sampler", choices=("ddim", "ddpm"), help="stage 1 sampler")
+    add("--steps", help="stage 1 steps (int) or respacing ('250', 'ddim25')")
+    add("--num-samples", type=int, help="N")
+    add("--batch-size", type=int, help="stage 1 rows per model call")
+    add("--classes", help="uniform, balanced, or a list of class ids/names: 3,7,9")
+    add("--seed", type=int, help="the run's seed: sample i depends on (seed, i) alone")
+    add("--out", help="output folder (path or s3://)")
+    add("--num-workers", type=int, help="stage 1 actors")
+    add("--gpus", action="store_true", default=None, help="one GPU per actor")
+    add("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    add("--verbose", action="store_true", help="let Ray's own logs through")
+    add("--no-progress", action="store_true", help="no progress bar")
+    add("overrides", nargs="*", metavar="key=value", help="any other setting")
+    return p.parse_args(argv)
+
+
+def _steps(value: str | None):
+    """'25' -> 25 (an int: ddim25 or 25 by sampler), anything else as written."""
+    return int(value) if value is not None and value.isdigit() else value
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from adm.config import ConfigError
+    from adm.generate import generate, load_sample_config, make_plan
+    from adm.generate.output import is_finished
+    from adm.generate.pipeline import finished_message
+    from adm.runtime import configure_output, init_ray
+
+    configure_output(args.verbose)
+    try:
+        cfg = load_sample_config(
+            args.config, args.overrides, model=args.model, model_preset=args.model_preset,
+            classifier=args.classifier, classifier_preset=args.classifier_preset,
+            classifier_scale=args.classifier_scale, upsampler=args.upsampler,
+            upsampler_preset=args.upsampler_preset, upsampler_steps=_steps(args.upsampler_steps),
+            sampler=args.sampler, steps=_steps(args.steps), num_samples=args.num_samples,
+            batch_size=args.batch_size, classes=args.classes, seed=args.seed, out=args.out,
+            num_workers=args.num_workers, gpus=args.gpus)
+        plan = make_plan(cfg)  # every file read and checked: before Ray starts
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    if is_finished(plan.cfg.out):  # nothing to do: no Ray either
+        print(finished_message(plan))
+        return 0
+    init_ray(args.address, args.verbose)
+    try:
+        generate(plan, progress=not args.no_progress)
+    except ConfigError as e:  # what only the running cluster can tell (its CPUs)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

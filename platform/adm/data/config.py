@@ -1,0 +1,61 @@
+"""The one data config: which shards a run reads and how the Ray Data pipeline runs.
+
+The training config's ``data:`` section is this class, and ``image_dataset`` /
+``superres_dataset`` take it as their ``config``. No Ray import here: configs are checked on
+the driver before Ray starts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from adm.config import ConfigError
+
+ShuffleMode = Literal["shards", "global", "none"]
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """What to read, and where and how the pipeline runs.
+
+    ``uri``: training shards (a dataset root or a split folder). ``val_uri``: held-out shards
+    (``None``: no held-out evaluation). ``random_crop`` / ``random_flip``: the reference's
+    augmentations.
+
+    ``decode_workers``: most decode tasks at once (``None``: as many as free CPUs allow).
+    ``decode_num_cpus``: CPU share each decode task reserves; keep the sum of these and the
+    Train workers' CPUs within the node (see the 2-core hang in the Ray notes).
+    ``decode_resources``: extra custom resources each decode task needs, to pin decoding to the
+    nodes that offer them (CPU nodes), e.g. ``{"adm_decode": 1}``.
+    ``decode_batch_size``: images decoded per batch (a decode task takes one shard and streams
+    it out in batches; the number of shards bounds the parallelism). ``read_num_cpus``: CPU
+    share of the tasks that read shard files (mostly I/O). ``shuffle``: see
+    ``adm.data.datasets``. ``deterministic``: same order for the same seed (``preserve_order``);
+    turn off to let fast tasks overtake slow ones for a little more throughput."""
+
+    uri: str = ""
+    val_uri: str | None = None
+    random_crop: bool = False
+    random_flip: bool = True
+    decode_workers: int | None = None
+    decode_num_cpus: float = 1.0
+    decode_resources: dict[str, float] = field(default_factory=dict)
+    decode_batch_size: int = 64
+    read_num_cpus: float = 0.25
+    shuffle: ShuffleMode = "shards"
+    deterministic: bool = True
+
+    def __post_init__(self) -> None:
+        if self.shuffle not in ("shards", "global", "none"):
+            raise ConfigError(f"data.shuffle: must be 'shards', 'global' or 'none', got "
+                              f"{self.shuffle!r}")
+        if self.decode_workers is not None and self.decode_workers < 1:
+            raise ConfigError(f"data.decode_workers: must be >= 1 or None, got "
+                              f"{self.decode_workers}")
+        if self.decode_num_cpus <= 0:
+            raise ConfigError(f"data.decode_num_cpus: must be > 0, got {self.decode_num_cpus}")
+        if self.read_num_cpus <= 0:
+            raise ConfigError(f"data.read_num_cpus: must be > 0, got {self.read_num_cpus}")
+        if self.decode_batch_size < 1:
+            raise ConfigError(f"data.decode_batch_size: must be >= 1, got "
+                              f"{self.decode_batch_size}")

@@ -1,0 +1,108 @@
+"""The settings of a sampling run (`jobs/sample.py`), from YAML, `key=value` overrides and the
+command line (which wins), checked strictly by `adm.config.from_dict`.
+
+Settings fall in two groups. `DECISIVE` ones decide the samples: a rerun into the same `out`
+must repeat them exactly (the run refuses otherwise, naming the first that differs). The rest
+only decide how fast they come: batch sizes, workers, CPUs or GPUs — by design, since each
+sample's randomness comes from (seed, index) alone (`adm.diffusion.sampling.index_seeds`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Any, Sequence
+
+from ..config import ConfigError, apply_overrides, from_dict, load_yaml
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """One sampling run. `None` means "the preset's (README) default, else the model's own"."""
+
+    model: str = ""  # state-dict URI of the base model (required)
+    model_preset: str | None = None  # flags (and sampling defaults) of a released file
+    classifier: str | None = None  # state-dict URI of a noisy-image classifier: guidance
+    classifier_preset: str | None = None
+    classifier_scale: float | None = None  # the paper's s; needs a classifier
+    upsampler: str | None = None  # state-dict URI of an upsampler: stage 2
+    upsampler_preset: str | None = None
+    upsampler_steps: int | str | None = None  # stage 2 respacing (int: 'ddimN' or 'N')
+    upsampler_sampler: str | None = None  # "ddim" or "ddpm"
+    sampler: str | None = None  # stage 1: "ddim" or "ddpm"
+    steps: int | str | None = None  # stage 1 respacing: 25 (-> ddim25 / 25), "250", "ddim25"
+    eta: float = 0.0  # DDIM's eta, for the stages that sample with DDIM
+    num_samples: int = 10000
+    classes: str = "uniform"  # "uniform", "balanced" or a list "3,7,9" (ids or class names)
+    seed: int = 0
+    precision: str = "fp32"  # "fp32", "bf16" or "fp16" (autocast of the networks)
+    clip_denoised: bool = True
+    shard_size: int = 1000  # samples per shard file (the unit of resumption)
+    out: str = "samples"  # output folder, local or s3://
+    batch_size: int = 16  # stage 1 rows per model call
+    upsampler_batch_size: int | None = None  # stage 2 rows per model call (default batch_size)
+    num_workers: int = 1  # stage 1 actors
+    upsampler_workers: int | None = None  # stage 2 actors (default num_workers)
+    gpus: bool = False  # one GPU per actor
+    cpus_per_worker: float = 1.0  # logical CPUs each actor reserves
+
+
+DECISIVE = ("model", "model_preset", "classifier", "classifier_preset", "classifier_scale",
+            "upsampler", "upsampler_preset", "upsampler_steps", "upsampler_sampler", "sampler",
+            "steps", "eta", "num_samples", "classes", "seed", "precision", "clip_denoised",
+            "shard_size")
+PRECISIONS = ("fp32", "bf16", "fp16")
+SAMPLERS = ("ddim", "ddpm")
+
+
+def load_sample_config(config: str | None, overrides: Sequence[str] = (), **cli: Any
+                       ) -> SampleConfig:
+    """The run's settings: the YAML file (if any), then `key=value` overrides, then the
+    command line's options that were given (`cli`, None = not given)."""
+    data = load_yaml(config) if config else {}
+    data = apply_overrides(data, overrides)
+    data.update({k: v for k, v in cli.items() if v is not None})
+    return from_dict(SampleConfig, data)
+
+
+def check_numbers(cfg: SampleConfig) -> None:
+    """The checks that need no file: a ConfigError naming the setting."""
+    if not cfg.model:
+        raise ConfigError("model: a base model URI is required (--model)")
+    if cfg.num_samples <= 0:
+        raise ConfigError(f"num_samples: must be positive, got {cfg.num_samples}")
+    for name in ("shard_size", "batch_size", "num_workers", "upsampler_batch_size",
+                 "upsampler_workers"):
+        value = getattr(cfg, name)
+        if value is not None and value <= 0:
+            raise ConfigError(f"{name}: must be positive, got {value}")
+    if cfg.cpus_per_worker <= 0:
+        raise ConfigError(f"cpus_per_worker: must be positive, got {cfg.cpus_per_worker}")
+    if cfg.precision not in PRECISIONS:
+        raise ConfigError(f"precision: {cfg.precision!r} is not one of {', '.join(PRECISIONS)}")
+    for name in ("sampler", "upsampler_sampler"):
+        if getattr(cfg, name) not in (None, *SAMPLERS):
+            raise ConfigError(f"{name}: {getattr(cfg, name)!r} is not one of "
+                              f"{', '.join(SAMPLERS)}")
+    if cfg.eta < 0:
+        raise ConfigError(f"eta: must be >= 0, got {cfg.eta}")
+    if cfg.classifier_scale is not None and not cfg.classifier and not cfg.classifier_preset:
+        raise ConfigError("classifier_scale: given without a classifier (--classifier URI)")
+    if cfg.classifier_preset and not cfg.classifier:
+        raise ConfigError("classifier_preset: given without a classifier file (--classifier)")
+    if cfg.upsampler_preset and not cfg.upsampler:
+        raise ConfigError("upsampler_preset: given without an upsampler file (--upsampler)")
+    for name in ("upsampler_steps", "upsampler_sampler", "upsampler_batch_size",
+                 "upsampler_workers"):
+        if getattr(cfg, name) is not None and not cfg.upsampler:
+            raise ConfigError(f"{name}: given without an upsampler (--upsampler URI)")
+
+
+def decisive(cfg: SampleConfig) -> dict:
+    """The settings that decide the samples, as a JSON-ready dict."""
+    return {name: getattr(cfg, name) for name in DECISIVE}
+
+
+def with_defaults(cfg: SampleConfig, **values: Any) -> SampleConfig:
+    """`cfg` with the settings in `values` filled where `cfg` leaves them None."""
+    known = {f.name for f in fields(cfg)}
+    return replace(cfg, **{k: v for k, v in values.items()
+                           if k in known and getattr(cfg, k) is None and v is not None})

@@ -1,0 +1,217 @@
+"""The Ray Data job: sample indices 0..N-1 in, shards of images out.
+
+    range(N) -> drop finished shards -> labels from (seed, i)      (tasks, fused with the read)
+      -> stage 1: base model (+ classifier)   ActorPoolStrategy pool, own batch size / actors
+      -> stage 2: upsampler (optional)        its own pool; batches stream in as stage 1 emits
+      -> driver: rows grouped by shard; each complete shard written atomically, at once
+
+Actors are stateful: each loads its networks once. Every model call runs on exactly the
+stage's batch size (a short batch is padded with copies of its last row, dropped after), so a
+sample's arithmetic does not depend on how Ray Data happened to cut the stream either.
+"""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .. import storage
+from ..config import ConfigError
+from ..compat import openai
+from ..diffusion import sample
+from ..diffusion.sampling import index_seeds
+from . import models, output
+from .labels import labels_for
+from .plan import Plan, StagePlan
+
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """[N, C, H, W] in [-1, 1] -> [N, H, W, C] uint8, as the reference's sample scripts do."""
+    return ((x + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def from_uint8(images: np.ndarray, device) -> torch.Tensor:
+    """[N, H, W, C] uint8 -> [N, C, H, W] float32 in [-1, 1] (the reference's base samples)."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).to(device)
+    return x.permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+class StageSampler:
+    """A Ray Data actor for one stage: `__call__` maps a batch {"id", "label"[, "image"]} to
+    the stage's images. With an input "image" (stage 2) the upsampler is conditioned on it,
+    and it is passed on as "base"."""
+
+    def __init__(self, stage: StagePlan, seed: int, precision: str, clip_denoised: bool,
+                 eta: float, gpus: bool):
+        self.stage, self.seed, self.clip = stage, seed, clip_denoised
+        self.eta = eta if stage.sampler == "ddim" else 0.0  # eta is DDIM's: a DDPM stage has none
+        self.device = torch.device("cuda" if gpus and torch.cuda.is_available() else "cpu")
+        self.autocast = AUTOCAST[precision]
+        self.net = models.load(stage.net, self.device)
+        self.classifier = (models.load(stage.classifier, self.device)
+                           if stage.classifier else None)
+        self.diffusion = openai.create_diffusion({**stage.net.flags, "timestep_respacing": ""})
+        self.size = models.image_size(stage.net)
+
+    def _run(self, ids: np.ndarray, labels: np.ndarray, low_res: torch.Tensor | None
+             ) -> torch.Tensor:
+        """Samples for one model call of exactly batch_size rows (padded), [n, C, H, W]."""
+        n, b = len(ids), self.stage.batch_size
+        pad = np.r_[np.arange(n), np.full(b - n, n - 1)]  # short batch: repeat the last row
+        kwargs = {"low_res": low_res[pad]} if low_res is not None else None
+        x = sample(self.net, self.diffusion, (b, 3, self.size, self.size),
+                   sampler=self.stage.sampler, steps=self.stage.steps or None,
+                   classifier=self.classifier, classifier_scale=self.stage.classifier_scale,
+                   y=torch.from_numpy(labels[pad]).to(self.device), model_kwargs=kwargs,
+                   seeds=index_seeds(self.seed, ids[pad], self.stage.stream), eta=self.eta,
+                   clip_denoised=self.clip, autocast_dtype=self.autocast, device=self.device)
+        return x[:n]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ids = np.asarray(batch["id"], dtype=np.int64)
+        labels = np.asarray(batch["label"], dtype=np.int64)
+        base = batch.get("image")
+        if base is not None and base.dtype == object:  # rows of arrays, not a tensor column
+            base = np.stack(base) if len(base) else np.zeros((0, 1, 1, 3), np.uint8)
+        low = from_uint8(base, self.device) if base is not None else None
+        b = self.stage.batch_size
+        empty = [np.zeros((0, self.size, self.size, 3), np.uint8)]  # (an all-finished block)
+        out = empty + [to_uint8(self._run(ids[s:s + b], labels[s:s + b],
+                                  low[s:s + b] if low is not None else None))
+               for s in range(0, len(ids), b)]
+        result = {"id": ids, "label": labels, "image": np.concatenate(out)}
+        if base is not None:
+            result["base"] = base
+        return result
+
+
+def _todo(batch: dict[str, np.ndarray], shard_size: int, skip: np.ndarray, seed: int,
+          classes, num_classes: int) -> dict[str, np.ndarray]:
+    """Rows of unfinished shards, with their labels."""
+    ids = np.asarray(batch["id"], dtype=np.int64)
+    ids = ids[~np.isin(ids // shard_size, skip)]
+    return {"id": ids, "label": labels_for(ids, seed, classes, num_classes)}
+
+
+def _map_stage(ds, stage: StagePlan, plan: Plan):
+    cfg = plan.cfg
+    import ray
+
+    return ds.map_batches(
+        StageSampler, batch_size=stage.batch_size, batch_format="numpy",
+        fn_constructor_kwargs=dict(stage=stage, seed=cfg.seed, precision=cfg.precision,
+                                   clip_denoised=cfg.clip_denoised, eta=cfg.eta, gpus=cfg.gpus),
+        compute=ray.data.ActorPoolStrategy(size=stage.workers),
+        num_cpus=cfg.cpus_per_worker, num_gpus=1 if cfg.gpus else None)
+
+
+def build_dataset(plan: Plan, skip: set[int]):
+    """The streaming dataset of every unfinished shard's samples (Ray must be running)."""
+    import ray
+
+    cfg = plan.cfg
+    ds = ray.data.range(cfg.num_samples).map_batches(
+        _todo, batch_format="numpy", fn_kwargs=dict(
+            shard_size=cfg.shard_size, skip=np.array(sorted(skip), dtype=np.int64),
+            seed=cfg.seed, classes=plan.classes if isinstance(plan.classes, str)
+            else list(plan.classes), num_classes=plan.num_classes))
+    ds = _map_stage(ds, plan.base, plan)
+    if plan.upsampler is not None:
+        ds = _map_stage(ds, plan.upsampler, plan)
+    return ds
+
+
+class ShardWriter:
+    """Collects streamed rows by shard and writes each shard the moment it is complete."""
+
+    def __init__(self, plan: Plan, skip: set[int]):
+        self.out, self.size = plan.cfg.out, plan.cfg.shard_size
+        ranges = output.shard_ranges(plan.cfg.num_samples, self.size)
+        self.expected = {k: len(r) for k, r in enumerate(ranges) if k not in skip}
+        self.pending: dict[int, list[dict[str, np.ndarray]]] = {}
+
+    def add(self, batch: dict[str, np.ndarray]) -> None:
+        shard_of = np.asarray(batch["id"]) // self.size
+        for k in map(int, np.unique(shard_of)):
+            if k not in self.expected:  # a repeat of rows already written (a retried task)
+                continue
+            rows = {name: np.asarray(col)[shard_of == k] for name, col in batch.items()}
+            self.pending.setdefault(k, []).append(rows)
+            ids = np.concatenate([r["id"] for r in self.pending[k]])
+            if len(np.unique(ids)) == self.expected[k]:
+                self._write(k)
+
+    def _write(self, k: int) -> None:
+        parts = self.pending.pop(k)
+        cols = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+        _, first = np.unique(cols["id"], return_index=True)  # sorted ids, each once
+        rows = {"index": cols["id"][first], "label": cols["label"][first],
+                "image": cols["image"][first]}
+        if "base" in cols:
+            rows["base"] = cols["base"][first]
+        output.write_shard(self.out, k, rows)
+        del self.expected[k]
+
+    @property
+    def missing(self) -> list[int]:
+        return sorted(self.expected)
+
+
+def check_cluster_cpus(plan: Plan) -> None:
+    """Refuse CPU actors that would take every CPU of the cluster: Ray Data's read tasks need
+    one too, and without it the pipeline waits forever (the Ray notes' 2-core hang)."""
+    import ray
+
+    cfg = plan.cfg
+    if cfg.gpus:
+        return
+    actors = plan.base.workers + (plan.upsampler.workers if plan.upsampler else 0)
+    total = float(ray.cluster_resources().get("CPU", 0))
+    if actors * cfg.cpus_per_worker > total - 1:
+        raise ConfigError(
+            f"cpus_per_worker: {actors} actors x {cfg.cpus_per_worker} CPUs leave less than "
+            f"one of this cluster's {total:g} CPUs for Ray Data's own tasks, and the pipeline "
+            f"would wait forever; lower cpus_per_worker (e.g. "
+            f"{max(total - 1, 0.1) / actors:.2g}) or the worker counts")
+
+
+def finished_message(plan: Plan) -> str:
+    """What a rerun of a finished run says."""
+    return (f"already finished: {storage.join(plan.cfg.out, output.SAMPLES)} holds the "
+            f"{plan.cfg.num_samples} samples of these settings; nothing to do")
+
+
+def generate(plan: Plan, progress: bool = True, log=print) -> str:
+    """Run the plan (Ray must be running): resume from finished shards, write the rest, merge.
+    Returns the URI of samples.npz. A finished run is left as it is."""
+    cfg = plan.cfg
+    samples_uri = storage.join(cfg.out, output.SAMPLES)
+    if output.is_finished(cfg.out):
+        log(finished_message(plan))
+        return samples_uri
+    check_cluster_cpus(plan)
+    storage.makedirs(cfg.out)
+    if not output.check_settings(cfg.out, plan.decisive()):
+        output.write_settings(cfg.out, plan.decisive(), plan.execution())
+    skip = output.finished_shards(cfg.out)
+    done = sum(len(r) for k, r in enumerate(output.shard_ranges(cfg.num_samples,
+                                                                cfg.shard_size)) if k in skip)
+    if skip:
+        log(f"resuming: {len(skip)} finished shard(s), {done} of {cfg.num_samples} samples")
+    writer = ShardWriter(plan, skip)
+    if writer.missing:
+        with tqdm(total=cfg.num_samples, initial=done, unit="sample", disable=not progress,
+                  file=sys.stderr, dynamic_ncols=True) as bar:
+            for batch in build_dataset(plan, skip).iter_batches(batch_size=None,
+                                                                batch_format="numpy"):
+                writer.add(batch)
+                bar.update(len(batch["id"]))
+        if writer.missing:
+            raise RuntimeError(f"the pipeline ended with shards {writer.missing} incomplete")
+    output.merge(cfg.out, cfg.num_samples, cfg.shard_size, plan.chained)
+    log(f"wrote {samples_uri}: {cfg.num_samples} samples")
+    return samples_uri

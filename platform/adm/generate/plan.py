@@ -1,0 +1,144 @@
+"""From settings to a checked plan: every network resolved and fitted to its file, the README
+defaults of presets filled in, and every bad setting refused (naming it) before any work.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from .. import storage
+from ..compat import openai
+from ..config import ConfigError
+from ..diffusion import respace
+from . import models, output
+from .config import SampleConfig, check_numbers, decisive
+from .labels import parse_classes
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """One stage: `net` sampled with `sampler` over the respacing `steps` ("" = the whole
+    chain), guided by `classifier` at `classifier_scale` when given; `batch_size` rows per
+    model call, `workers` actors; noise from the sample's `stream` (see index_seeds)."""
+
+    net: models.ModelSpec
+    sampler: str
+    steps: str
+    stream: str
+    batch_size: int
+    workers: int
+    classifier: models.ModelSpec | None = None
+    classifier_scale: float = 0.0
+
+    def settings(self) -> dict:
+        return {"net": self.net.settings(), "sampler": self.sampler, "steps": self.steps,
+                "stream": self.stream,
+                "classifier": self.classifier.settings() if self.classifier else None,
+                "classifier_scale": self.classifier_scale}
+
+
+@dataclass(frozen=True)
+class Plan:
+    cfg: SampleConfig
+    base: StagePlan
+    upsampler: StagePlan | None
+    classes: str | tuple
+    num_classes: int
+
+    @property
+    def chained(self) -> bool:
+        return self.upsampler is not None
+
+    def decisive(self) -> dict:
+        """What decides the samples (settings.json's "decisive")."""
+        return {"settings": decisive(self.cfg), "base": self.base.settings(),
+                "upsampler": self.upsampler.settings() if self.upsampler else None,
+                "classes": list(self.classes) if not isinstance(self.classes, str)
+                else self.classes, "num_classes": self.num_classes}
+
+    def execution(self) -> dict:
+        """How this run was executed (recorded, not compared)."""
+        return {k: v for k, v in asdict(self.cfg).items() if k not in decisive(self.cfg)}
+
+
+def respacing(steps: int | str | None, sampler: str, default: str) -> str:
+    """The respacing spec of `steps`: an int N is "ddimN" for DDIM, "N" for DDPM."""
+    if steps is None:
+        return default
+    if isinstance(steps, str):
+        return steps
+    return f"ddim{steps}" if sampler == "ddim" else str(int(steps))
+
+
+def _check_steps(name: str, net: models.ModelSpec, spec: str) -> None:
+    if not spec:
+        return
+    try:
+        respace(openai.create_diffusion({**net.flags, "timestep_respacing": ""}), spec)
+    except (ValueError, openai.FlagError) as e:
+        raise ConfigError(f"{name}: {e}") from None
+
+
+def _stage_defaults(net: models.ModelSpec, sampler: str | None):
+    """The README's sampler and respacing for a preset, else DDPM over the flags' respacing."""
+    from ..presets import preset
+
+    sampling = preset(net.preset).sampling if net.preset else None
+    if sampler is None:
+        sampler = "ddim" if sampling is not None and sampling.use_ddim else "ddpm"
+    default_steps = (sampling.timestep_respacing if sampling is not None
+                     else str(net.flags.get("timestep_respacing", "") or ""))
+    return sampler, default_steps, sampling
+
+
+def make_plan(cfg: SampleConfig) -> Plan:
+    """Check every setting and resolve the run; a ConfigError names the first bad one."""
+    check_numbers(cfg)
+    base = models.resolve("model", cfg.model, cfg.model_preset, "diffusion")
+    sampler, default_steps, sampling = _stage_defaults(base, cfg.sampler)
+    steps = respacing(cfg.steps, sampler, default_steps)
+    _check_steps("steps", base, steps)
+
+    classifier, scale = None, 0.0
+    if cfg.classifier:
+        classifier = models.resolve("classifier", cfg.classifier, cfg.classifier_preset,
+                                    "classifier")
+        if models.image_size(classifier) != models.image_size(base):
+            raise ConfigError(f"classifier: it reads {models.image_size(classifier)}px images; "
+                              f"the model makes {models.image_size(base)}px")
+        readme_scale = sampling.classifier_scale if sampling and sampling.classifier else None
+        scale = cfg.classifier_scale if cfg.classifier_scale is not None else (
+            readme_scale if readme_scale is not None else 1.0)
+
+    guide = classifier if classifier is not None else base
+    num_classes = models.num_classes(guide)
+    if models.is_class_cond(base) and classifier is not None and \
+            models.num_classes(classifier) != models.num_classes(base):
+        raise ConfigError(f"classifier: it has {models.num_classes(classifier)} classes; the "
+                          f"model has {models.num_classes(base)}")
+    classes = parse_classes(cfg.classes, num_classes, base.classes or
+                            (classifier.classes if classifier else None))
+
+    stage1 = StagePlan(base, sampler, steps, "base", cfg.batch_size, cfg.num_workers,
+                       classifier, scale)
+    stage2 = None
+    if cfg.upsampler:
+        up = models.resolve("upsampler", cfg.upsampler, cfg.upsampler_preset, "upsampler")
+        if models.small_size(up) != models.image_size(base):
+            raise ConfigError(f"upsampler: its small_size is {models.small_size(up)}; the base "
+                              f"model makes {models.image_size(base)}px images")
+        up_sampler, up_default, _ = _stage_defaults(up, cfg.upsampler_sampler)
+        up_steps = respacing(cfg.upsampler_steps, up_sampler, up_default)
+        _check_steps("upsampler_steps", up, up_steps)
+        stage2 = StagePlan(up, up_sampler, up_steps, "upsampler",
+                           cfg.upsampler_batch_size or cfg.batch_size,
+                           cfg.upsampler_workers or cfg.num_workers)
+
+    if cfg.eta and sampler != "ddim" and (stage2 is None or stage2.sampler != "ddim"):
+        raise ConfigError(f"eta: {cfg.eta} is a DDIM parameter; no stage samples with DDIM")
+    why = storage.why_not_writable(cfg.out)
+    if why:
+        raise ConfigError(f"out: {why}")
+    plan = Plan(cfg, stage1, stage2, tuple(classes) if isinstance(classes, list) else classes,
+                num_classes)
+    output.check_settings(cfg.out, plan.decisive())
+    return plan

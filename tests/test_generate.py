@@ -1,0 +1,327 @@
+"""Large-scale sampling (`adm.generate`, `jobs/sample.py`) on tiny random-weight models with a
+real Ray: exactly N samples in index order, the same bytes whatever the batch sizes and actor
+counts, the chained upsampler stage, resume and refusals, S3 output, and every bad setting
+refused before any work (exit 2, one `error:` line, nothing written)."""
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from adm import storage
+from adm.compat import openai
+from adm.config import ConfigError
+from adm.diffusion import sample
+from adm.diffusion.sampling import index_seeds
+from adm.generate import generate, labels_for, load_sample_config, make_plan
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = {"image_size": 8, "num_channels": 32, "num_res_blocks": 1, "channel_mult": "1,2",
+        "attention_resolutions": "4", "num_head_channels": 32, "class_cond": True,
+        "num_classes": 10, "learn_sigma": True, "resblock_updown": True,
+        "diffusion_steps": 100, "noise_schedule": "cosine"}
+CLASSIFIER = {"image_size": 8, "classifier_width": 32, "classifier_depth": 1,
+              "classifier_attention_resolutions": "4", "classifier_channel_mult": "1,2",
+              "classifier_num_head_channels": 32, "num_classes": 10}
+UPSAMPLER = {**{k: v for k, v in BASE.items() if k != "image_size"}, "large_size": 16,
+             "small_size": 8}
+CLASSES = [f"class{i}" for i in range(10)]
+
+
+def _load_job():
+    spec = importlib.util.spec_from_file_location("sample_job", ROOT / "jobs" / "sample.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+job = _load_job()
+
+
+def _save(folder: Path, net: torch.nn.Module, flags: dict, seed: int) -> str:
+    """Random N(0, 0.1²) weights for every parameter (ADM zero-initialises its output layers),
+    saved as training exports them: a state dict with flags.json beside it."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    folder.mkdir(parents=True)
+    torch.save(net.state_dict(), folder / "model.pt")
+    (folder / "flags.json").write_text(json.dumps(flags))
+    return str(folder / "model.pt")
+
+
+@pytest.fixture(scope="module")
+def nets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("nets")
+    base = _save(root / "base", openai.create_model(BASE), BASE, 1)
+    (root / "base" / "classes.json").write_text(json.dumps(CLASSES))
+    return {"base": base,
+            "classifier": _save(root / "clf", openai.create_classifier(CLASSIFIER), CLASSIFIER, 2),
+            "upsampler": _save(root / "up", openai.create_superres_model(UPSAMPLER), UPSAMPLER, 3),
+            "root": root}
+
+
+def settings(nets, out, **kw):
+    base = dict(model=nets["base"], num_samples=15, shard_size=5, steps=4, seed=3, out=str(out),
+                cpus_per_worker=0.5)
+    return load_sample_config(None, [], **{**base, **kw})
+
+
+def run(nets, out, logs=None, **kw) -> bytes:
+    generate(make_plan(settings(nets, out, **kw)), progress=False,
+             log=(logs.append if logs is not None else lambda m: None))
+    return storage.read_bytes(os.path.join(out, "samples.npz"))
+
+
+def test_labels_come_from_seed_and_index():
+    a = labels_for(np.arange(20), 7, "uniform", 10)
+    assert np.array_equal(a[5:9], labels_for(np.array([5, 6, 7, 8]), 7, "uniform", 10))
+    assert len(set(a.tolist())) > 3 and not np.array_equal(a, labels_for(np.arange(20), 8,
+                                                                         "uniform", 10))
+    assert np.array_equal(labels_for(np.arange(4), 0, "balanced", 3), [0, 1, 2, 0])
+    assert set(labels_for(np.arange(50), 1, [3, 7], 10).tolist()) == {3, 7}
+
+
+@pytest.mark.parametrize("sampler,eta,guided", [("ddpm", 0.0, True), ("ddim", 0.5, False)])
+def test_same_bytes_for_any_batch_size_and_actor_count(ray_session, nets, tmp_path, sampler,
+                                                       eta, guided):
+    """Exactly N samples, each index once and in order, in the evaluator's format; batch 3 on
+    1 actor and batch 5 on 2 actors give the same file byte for byte."""
+    kw = dict(sampler=sampler, eta=eta, classifier=nets["classifier"] if guided else None,
+              classifier_scale=4.0 if guided else None)
+    a = run(nets, tmp_path / "a", batch_size=3, num_workers=1, **kw)
+    b = run(nets, tmp_path / "b", batch_size=5, num_workers=2, **kw)
+    assert a == b
+    with np.load(io.BytesIO(a)) as z:  # as the ADM evaluator opens it
+        assert sorted(z.files) == ["arr_0", "arr_1"]
+        images, labels = z["arr_0"], z["arr_1"]
+    assert images.dtype == np.uint8 and images.shape == (15, 8, 8, 3)
+    assert labels.dtype == np.int64
+    assert np.array_equal(labels, labels_for(np.arange(15), 3, "uniform", 10))
+    assert len({im.tobytes() for im in images}) == 15  # no index twice
+    assert (tmp_path / "a" / "grid.png").read_bytes().startswith(b"\x89PNG")
+    shards = sorted(os.listdir(tmp_path / "a" / "shards"))
+    assert shards == ["shard-000000.npz", "shard-000001.npz", "shard-000002.npz"]
+
+
+def test_chained_run_upsamples_each_base_sample(ray_session, nets, tmp_path):
+    """Stage 2 makes sample i from sample i's base image and label, with its own noise."""
+    out = tmp_path / "chain"
+    run(nets, out, num_samples=6, shard_size=4, batch_size=2, upsampler=nets["upsampler"],
+        upsampler_steps=3, upsampler_batch_size=3, upsampler_workers=2, sampler="ddim")
+    with np.load(out / "samples.npz") as z:
+        images, labels = z["arr_0"], z["arr_1"]
+    with np.load(out / "base_samples.npz") as z:
+        base, base_labels = z["arr_0"], z["arr_1"]
+    assert images.shape == (6, 16, 16, 3) and base.shape == (6, 8, 8, 3)
+    assert np.array_equal(labels, base_labels)
+    # Sample i, written out: the upsampler on base image i (batches of 3, as its stage runs).
+    up = openai.load_checkpoint(openai.create_superres_model(UPSAMPLER), nets["upsampler"]).eval()
+    diffusion = openai.create_diffusion(UPSAMPLER)
+    for rows in (slice(0, 3), slice(3, 6)):
+        low = torch.from_numpy(base[rows]).permute(0, 3, 1, 2).float() / 127.5 - 1
+        x = sample(up, diffusion, (3, 3, 16, 16), sampler="ddpm", steps="3",
+                   y=torch.from_numpy(labels[rows]), model_kwargs={"low_res": low},
+                   seeds=index_seeds(3, range(6)[rows], "upsampler"))
+        want = ((x + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        assert np.array_equal(images[rows], want)
+
+
+def test_resume_finished_and_refused_reruns(ray_session, nets, tmp_path):
+    out = tmp_path / "run"
+    first = run(nets, out, num_samples=10, batch_size=4)
+    # A crash after shard 0 was written: the rest and the merged files are gone.
+    for name in ("shards/shard-000001.npz", "samples.npz", "grid.png"):
+        (out / name).unlink()
+    logs: list[str] = []
+    assert run(nets, out, logs, num_samples=10, batch_size=2, num_workers=2) == first
+    assert any("resuming: 1 finished shard" in m for m in logs)
+    logs.clear()
+    mtime = (out / "samples.npz").stat().st_mtime_ns
+    run(nets, out, logs, num_samples=10, batch_size=4)
+    assert any("already finished" in m for m in logs)
+    assert (out / "samples.npz").stat().st_mtime_ns == mtime
+    with pytest.raises(ConfigError, match=r"^seed: .* holds a run with seed=3; this run has 4"):
+        make_plan(settings(nets, out, num_samples=10, seed=4))
+    with pytest.raises(ConfigError, match=r"^num_samples: "):
+        make_plan(settings(nets, out, num_samples=12))
+    with pytest.raises(ConfigError, match=r"^classes: "):
+        make_plan(settings(nets, out, num_samples=10, classes="balanced"))
+
+
+def test_job_reruns(nets, tmp_path, capsys):
+    """Through jobs/sample.py: a finished run is reported and left alone, a run with other
+    settings in its folder exits 2 naming the setting, and writes nothing."""
+    out = tmp_path / "done"
+    out.mkdir()
+    cfg = settings(nets, out, num_samples=4, shard_size=4)
+    from adm.generate import output
+
+    plan = make_plan(cfg)  # a finished run's files, written without sampling:
+    output.write_settings(str(out), plan.decisive(), plan.execution())
+    (out / "samples.npz").write_bytes(b"finished")
+    argv = ["--model", nets["base"], "--num-samples", "4", "--steps", "4", "--seed", "3",
+            "--out", str(out), "shard_size=4"]
+    before = sorted(p.name for p in out.iterdir())
+    assert job.main(argv) == 0
+    assert "already finished" in capsys.readouterr().out
+    assert job.main(argv + ["--seed", "5"]) == 2
+    assert capsys.readouterr().err.startswith("error: seed: ")
+    assert sorted(p.name for p in out.iterdir()) == before
+    assert (out / "samples.npz").read_bytes() == b"finished"
+
+
+def test_cpu_actors_that_would_starve_ray_data_are_refused(ray_session, nets, tmp_path):
+    plan = make_plan(settings(nets, tmp_path / "x", num_workers=2, upsampler=nets["upsampler"],
+                              upsampler_workers=2, cpus_per_worker=1.0))
+    with pytest.raises(ConfigError, match=r"^cpus_per_worker: 4 actors x 1.0 CPUs"):
+        generate(plan, progress=False)
+    assert not (tmp_path / "x").exists()
+
+
+def test_s3_output(ray_session, nets, s3_server, monkeypatch):
+    for k, v in s3_server.env.items():
+        monkeypatch.setenv(k, v)
+    out = f"s3://{s3_server.new_bucket()}/samples/run1"
+    data = run(nets, out, num_samples=4, shard_size=3, batch_size=2)
+    with np.load(io.BytesIO(data)) as z:
+        assert z["arr_0"].shape == (4, 8, 8, 3)
+    assert storage.is_file(f"{out}/shards/shard-000001.npz")
+    assert storage.is_file(f"{out}/settings.json")
+
+
+def _bad(nets, tmp_path, capsys, *argv) -> str:
+    out = tmp_path / "never"
+    assert job.main(["--out", str(out), "--num-samples", "4", *argv]) == 2
+    assert not out.exists()  # nothing written
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def test_bad_settings_fail_before_any_work(nets, tmp_path, capsys):
+    """Each bad setting: exit 2 with one `error:` line naming it, nothing written, no Ray."""
+    m = nets["base"]
+    root = nets["root"]
+    assert "model_preset: no preset 'nope'" in _bad(nets, tmp_path, capsys, "--model", m,
+                                                    "--model-preset", "nope")
+    assert "model: no file at" in _bad(nets, tmp_path, capsys, "--model", str(root / "x.pt"))
+    (root / "lone.pt").write_bytes((root / "base" / "model.pt").read_bytes())
+    assert "no flags.json beside" in _bad(nets, tmp_path, capsys, "--model", str(root / "lone.pt"))
+    wrong = root / "wrong"
+    wrong.mkdir(exist_ok=True)
+    (wrong / "flags.json").write_text(json.dumps({**BASE, "num_channels": 64}))
+    (wrong / "model.pt").write_bytes((root / "base" / "model.pt").read_bytes())
+    msg = _bad(nets, tmp_path, capsys, "--model", str(wrong / "model.pt"))
+    assert "model:" in msg and "shape mismatches" in msg and "input_blocks.0.0.weight" in msg
+    big = root / "clf16"
+    if not big.exists():
+        _save(big, openai.create_classifier({**CLASSIFIER, "image_size": 16}),
+              {**CLASSIFIER, "image_size": 16}, 4)
+    assert "classifier: it reads 16px" in _bad(nets, tmp_path, capsys, "--model", m,
+                                               "--classifier", str(big / "model.pt"))
+    msg = _bad(nets, tmp_path, capsys, "--model", m, "--model-preset", "64x64_diffusion")
+    assert msg.startswith("error: model:") and "does not fit" in msg  # the preset's flags
+    up4 = root / "up4"
+    if not up4.exists():
+        flags = {**UPSAMPLER, "small_size": 4, "large_size": 8}
+        _save(up4, openai.create_superres_model(flags), flags, 5)
+    assert "upsampler: its small_size is 4" in _bad(nets, tmp_path, capsys, "--model", m,
+                                                    "--upsampler", str(up4 / "model.pt"))
+    assert "num_samples: must be positive" in _bad(nets, tmp_path, capsys, "--model", m,
+                                                   "--num-samples", "0")
+    assert "classes: the model has no class 12" in _bad(nets, tmp_path, capsys, "--model", m,
+                                                        "--classes", "3,12")
+    assert "classes: 'dog'" in _bad(nets, tmp_path, capsys, "--model", m, "--classes",
+                                    "class1,dog")
+    assert "classifier_scale: given without a classifier" in _bad(
+        nets, tmp_path, capsys, "--model", m, "--classifier-scale", "2")
+    assert "steps:" in _bad(nets, tmp_path, capsys, "--model", m, "--steps", "ddim999")
+    assert "eta: 0.5 is a DDIM parameter" in _bad(nets, tmp_path, capsys, "--model", m,
+                                                   "--sampler", "ddpm", "eta=0.5")
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "jobs" / "configs" / "sample").glob("*.yaml")),
+                         ids=lambda p: p.stem)
+def test_paper_configs_load_and_agree_with_the_readme_presets(path):
+    from adm.generate.config import check_numbers
+    from adm.presets import preset
+
+    cfg = load_sample_config(str(path))
+    check_numbers(cfg)
+    base = preset(cfg.model_preset)
+    assert base.kind == "diffusion" and cfg.model.endswith(base.file)
+    assert cfg.steps == base.sampling.timestep_respacing and cfg.sampler == "ddpm"
+    assert cfg.classifier_preset == base.sampling.classifier
+    assert cfg.classifier_scale == base.sampling.classifier_scale
+    assert cfg.num_samples == 50000
+    if cfg.upsampler:
+        up = preset(cfg.upsampler_preset)
+        assert up.kind == "upsampler" and up.model_flags["small_size"] == \
+            base.model_flags["image_size"]
+        assert cfg.upsampler_steps == up.sampling.timestep_respacing
+
+
+def _descendants_named(marker: bytes) -> list[int]:
+    """PIDs of this process's descendants (Ray workers of this test session only) whose
+    command line (Ray's process title) contains `marker`."""
+    parent = {}
+    for d in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = open(f"/proc/{d}/stat").read()
+            parent[int(d)] = int(stat.rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    me, found = os.getpid(), []
+    for pid in parent:
+        p = pid
+        while p in parent and p not in (0, 1, me):
+            p = parent[p]
+        if p != me:
+            continue
+        try:
+            if marker in open(f"/proc/{pid}/cmdline", "rb").read():
+                found.append(pid)
+        except OSError:
+            continue
+    return found
+
+
+def test_a_worker_killed_mid_run_then_a_rerun_gives_the_same_file(ray_session, nets, tmp_path):
+    """SIGKILL every stage-1 actor once the first shard is written; whatever the run does
+    then (Ray Data restarts the actors, or the run fails), running it again gives the file of
+    an uninterrupted run."""
+    kw = dict(num_samples=12, shard_size=2, batch_size=2, sampler="ddpm")
+    want = run(nets, tmp_path / "whole", **kw)
+    out = tmp_path / "killed"
+    killed: list[int] = []
+
+    def kill_after_first_shard():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not killed:
+            shards = out / "shards"
+            if shards.is_dir() and any(n.endswith(".npz") for n in os.listdir(shards)):
+                for pid in _descendants_named(b"MapWorker(MapBatches(StageSampler))"):
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=kill_after_first_shard)
+    killer.start()
+    try:
+        run(nets, out, **kw)
+    except Exception:  # a failed run is allowed: the rerun must finish it
+        pass
+    killer.join()
+    assert killed, "no stage-1 actor was found to kill"
+    assert run(nets, out, **kw) == want
