@@ -47,3 +47,14 @@ def fixture_network(name: str):
     model = build(entry["flags"])
     model.load_state_dict(float_state_dict(entry), strict=True)
     return model.eval()
+
+
+# Tiny 8 px models (random weights) for sampling and generation tests.
+TINY_UNET_FLAGS = {"image_size": 8, "num_channels": 32, "num_res_blocks": 1, "channel_mult": "1,2",
+                   "attention_resolutions": "4", "num_head_channels": 32, "class_cond": True,
+                   "num_classes": 10, "learn_sigma": True, "resblock_updown": True,
+                   "diffusion_steps": 100, "noise_schedule": "cosine"}
+TINY_CLASSIFIER_FLAGS = {"image_size": 8, "classifier_width": 32, "classifier_depth": 1,
+                         "classifier_attention_resolutions": "4",
+                         "classifier_channel_mult": "1,2", "classifier_num_head_channels": 32,
+                         "num_classes": 10}

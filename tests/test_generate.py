@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from adm import storage
+from helpers import TINY_CLASSIFIER_FLAGS, TINY_UNET_FLAGS
 from adm.compat import openai
 from adm.config import ConfigError
 from adm.diffusion import sample
@@ -25,13 +26,8 @@ from adm.diffusion.sampling import index_seeds
 from adm.generate import generate, labels_for, load_sample_config, make_plan
 
 ROOT = Path(__file__).resolve().parents[1]
-BASE = {"image_size": 8, "num_channels": 32, "num_res_blocks": 1, "channel_mult": "1,2",
-        "attention_resolutions": "4", "num_head_channels": 32, "class_cond": True,
-        "num_classes": 10, "learn_sigma": True, "resblock_updown": True,
-        "diffusion_steps": 100, "noise_schedule": "cosine"}
-CLASSIFIER = {"image_size": 8, "classifier_width": 32, "classifier_depth": 1,
-              "classifier_attention_resolutions": "4", "classifier_channel_mult": "1,2",
-              "classifier_num_head_channels": 32, "num_classes": 10}
+BASE = TINY_UNET_FLAGS
+CLASSIFIER = TINY_CLASSIFIER_FLAGS
 UPSAMPLER = {**{k: v for k, v in BASE.items() if k != "image_size"}, "large_size": 16,
              "small_size": 8}
 CLASSES = [f"class{i}" for i in range(10)]

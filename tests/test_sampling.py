@@ -12,7 +12,8 @@ import torch.nn as nn
 from adm.compat import openai
 from adm.diffusion import sample
 from adm.diffusion.sampling import index_seeds
-from helpers import assert_within, fixture_network, load_fixture
+from helpers import (TINY_CLASSIFIER_FLAGS, TINY_UNET_FLAGS, assert_within, fixture_network,
+                     load_fixture)
 
 LOOP = 1e-3
 FX = load_fixture("ddim_loop.pt")
@@ -184,13 +185,8 @@ def test_argument_errors():
 
 # -- per-sample noise streams -----------------------------------------------------------------
 
-TINY = {"image_size": 8, "num_channels": 32, "num_res_blocks": 1, "channel_mult": "1,2",
-        "attention_resolutions": "4", "num_head_channels": 32, "class_cond": True,
-        "num_classes": 10, "learn_sigma": True, "resblock_updown": True,
-        "diffusion_steps": 100, "noise_schedule": "cosine"}
-TINY_CLASSIFIER = {"image_size": 8, "classifier_width": 32, "classifier_depth": 1,
-                   "classifier_attention_resolutions": "4", "classifier_channel_mult": "1,2",
-                   "classifier_num_head_channels": 32, "num_classes": 10}
+TINY = TINY_UNET_FLAGS
+TINY_CLASSIFIER = TINY_CLASSIFIER_FLAGS
 
 
 def randomized(module: nn.Module, seed: int = 1) -> nn.Module:
