@@ -3,8 +3,8 @@
 The test session already runs a local Ray (tests/conftest.py), so every node started here gets
 free ports of its own (GCS, dashboard, the per-node agents, metrics, Ray Client) and a temp dir
 of its own (`--temp-dir`): its session dir and logs live there, `ray start` writes its
-`ray_current_cluster` file there and not in /tmp/ray, and a test can read exactly this cluster's
-logs. Each node runs in its own process group, so a test can stop one node (SIGTERM to its
+`ray_current_cluster` file there and not in Ray's default temp dir, and a test can read
+exactly this cluster's logs. Each node runs in its own process group, so a test can stop one node (SIGTERM to its
 `ray start --block` process) or kill it as a machine crash would (SIGKILL to every process of
 the node) without touching the session's Ray or the other nodes.
 """

@@ -2,8 +2,8 @@
 
 By default a user sees one progress bar per stage, one line per log interval and the warnings
 that are theirs to act on; Ray's own INFO lines, deprecation notices and the Train controller's
-report dumps go to Ray's log files (`/tmp/ray/session_latest/logs`). `verbose=True` lets
-everything through.
+report dumps go to Ray's log files (the `logs/` folder of the Ray session, under Ray's temp
+dir). `verbose=True` lets everything through.
 """
 from __future__ import annotations
 
