@@ -147,3 +147,44 @@ def test_s3_settings_from_the_environment(s3_server, monkeypatch):
     bucket = s3_server.new_bucket()
     storage.write_bytes(f"s3://{bucket}/k", b"via env")
     assert storage.read_bytes(f"s3://{bucket}/k") == b"via env"
+
+
+def test_open_output_local_is_atomic(tmp_path):
+    """A stream appears whole at the end of the block; one that raises leaves nothing."""
+    target = str(tmp_path / "big.bin")
+    with storage.open_output(target) as f:
+        f.write(b"a" * 1000)
+        assert os.listdir(tmp_path) != ["big.bin"]  # not visible while being written
+        f.write(b"b")
+    assert open(target, "rb").read() == b"a" * 1000 + b"b"
+    with pytest.raises(RuntimeError, match="killed"):
+        with storage.open_output(target) as f:
+            f.write(b"new")
+            raise RuntimeError("killed mid-write")
+    assert open(target, "rb").read() == b"a" * 1000 + b"b"
+    assert os.listdir(tmp_path) == ["big.bin"]
+
+
+@pytest.mark.timeout(120)
+def test_open_output_s3_is_a_multipart_upload(s3_server):
+    """Above one part the object is sent in parts (5 MiB, S3's smallest), complete at the end;
+    a stream that raises is aborted: no object and no pending upload are left."""
+    opts, bucket = s3_server.options, s3_server.new_bucket()
+    client = storage.s3_client(opts)
+    part = 5 * 1024**2
+    data = os.urandom(2 * part + 123)
+    uri = f"s3://{bucket}/out/big.bin"
+    with storage.open_output(uri, opts, part_bytes=part) as f:
+        for s in range(0, len(data), 1_000_000):
+            f.write(data[s:s + 1_000_000])
+        assert not storage.exists(uri, opts)  # nothing visible before the upload completes
+        assert len(client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])) == 1
+    assert storage.read_bytes(uri, opts) == data
+    head = client.head_object(Bucket=bucket, Key="out/big.bin", PartNumber=1)
+    assert head["PartsCount"] == 3 and head["ContentLength"] == part
+    with pytest.raises(RuntimeError, match="killed"):
+        with storage.open_output(f"s3://{bucket}/out/lost.bin", opts, part_bytes=part) as f:
+            f.write(data)
+            raise RuntimeError("killed mid-write")
+    assert not storage.exists(f"s3://{bucket}/out/lost.bin", opts)
+    assert client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []

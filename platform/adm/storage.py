@@ -5,10 +5,11 @@ that a local folder and an S3 (or S3-compatible: MinIO, Ceph, moto) prefix behav
 
 * Reads, listings and streams use pyarrow filesystems (``resolve_filesystem``), which Ray Data
   also accepts (``read_parquet(paths, filesystem=fs)``).
-* Whole-object writes (``write_bytes``) are atomic: a local file is written to a hidden temporary
-  file in the same folder, fsync'ed and renamed over the target; an S3 object is written with a
-  single ``PutObject`` through boto3 (with ``Content-MD5``), which S3 makes visible all at once or
-  not at all. pyarrow's S3 output stream is not used for this because closing it after an error
+* Whole-object writes (``write_bytes``, and ``open_output`` for streams too large for memory)
+  are atomic: a local file is written to a hidden temporary file in the same folder, fsync'ed
+  and renamed over the target; an S3 object is written with a single ``PutObject`` through boto3
+  (with ``Content-MD5``), or a multipart upload completed only at the end, which S3 makes
+  visible all at once or not at all. pyarrow's S3 output stream is not used for this because closing it after an error
   completes the upload with whatever was written so far.
 
 S3 settings come from an explicit ``S3Options`` argument, else the standard AWS environment
@@ -22,14 +23,16 @@ tasks carry no secret unless one was given explicitly.
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import hashlib
+import io
 import json
 import os
 import posixpath
 import uuid
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, BinaryIO, Iterator, Mapping
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
@@ -37,6 +40,9 @@ import pyarrow.fs as pafs
 S3_SCHEME = "s3://"
 # A single S3 PUT accepts at most 5 GiB; shards and checkpoints written here are far smaller.
 MAX_SINGLE_PUT_BYTES = 5 * 1024**3
+# Parts of a streamed S3 upload (`open_output`): S3 wants >= 5 MiB for all but the last and
+# allows 10,000, so 64 MiB parts reach 640 GB while holding one part in memory.
+MULTIPART_PART_BYTES = 64 * 1024**2
 
 
 @dataclass(frozen=True)
@@ -230,18 +236,84 @@ def temp_name_prefix(name: str) -> str:
 
 def write_bytes(uri: str, data: bytes, s3: S3Options | None = None) -> None:
     """Write ``data`` to ``uri`` atomically: readers see the old content or the new, never a
-    part. Local: temp file in the same folder, fsync, rename. S3: one PutObject with MD5."""
+    part. Local: temp file in the same folder, fsync, rename. S3: one PutObject with MD5 (a
+    multipart upload above the 5 GiB a PUT takes)."""
     uri = _check_uri(uri)
-    if is_s3(uri):
-        if len(data) > MAX_SINGLE_PUT_BYTES:
-            raise ValueError(
-                f"{uri}: {len(data)} bytes is more than one atomic S3 PUT takes (5 GiB)"
-            )
-        bucket, _, key = uri[len(S3_SCHEME):].partition("/")
-        if not bucket or not key:
-            raise ValueError(f"S3 URI {uri!r} needs a bucket and a key: s3://bucket/key")
+    if is_s3(uri) and len(data) <= MAX_SINGLE_PUT_BYTES:
+        bucket, key = _bucket_key(uri)
         md5 = base64.b64encode(hashlib.md5(data).digest()).decode("ascii")
         s3_client(s3).put_object(Bucket=bucket, Key=key, Body=data, ContentMD5=md5)
+        return
+    with open_output(uri, s3) as f:
+        f.write(data)
+
+
+def _bucket_key(uri: str) -> tuple[str, str]:
+    bucket, _, key = uri[len(S3_SCHEME):].partition("/")
+    if not bucket or not key:
+        raise ValueError(f"S3 URI {uri!r} needs a bucket and a key: s3://bucket/key")
+    return bucket, key
+
+
+class _MultipartUpload(io.RawIOBase):
+    """A write-only stream into one S3 object: buffered into parts of `part_bytes`, each sent
+    with UploadPart; the object appears only when `complete` is called, and `abort` drops
+    every part (S3 keeps nothing)."""
+
+    def __init__(self, client, bucket: str, key: str, part_bytes: int):
+        self.client, self.bucket, self.key, self.part_bytes = client, bucket, key, part_bytes
+        self.upload_id = client.create_multipart_upload(Bucket=bucket, Key=key)["UploadId"]
+        self.buffer, self.parts = bytearray(), []
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self.buffer += data
+        while len(self.buffer) >= self.part_bytes:
+            self._send(bytes(self.buffer[:self.part_bytes]))
+            del self.buffer[:self.part_bytes]
+        return len(data)
+
+    def _send(self, part: bytes) -> None:
+        number = len(self.parts) + 1
+        md5 = base64.b64encode(hashlib.md5(part).digest()).decode("ascii")
+        etag = self.client.upload_part(Bucket=self.bucket, Key=self.key, PartNumber=number,
+                                       UploadId=self.upload_id, Body=part,
+                                       ContentMD5=md5)["ETag"]
+        self.parts.append({"PartNumber": number, "ETag": etag})
+
+    def complete(self) -> None:
+        if self.buffer or not self.parts:  # the last part may be short (or the only, empty)
+            self._send(bytes(self.buffer))
+            self.buffer.clear()
+        self.client.complete_multipart_upload(Bucket=self.bucket, Key=self.key,
+                                              UploadId=self.upload_id,
+                                              MultipartUpload={"Parts": self.parts})
+
+    def abort(self) -> None:
+        self.client.abort_multipart_upload(Bucket=self.bucket, Key=self.key,
+                                           UploadId=self.upload_id)
+
+
+@contextlib.contextmanager
+def open_output(uri: str, s3: S3Options | None = None,
+                part_bytes: int = MULTIPART_PART_BYTES) -> Iterator[BinaryIO]:
+    """A writable binary stream to ``uri`` for files too large to hold in memory, with
+    ``write_bytes``' atomicity: the file appears whole when the ``with`` block ends, and not at
+    all if it raises. Local: a hidden temporary file in the same folder (seekable), fsync'ed
+    and renamed. S3: a multipart upload (not seekable) of ``part_bytes`` parts, completed at
+    the end or aborted."""
+    uri = _check_uri(uri)
+    if is_s3(uri):
+        bucket, key = _bucket_key(uri)
+        upload = _MultipartUpload(s3_client(s3), bucket, key, part_bytes)
+        try:
+            yield upload
+            upload.complete()
+        except BaseException:
+            upload.abort()
+            raise
         return
     _, path = resolve_filesystem(uri)
     folder, name = os.path.split(path)
@@ -249,7 +321,7 @@ def write_bytes(uri: str, data: bytes, s3: S3Options | None = None) -> None:
     tmp = os.path.join(folder, temp_name_prefix(name) + uuid.uuid4().hex)
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -257,7 +329,11 @@ def write_bytes(uri: str, data: bytes, s3: S3Options | None = None) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-    # Make the rename itself durable (a crash right after must not lose the new name).
+    _fsync_folder(folder)
+
+
+def _fsync_folder(folder: str) -> None:
+    """Make a rename in `folder` durable (a crash right after must not lose the new name)."""
     dir_fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(dir_fd)

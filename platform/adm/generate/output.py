@@ -9,14 +9,17 @@
     grid.png              the first 64 samples, 8 per row
 
 `.npz` files are byte-reproducible (see `npz_bytes`), so a resumed run's `samples.npz` equals an
-uninterrupted run's byte for byte.
+uninterrupted run's byte for byte. The final merge streams: it holds one shard at a time, never
+the N images (50,000 at 512 px are 39 GB), and writes S3 files as multipart uploads.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
 import re
+import zipfile
 
 import numpy as np
 from PIL import Image
@@ -79,25 +82,81 @@ def grid_png(images: np.ndarray, columns: int = 8) -> bytes:
     return buf.getvalue()
 
 
-def merge(out: str, num_samples: int, shard_size: int, chained: bool) -> dict[str, np.ndarray]:
-    """Read every shard, check that they hold each index 0..N-1 exactly once, and write
-    base_samples.npz (chained runs), grid.png and, last, samples.npz. Returns samples.npz's
-    arrays."""
-    parts = [read_npz(shard_uri(out, k))
-             for k in range(len(shard_ranges(num_samples, shard_size)))]
-    index = np.concatenate([p["index"] for p in parts])
-    if not np.array_equal(index, np.arange(num_samples)):
-        raise RuntimeError(f"{out}: the shards do not hold indices 0..{num_samples - 1} once each")
-    labels = np.concatenate([p["label"] for p in parts]).astype(np.int64)
-    images = np.concatenate([p["image"] for p in parts])
-    if chained:
-        base = np.concatenate([p["base"] for p in parts])
-        storage.write_bytes(storage.join(out, BASE_SAMPLES),
-                            npz_bytes({"arr_0": base, "arr_1": labels}))
-    storage.write_bytes(storage.join(out, GRID), grid_png(images))
-    arrays = {"arr_0": images, "arr_1": labels}
-    storage.write_bytes(storage.join(out, SAMPLES), npz_bytes(arrays))
-    return arrays
+class NpzWriter:
+    """An ADM `.npz` written as its images arrive, in order, into the binary stream `f`:
+    `arr_0` [N, H, W, C] uint8 (N known up front), then, at `finish`, `arr_1` [N] int64
+    labels. The bytes are what `npz_bytes` (numpy.savez) gives for the same arrays when `f` is
+    seekable; into a stream that is not (an S3 upload) the zip entries carry their sizes after
+    the data instead, which numpy.load and zipfile read the same way."""
+
+    def __init__(self, f, shape: tuple[int, ...]):
+        self.shape, self.written = tuple(shape), 0
+        self.zip = zipfile.ZipFile(f, "w", zipfile.ZIP_STORED)
+        self.entry = self.zip.open("arr_0.npy", "w", force_zip64=True)  # as numpy.savez
+        np.lib.format.write_array_header_1_0(self.entry, {
+            "descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
+            "fortran_order": False, "shape": self.shape})
+
+    def add(self, images: np.ndarray) -> None:
+        """Append [n, H, W, C] uint8 images."""
+        if images.dtype != np.uint8 or images.shape[1:] != self.shape[1:]:
+            raise ValueError(f"images {images.dtype} {images.shape[1:]}: expected uint8 "
+                             f"{self.shape[1:]}")
+        if self.written + len(images) > self.shape[0]:
+            raise ValueError(f"{self.written + len(images)} images for an array of "
+                             f"{self.shape[0]}")
+        self.entry.write(np.ascontiguousarray(images).reshape(-1).data)  # flat: len() = bytes
+        self.written += len(images)
+
+    def finish(self, labels: np.ndarray) -> None:
+        """Close `arr_0` (which must hold all N images) and write `arr_1`."""
+        if self.written != self.shape[0]:
+            raise ValueError(f"{self.written} images written of {self.shape[0]}")
+        self.entry.close()
+        with self.zip.open("arr_1.npy", "w", force_zip64=True) as entry:
+            np.lib.format.write_array(entry, np.asarray(labels, dtype=np.int64))
+        self.zip.close()
+
+    def discard(self) -> None:
+        """Drop the half-written zip quietly (its stream is being discarded too)."""
+        try:
+            self.entry.close()
+            self.zip.close()
+        except (OSError, ValueError):
+            pass
+
+
+def merge(out: str, num_samples: int, shard_size: int, chained: bool) -> None:
+    """Stream every shard, in order, into samples.npz (and base_samples.npz for a chained run),
+    checking that they hold each index 0..N-1 exactly once, and write grid.png. One shard is
+    in memory at a time. Each file appears whole or not at all, and samples.npz (whose
+    presence means "finished") last."""
+    count = len(shard_ranges(num_samples, shard_size))
+    first = read_npz(shard_uri(out, 0))
+    names = [("image", SAMPLES)] + ([("base", BASE_SAMPLES)] if chained else [])
+    with contextlib.ExitStack() as files:
+        writers = {}
+        for column, name in names:
+            # Entered first, closed (made visible) last: samples.npz.
+            f = files.enter_context(storage.open_output(storage.join(out, name)))
+            writers[column] = NpzWriter(f, (num_samples, *first[column].shape[1:]))
+        # Writers left open by an error would complain when collected: close them first.
+        files.callback(lambda: [w.discard() for w in writers.values() if w.zip.fp])
+        labels, grid = [], first["image"][:64]
+        for k in range(count):
+            part = first if k == 0 else read_npz(shard_uri(out, k))
+            expected = shard_ranges(num_samples, shard_size)[k]
+            if not np.array_equal(part["index"], np.arange(expected.start, expected.stop)):
+                raise RuntimeError(f"{shard_uri(out, k)}: does not hold indices "
+                                   f"{expected.start}..{expected.stop - 1} once each")
+            labels.append(part["label"].astype(np.int64))
+            for column, _ in names:
+                writers[column].add(part[column])
+            if len(grid) < 64 and k > 0:
+                grid = np.concatenate([grid, part["image"][:64 - len(grid)]])
+        for column, _ in names:
+            writers[column].finish(np.concatenate(labels))
+        storage.write_bytes(storage.join(out, GRID), grid_png(grid))
 
 
 def _first_difference(want, have, where: str = "") -> str | None:

@@ -1,6 +1,6 @@
 """The Ray Data job: sample indices 0..N-1 in, shards of images out.
 
-    range(N) -> drop finished shards -> labels from (seed, i)      (tasks, fused with the read)
+    unfinished indices, labels from (seed, i)         (driver: in-memory blocks, no tasks)
       -> stage 1: base model (+ classifier)   ActorPoolStrategy pool, own batch size / actors
       -> stage 2: upsampler (optional)        its own pool; batches stream in as stage 1 emits
       -> driver: rows grouped by shard; each complete shard written atomically, at once
@@ -18,7 +18,6 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import storage
-from ..config import ConfigError
 from ..compat import openai
 from ..diffusion import sample
 from ..diffusion.sampling import index_seeds
@@ -89,14 +88,6 @@ class StageSampler:
         return result
 
 
-def _todo(batch: dict[str, np.ndarray], shard_size: int, skip: np.ndarray, seed: int,
-          classes, num_classes: int) -> dict[str, np.ndarray]:
-    """Rows of unfinished shards, with their labels."""
-    ids = np.asarray(batch["id"], dtype=np.int64)
-    ids = ids[~np.isin(ids // shard_size, skip)]
-    return {"id": ids, "label": labels_for(ids, seed, classes, num_classes)}
-
-
 def _map_stage(ds, stage: StagePlan, plan: Plan):
     cfg = plan.cfg
     import ray
@@ -110,15 +101,24 @@ def _map_stage(ds, stage: StagePlan, plan: Plan):
 
 
 def build_dataset(plan: Plan, skip: set[int]):
-    """The streaming dataset of every unfinished shard's samples (Ray must be running)."""
+    """The streaming dataset of every unfinished shard's samples (Ray must be running).
+
+    Its source is in-memory blocks of (id, label), one per stage-1 batch, made on the driver
+    (labels are cheap: one hash per index), not read tasks: nothing upstream of the actor
+    pools needs a CPU, so actors may take every CPU of the cluster without starving the
+    pipeline (the Ray notes' 2-core hang), and an autoscaling cluster is not refused for the
+    CPUs it has not added yet."""
+    import pyarrow as pa
     import ray
 
     cfg = plan.cfg
-    ds = ray.data.range(cfg.num_samples).map_batches(
-        _todo, batch_format="numpy", fn_kwargs=dict(
-            shard_size=cfg.shard_size, skip=np.array(sorted(skip), dtype=np.int64),
-            seed=cfg.seed, classes=plan.classes if isinstance(plan.classes, str)
-            else list(plan.classes), num_classes=plan.num_classes))
+    ids = np.arange(cfg.num_samples, dtype=np.int64)
+    ids = ids[~np.isin(ids // cfg.shard_size, np.array(sorted(skip), dtype=np.int64))]
+    classes = plan.classes if isinstance(plan.classes, str) else list(plan.classes)
+    labels = labels_for(ids, cfg.seed, classes, plan.num_classes)
+    b = plan.base.batch_size
+    ds = ray.data.from_arrow([pa.table({"id": ids[s:s + b], "label": labels[s:s + b]})
+                              for s in range(0, len(ids), b)])
     ds = _map_stage(ds, plan.base, plan)
     if plan.upsampler is not None:
         ds = _map_stage(ds, plan.upsampler, plan)
@@ -161,24 +161,6 @@ class ShardWriter:
         return sorted(self.expected)
 
 
-def check_cluster_cpus(plan: Plan) -> None:
-    """Refuse CPU actors that would take every CPU of the cluster: Ray Data's read tasks need
-    one too, and without it the pipeline waits forever (the Ray notes' 2-core hang)."""
-    import ray
-
-    cfg = plan.cfg
-    if cfg.gpus:
-        return
-    actors = plan.base.workers + (plan.upsampler.workers if plan.upsampler else 0)
-    total = float(ray.cluster_resources().get("CPU", 0))
-    if actors * cfg.cpus_per_worker > total - 1:
-        raise ConfigError(
-            f"cpus_per_worker: {actors} actors x {cfg.cpus_per_worker} CPUs leave less than "
-            f"one of this cluster's {total:g} CPUs for Ray Data's own tasks, and the pipeline "
-            f"would wait forever; lower cpus_per_worker (e.g. "
-            f"{max(total - 1, 0.1) / actors:.2g}) or the worker counts")
-
-
 def finished_message(plan: Plan) -> str:
     """What a rerun of a finished run says."""
     return (f"already finished: {storage.join(plan.cfg.out, output.SAMPLES)} holds the "
@@ -193,7 +175,6 @@ def generate(plan: Plan, progress: bool = True, log=print) -> str:
     if output.is_finished(cfg.out):
         log(finished_message(plan))
         return samples_uri
-    check_cluster_cpus(plan)
     storage.makedirs(cfg.out)
     if not output.check_settings(cfg.out, plan.decisive()):
         output.write_settings(cfg.out, plan.decisive(), plan.execution())
