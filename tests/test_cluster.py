@@ -6,7 +6,9 @@ with `ray job submit`, as on a real cluster.
   committed checkpoint on a replacement node and finishes.
 * Credentials: the nodes hold the AWS settings in their environment (as a real cluster's nodes
   do); the job must not make Ray record the secret values anywhere (Train's run state, the job
-  info, the run folder on S3, the Ray logs).
+  info, the run folder on S3, the Ray logs). The same run checks `ray job submit` of the
+  preparation and training jobs on S3 (the export is written) and that a bad config fails
+  before any worker starts, naming the key.
 
 Both nodes are on this machine, so a local `--storage` path is shared by them; a real
 multi-node cluster needs storage every node reaches (S3, or NFS mounted at the same path).
@@ -26,6 +28,7 @@ import requests
 import yaml
 from ray.job_submission import JobStatus, JobSubmissionClient
 
+from adm import storage
 from ray_cluster import ROOT, LocalCluster, local_cluster
 from s3_server import running_s3_server
 
@@ -293,6 +296,18 @@ def _check_credentials_are_not_recorded(tmp_path, s3_server):
             "run.placement_strategy=STRICT_SPREAD")
         assert train.returncode == 0, train.stdout[-5000:] + train.stderr[-5000:]
         assert "step 3/3" in train.stdout
+        export, opts = f"{runs}/creds/export", s3_server.options
+        assert storage.is_file(f"{export}/model000003.pt", opts), storage.listdir(export, opts)
+        assert storage.is_file(f"{export}/flags.json", opts)
+        # A bad config under `ray job submit` fails before any worker starts, naming the key,
+        # and the job exits non-zero.
+        bad = cluster.job(
+            "submit", "--working-dir", str(ROOT), "--", sys.executable,
+            "jobs/train_diffusion.py", "--config", str(small_config(tmp_path)), "--data", data,
+            "--storage", runs, "--num-workers", "2", "optim.batch_size=15")
+        assert bad.returncode != 0
+        assert "optim.batch_size: 15 is not divisible by run.num_workers=2" in (
+            bad.stdout + bad.stderr)
 
         secrets = {"AWS_SECRET_ACCESS_KEY": secret, "AWS_SESSION_TOKEN": token}
         found = where_recorded(secrets, cluster, job_id, s3_server, bucket)
