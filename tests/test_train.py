@@ -354,7 +354,7 @@ def test_rerun_continues_step_count_and_init_from(digits, tmp_path):
     torch.manual_seed(1)
     torch.save(openai.create_model(flags).state_dict(), released)  # the released layout
     path = write_config(tmp_path, flags=flags, data={"uri": digits},
-                        optim={"batch_size": 16, "max_steps": 2},
+                        optim={"batch_size": 16, "max_steps": 2, "ema_warmup": True},
                         run={"num_workers": 2, "storage": str(tmp_path / "runs"), "name": "r",
                              "log_interval": 1, "save_interval": 100,
                              "init_from": str(released)})
@@ -362,6 +362,11 @@ def test_rerun_continues_step_count_and_init_from(digits, tmp_path):
     fit(path, optim__max_steps=4, callbacks=[ReportLog(log)])
     (reports,) = read_reports(log)
     assert [s for s, _, _ in reports] == [1, 2, 3, 4]
+    # The EMA warm-up's update count went on across the rerun: 1 (the start) + 4 updates.
+    from adm.train.checkpoint import latest_checkpoint, load_state
+
+    state, meta = load_state(latest_checkpoint(str(tmp_path / "runs" / "r")))
+    assert meta["step"] == 4 and state["ema_counts"] == [5]
     export = tmp_path / "runs" / "r" / "export"
     assert {p.name for p in export.iterdir()} == {
         "model000002.pt", "ema_0.999_000002.pt", "model000004.pt", "ema_0.999_000004.pt",

@@ -56,6 +56,9 @@ class OptimSection:
     weight_decay: float = 0.0
     lr_anneal_steps: int = 0  # anneal lr linearly to 0 over this many steps (0: constant)
     ema_rate: list[float] = field(default_factory=lambda: [0.9999])
+    # Warm the EMAs up (decay min(rate, (1+n)/(10+n)) at update n, adm.train.ema) instead of
+    # the reference's fixed rate from step 1: for runs too short for the rate (the quickstart).
+    ema_warmup: bool = False
     schedule_sampler: str = "uniform"  # or "loss-second-moment"
     precision: str = "fp32"  # fp32 | bf16 (autocast) | fp16 (autocast + grad scaler)
     grad_clip: float = 0.0  # clip the global grad norm to this (0: off)

@@ -24,11 +24,12 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 from ..compat import openai
 from ..config import from_dict, to_dict
 from .checkpoint import load_state, save_state
+from .ema import ema_multi_avg_fn
 from .config import TrainConfig, build_model, validate
 from .metrics import MetricAccumulator, TensorBoardLog
 from .objectives import make_objective
@@ -96,6 +97,8 @@ class Worker:
         """The training state a checkpoint keeps (tensors and plain values only)."""
         return {"model": self.model.state_dict(),
                 "ema": [_ema_params(self.emas[rate]) for rate in self.emas],
+                # updates each EMA has had (+1): the warm-up's n, so a resume continues it
+                "ema_counts": [int(self.emas[rate].n_averaged) for rate in self.emas],
                 "optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict(),
                 "objective": self.objective.state_dict()}
 
@@ -116,8 +119,9 @@ def build_worker(cfg: TrainConfig) -> Worker:
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.run.seed)  # the initial weights (DDP then broadcasts rank 0's)
     model = build_model(cfg).to(device)
-    emas = {float(rate): AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(rate),
-                                       use_buffers=False) for rate in cfg.optim.ema_rate}
+    emas = {float(rate): AveragedModel(
+        model, multi_avg_fn=ema_multi_avg_fn(rate, cfg.optim.ema_warmup), use_buffers=False)
+        for rate in cfg.optim.ema_rate}
     for ema in emas.values():  # average from the initial weights on, as the reference does
         ema.n_averaged.fill_(1)  # (AveragedModel would copy the weights at its first update)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr,
@@ -144,8 +148,11 @@ def restore(w: Worker, checkpoint: ray.train.Checkpoint | None) -> None:
                           f"EMAs at rates {saved}, the config asks for {list(w.emas)}; resume "
                           "with the same rates or start a new run (run.name)")
     w.model.load_state_dict(state["model"])
-    for rate, params in zip(saved, state["ema"]):
+    # (A checkpoint from before the counts were kept: one EMA update per step.)
+    counts = state.get("ema_counts", [int(meta["step"]) + 1] * len(saved))
+    for rate, params, count in zip(saved, state["ema"], counts):
         w.emas[rate].module.load_state_dict(params)
+        w.emas[rate].n_averaged.fill_(int(count))
     w.opt.load_state_dict(state["optimizer"])
     w.scaler.load_state_dict(state["scaler"])
     w.objective.load_state_dict(state["objective"])

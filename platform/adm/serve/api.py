@@ -1,0 +1,248 @@
+"""The HTTP API's request: its JSON checked field by field against the bounds of the Serve
+config, and every way a request can be bad turned into a 4xx that names the field.
+
+No Ray here: the ingress calls `parse_generate(raw_body, limits)` and gets a checked
+`GenerateRequest` (defaults filled in) or a `RequestError` (status, field, message).
+
+Fields that are keyword arguments of `adm.diffusion.sample` say so in their metadata
+(`json_schema_extra={"sample_arg": NAME}`): `GenerateRequest.sample_args()` collects them, the
+sampler deployment batches together the requests whose sample_args are equal, and passes them
+to `sample(**sample_args)`. A new sampling knob is one such field.
+"""
+from __future__ import annotations
+
+import hmac
+import json
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, \
+    field_validator, model_validator
+
+from ..diffusion import space_timesteps
+
+SAMPLE_ARG = "sample_arg"  # field metadata key: the `adm.diffusion.sample` keyword it feeds
+MAX_SEED = 2**53 - 1  # exact in a JavaScript number, so the page can show and resend it
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The request bounds and defaults of one application (from its config and models)."""
+
+    max_images: int
+    max_steps: int
+    samplers: tuple
+    max_guidance_scale: float
+    max_body_bytes: int
+    num_classes: int
+    class_names: tuple | None
+    diffusion_steps: int  # T of the base chain: steps must respace it
+    has_classifier: bool
+    has_upsampler: bool
+    default_sampler: str
+    default_steps: int
+    default_guidance_scale: float
+
+    @classmethod
+    def of(cls, loaded) -> "Limits":
+        """From an `adm.serve.settings.Loaded`."""
+        s = loaded.settings
+        return cls(s.max_images, min(s.max_steps, loaded.diffusion_steps), tuple(s.samplers),
+                   s.max_guidance_scale, s.max_body_bytes, loaded.num_classes,
+                   tuple(loaded.classes) if loaded.classes else None, loaded.diffusion_steps,
+                   loaded.classifier is not None, loaded.upsampler is not None,
+                   s.default_sampler, s.default_steps, loaded.guidance_scale)
+
+
+class RequestError(Exception):
+    """A bad request: HTTP `status`, the `field` at fault ("body" for the whole) and why."""
+
+    def __init__(self, status: int, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.status, self.field, self.message = status, field, message
+
+    def payload(self) -> dict:
+        return {"detail": str(self), "errors": [{"field": self.field, "message": self.message}]}
+
+
+def _limits(info: ValidationInfo) -> Limits:
+    if not isinstance(info.context, Limits):
+        raise TypeError("GenerateRequest is validated with context=Limits")
+    return info.context
+
+
+class GenerateRequest(BaseModel):
+    """POST /v1/generate. Strict JSON types (no "3" for 3, no true for 1), no unknown fields,
+    finite numbers only; bounds from the config (`Limits`, the validation context)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    class_id: int | None = Field(None, ge=0, description="class index; or give class_name")
+    class_name: str | None = Field(None, min_length=1, max_length=256,
+                                   description="a name of GET /v1/models' class_names")
+    num_images: int = Field(1, ge=1, description="images of this class, at most max_images")
+    guidance_scale: float | None = Field(None, ge=0, allow_inf_nan=False,
+                                         description="classifier guidance scale s",
+                                         json_schema_extra={SAMPLE_ARG: "classifier_scale"})
+    sampler: str | None = Field(None, description="one of the config's samplers",
+                                json_schema_extra={SAMPLE_ARG: "sampler"})
+    steps: int | None = Field(None, ge=1, description="base sampling steps",
+                              json_schema_extra={SAMPLE_ARG: "steps"})
+    seed: int | None = Field(None, ge=0, le=MAX_SEED,
+                             description="same seed and settings give the same images")
+    upsample: bool | None = Field(None, description="run the upsampler on the base images")
+    response: Literal["png", "json"] = "png"
+
+    @field_validator("class_id")
+    @classmethod
+    def _class_id(cls, v: int | None, info: ValidationInfo) -> int | None:
+        n = _limits(info).num_classes
+        if v is not None and v >= n:
+            raise ValueError(f"the model has {n} classes (0..{n - 1}); got {v}")
+        return v
+
+    @field_validator("class_name")
+    @classmethod
+    def _class_name(cls, v: str | None, info: ValidationInfo) -> str | None:
+        names = _limits(info).class_names
+        if v is not None and not names:
+            raise ValueError("this model has no class names (no classes.json); give class_id")
+        if v is not None and v not in names:
+            raise ValueError(f"unknown class name {v[:64]!r} (GET /v1/models lists them)")
+        return v
+
+    @field_validator("num_images")
+    @classmethod
+    def _num_images(cls, v: int, info: ValidationInfo) -> int:
+        if v > _limits(info).max_images:
+            raise ValueError(f"at most {_limits(info).max_images} per request (max_images); "
+                             f"got {v}")
+        return v
+
+    @field_validator("guidance_scale")
+    @classmethod
+    def _guidance(cls, v: float | None, info: ValidationInfo) -> float | None:
+        lim = _limits(info)
+        if v is not None and v > lim.max_guidance_scale:
+            raise ValueError(f"at most {lim.max_guidance_scale} (max_guidance_scale); got {v}")
+        if v and not lim.has_classifier:
+            raise ValueError("no classifier is loaded: only 0 (unguided) is possible")
+        return v
+
+    @field_validator("sampler")
+    @classmethod
+    def _sampler(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is not None and v not in _limits(info).samplers:
+            raise ValueError(f"{v[:32]!r} is not one of {', '.join(_limits(info).samplers)}")
+        return v
+
+    @field_validator("steps")
+    @classmethod
+    def _steps(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v is not None and v > _limits(info).max_steps:
+            raise ValueError(f"at most {_limits(info).max_steps} (max_steps); got {v}")
+        return v
+
+    @field_validator("upsample")
+    @classmethod
+    def _upsample(cls, v: bool | None, info: ValidationInfo) -> bool | None:
+        if v and not _limits(info).has_upsampler:
+            raise ValueError("no upsampler is loaded")
+        return v
+
+    @model_validator(mode="after")
+    def _complete(self, info: ValidationInfo) -> "GenerateRequest":
+        """One class, and the config's defaults for what the request leaves out."""
+        lim = _limits(info)
+        if (self.class_id is None) == (self.class_name is None):
+            raise ValueError("class_id or class_name: give exactly one of them")
+        if self.class_id is None:
+            self.class_id = lim.class_names.index(self.class_name)
+        if self.sampler is None:
+            self.sampler = lim.default_sampler
+        if self.steps is None:
+            self.steps = lim.default_steps
+        if self.guidance_scale is None:
+            self.guidance_scale = lim.default_guidance_scale
+        if self.upsample is None:
+            self.upsample = lim.has_upsampler
+        spec = f"ddim{self.steps}" if self.sampler == "ddim" else str(self.steps)
+        try:
+            space_timesteps(lim.diffusion_steps, spec)
+        except ValueError as e:
+            raise ValueError(f"steps: {self.steps} does not respace the model's "
+                             f"{lim.diffusion_steps}-step chain for {self.sampler} ({e})") from None
+        return self
+
+    def sample_args(self) -> dict:
+        """The `adm.diffusion.sample` keywords this request sets (its batching key too)."""
+        return {f.json_schema_extra[SAMPLE_ARG]: getattr(self, name)
+                for name, f in type(self).model_fields.items()
+                if isinstance(f.json_schema_extra, dict) and SAMPLE_ARG in f.json_schema_extra}
+
+    def settings(self) -> dict:
+        """What decided the images (returned with them)."""
+        return self.model_dump(exclude={"response"})
+
+
+def _describe(errors: list[dict]) -> RequestError:
+    """A pydantic error list as one 422 naming each field."""
+    items = []
+    for e in errors:
+        field = ".".join(str(p) for p in e["loc"]) or "body"
+        msg = e["msg"].removeprefix("Value error, ")
+        if not e["loc"] and ":" in msg:  # a model-level check names its field(s) itself
+            field, msg = (part.strip() for part in msg.split(":", 1))
+        items.append({"field": field, "message": msg})
+    err = RequestError(422, items[0]["field"], items[0]["message"])
+    err.args = ("; ".join(f"{i['field']}: {i['message']}" for i in items),)
+    err.items = items
+    return err
+
+
+def parse_json_object(raw: bytes) -> dict:
+    """The body as a JSON object, or a RequestError (400 malformed, 422 not an object)."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, huge int literals
+        reason = str(e).splitlines()[0][:200] if not isinstance(e, RecursionError) else \
+            "nested too deeply"
+        raise RequestError(400, "body", f"malformed JSON ({reason})") from None
+    if not isinstance(data, dict):
+        raise RequestError(422, "body", f"expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def parse_generate(raw: bytes, limits: Limits) -> GenerateRequest:
+    """A checked request with defaults filled in, or a RequestError naming the field."""
+    if len(raw) > limits.max_body_bytes:
+        raise body_too_large(len(raw), limits)
+    data = parse_json_object(raw)
+    try:
+        return GenerateRequest.model_validate(data, context=limits)
+    except ValidationError as e:
+        raise _describe(e.errors()) from None
+
+
+def body_too_large(size: int, limits: Limits) -> RequestError:
+    return RequestError(413, "body", f"{size} bytes exceed max_body_bytes "
+                                     f"({limits.max_body_bytes})")
+
+
+def api_key_from(environ, name: str, required: bool) -> str | None:
+    """The API key in the environment variable `name` (None when unset or empty). A server
+    that must not run open (`required`: a public bind) refuses to start without one."""
+    key = environ.get(name) or None
+    if key is None and required:
+        raise RuntimeError(f"require_api_key is set but ${name} is empty in the ingress "
+                           f"replica's environment; set it on the Ray nodes")
+    return key
+
+
+def authorized(header: str | None, key: str | None) -> bool:
+    """Whether an Authorization header carries `Bearer <key>` (always True without a key)."""
+    if not key:
+        return True
+    scheme, _, token = (header or "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(),
+                                                              key.encode())

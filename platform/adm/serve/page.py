@@ -1,0 +1,133 @@
+"""GET /: one small page to try the API. It uses only GET /v1/models and POST /v1/generate,
+with the API key the user types (kept in the tab's sessionStorage) when the server asks for
+one. Kept as a string in a module so that it ships with the package's Python files."""
+
+PAGE = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>ADM: guided diffusion</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>
+  body { font: 15px system-ui, sans-serif; margin: 2em; max-width: 60em; color: #222; }
+  form { display: flex; flex-wrap: wrap; gap: .8em 1.5em; align-items: end; }
+  label { display: flex; flex-direction: column; gap: .2em; font-size: 13px; color: #555; }
+  input, select, button { font: inherit; padding: .3em .5em; }
+  button { cursor: pointer; }
+  #out { display: flex; gap: 2em; margin-top: 1.5em; }
+  figure { margin: 0; }
+  figure img { width: 256px; height: 256px; image-rendering: pixelated; background: #eee;
+               display: block; }
+  figcaption { font-size: 13px; color: #555; margin-top: .3em; }
+  #status { margin-top: 1em; min-height: 1.3em; }
+  .error { color: #b00; }
+</style>
+</head>
+<body data-state="loading">
+<h1>Guided diffusion</h1>
+<form id="form">
+  <label>Class <select id="cls" required></select></label>
+  <label>Guidance scale <input id="scale" type="number" min="0" step="0.5"></label>
+  <label>Seed <input id="seed" type="number" min="0" step="1" placeholder="random"></label>
+  <label>API key <input id="key" type="password" autocomplete="off"
+                        placeholder="if the server asks"></label>
+  <button id="go" type="submit">Generate</button>
+</form>
+<div id="status"></div>
+<div id="out">
+  <figure><img id="base" alt="base sample"><figcaption id="base-cap">base</figcaption></figure>
+  <figure><img id="up" alt="upsampled"><figcaption id="up-cap">upsampled</figcaption></figure>
+</div>
+<script>
+const root = location.pathname.endsWith("/") ? location.pathname : location.pathname + "/";
+const $ = (id) => document.getElementById(id);
+let models = null;
+
+function headers() {
+  const key = $("key").value || sessionStorage.getItem("adm-key") || "";
+  const h = {"Content-Type": "application/json"};
+  if (key) { h["Authorization"] = "Bearer " + key; sessionStorage.setItem("adm-key", key); }
+  return h;
+}
+
+function status(text, error) {
+  $("status").textContent = text;
+  $("status").className = error ? "error" : "";
+}
+
+async function detail(resp) {
+  try { return (await resp.json()).detail; } catch (e) { return resp.statusText; }
+}
+
+async function loadModels() {
+  const resp = await fetch(root + "v1/models", {headers: headers()});
+  if (!resp.ok) {
+    status(resp.status === 401 ? "This server needs an API key: enter it, then Generate."
+                               : "GET /v1/models: " + await detail(resp), true);
+    document.body.dataset.state = "needs-key";
+    return false;
+  }
+  models = await resp.json();
+  const select = $("cls");
+  select.innerHTML = "";
+  const names = models.class_names || [...Array(models.num_classes).keys()].map(String);
+  names.forEach((name, i) => {
+    const opt = document.createElement("option");
+    opt.value = models.class_names ? name : String(i);
+    opt.textContent = models.class_names ? name : "class " + i;
+    select.appendChild(opt);
+  });
+  $("scale").value = models.defaults.guidance_scale;
+  $("scale").max = models.limits.max_guidance_scale;
+  $("scale").disabled = models.classifier === null;
+  $("up").parentElement.style.display = models.upsampler ? "" : "none";
+  document.body.dataset.state = "ready";
+  status("Ready: " + models.base.image_size + " px base" +
+         (models.upsampler ? ", upsampled to " + models.upsampler.image_size + " px." : "."));
+  return true;
+}
+
+async function generate(event) {
+  event.preventDefault();
+  if (!models && !(await loadModels())) return;
+  const body = {response: "json", upsample: models.upsampler !== null,
+                guidance_scale: Number($("scale").value || 0)};
+  if (models.class_names) body.class_name = $("cls").value;
+  else body.class_id = Number($("cls").value);
+  if ($("seed").value !== "") body.seed = Number($("seed").value);
+  document.body.dataset.state = "generating";
+  $("go").disabled = true;
+  status("Generating...");
+  try {
+    const resp = await fetch(root + "v1/generate",
+                             {method: "POST", headers: headers(), body: JSON.stringify(body)});
+    if (!resp.ok) { status(resp.status + ": " + await detail(resp), true);
+                    document.body.dataset.state = "error"; return; }
+    const out = await resp.json();
+    const png = (b64) => "data:image/png;base64," + b64;
+    const base = out.base_images ? out.base_images[0] : out.images[0];
+    await Promise.all([show($("base"), png(base)),
+                       out.base_images ? show($("up"), png(out.images[0])) : null]);
+    $("base-cap").textContent = "base, " + (out.base_size || out.image_size) + " px";
+    if (out.base_images) $("up-cap").textContent = "upsampled, " + out.image_size + " px";
+    status("seed " + out.seed + ", " + out.settings.sampler + " " + out.settings.steps +
+           " steps, guidance " + out.settings.guidance_scale + " (" + out.elapsed_s + " s)");
+    document.body.dataset.state = "done";
+  } catch (e) {
+    status(String(e), true);
+    document.body.dataset.state = "error";
+  } finally {
+    $("go").disabled = false;
+  }
+}
+
+function show(img, src) {
+  return new Promise((resolve) => { img.onload = resolve; img.onerror = resolve; img.src = src; });
+}
+
+$("form").addEventListener("submit", generate);
+loadModels().catch((e) => status(String(e), true));
+</script>
+</body>
+</html>
+"""

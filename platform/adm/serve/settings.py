@@ -1,0 +1,282 @@
+"""What a Serve application is built from: the builder's arguments, typed and checked, and the
+networks they name, resolved (file read, flags found, keys and shapes checked) before any
+replica starts.
+
+`serve run adm.serve:build_app base=URI ...` hands every argument over as a string; a config
+file's `args:` hands YAML values. Both go through `ServeSettings.from_args`, which casts them
+and names the argument on a bad value. A model file that is not there fails here, at startup,
+with a message that names it and says how to get it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from .. import storage
+from ..compat import openai
+from ..config import ConfigError
+from ..diffusion import SAMPLERS, space_timesteps
+from ..generate import models
+from ..presets import preset
+
+# Where guided-diffusion's README links its released checkpoints.
+RELEASES = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/"
+PRECISIONS = ("fp32", "bf16", "fp16")
+DEFAULT_API_KEY_ENV = "ADM_SERVE_API_KEY"
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """The builder's arguments. Model URIs are local paths or s3://; a released file needs
+    its preset (flags), an exported one has flags.json (and classes.json) beside it."""
+
+    base: str = ""  # the base diffusion model (required)
+    base_preset: str | None = None
+    classifier: str | None = None  # noisy-image classifier: guidance_scale > 0 needs it
+    classifier_preset: str | None = None
+    upsampler: str | None = None  # super-resolution stage: `upsample: true` needs it
+    upsampler_preset: str | None = None
+    how_to_get: str | None = None  # told when a model file is missing (e.g. "make quickstart")
+    # Request bounds.
+    max_images: int = 4  # num_images per request
+    max_steps: int = 100  # base sampling steps per request
+    samplers: tuple = ("ddim", "ddpm")  # the samplers a request may ask for
+    max_guidance_scale: float = 20.0
+    max_body_bytes: int = 16384
+    # Defaults of a request that leaves a field out.
+    default_sampler: str = "ddim"
+    default_steps: int = 25
+    default_guidance_scale: float | None = None  # None: the preset's README scale, else 1.0
+    # The upsampler stage is not a request setting: its sampler and steps are the server's.
+    upsampler_sampler: str | None = None  # None: the preset's (README) sampler, else ddpm
+    upsampler_steps: int | str | None = None  # None: the preset's respacing, else 25
+    # Batching: one @serve.batch call takes up to `max_batch_requests` requests; their rows
+    # (grouped by settings) run in model calls of exactly `batch_rows` rows (padded), so an
+    # image's arithmetic never depends on what it was batched with.
+    max_batch_requests: int = 8
+    batch_wait_s: float = 0.05
+    batch_rows: int = 8
+    upsampler_batch_rows: int | None = None  # default: batch_rows
+    precision: str = "fp32"  # autocast of the networks: fp32, bf16, fp16
+    gpus: bool = False  # one GPU per model replica (a config file sets ray_actor_options)
+    api_key_env: str = DEFAULT_API_KEY_ENV  # the environment variable holding the API key
+    require_api_key: bool = False  # refuse to start without a key (a public bind)
+
+    @classmethod
+    def from_args(cls, args: Mapping[str, Any]) -> "ServeSettings":
+        """Settings from builder arguments (strings from the CLI or YAML values)."""
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(args) - set(known))
+        if unknown:
+            raise ConfigError(f"unknown argument(s) {', '.join(unknown)} "
+                              f"(known: {', '.join(known)})")
+        values = {name: _cast(name, known[name].type, value) for name, value in args.items()}
+        settings = cls(**values)
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        """The checks that need no file; a ConfigError names the argument."""
+        if not self.base:
+            raise ConfigError("base: the base model URI is required (base=URI)")
+        for name in ("max_images", "max_steps", "max_body_bytes", "default_steps",
+                     "max_batch_requests", "batch_rows"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}: must be positive, got {getattr(self, name)}")
+        if self.upsampler_batch_rows is not None and self.upsampler_batch_rows <= 0:
+            raise ConfigError(f"upsampler_batch_rows: must be positive, got "
+                              f"{self.upsampler_batch_rows}")
+        bad = [s for s in self.samplers if s not in SAMPLERS]
+        if bad or not self.samplers:
+            raise ConfigError(f"samplers: {', '.join(bad) or 'none given'}: each must be one of "
+                              f"the library's samplers ({', '.join(sorted(SAMPLERS))})")
+        if self.default_sampler not in self.samplers:
+            raise ConfigError(f"default_sampler: {self.default_sampler!r} is not in samplers "
+                              f"({', '.join(self.samplers)})")
+        if self.upsampler_sampler is not None and self.upsampler_sampler not in SAMPLERS:
+            raise ConfigError(f"upsampler_sampler: {self.upsampler_sampler!r} is not one of "
+                              f"{', '.join(sorted(SAMPLERS))}")
+        if self.default_steps > self.max_steps:
+            raise ConfigError(f"default_steps: {self.default_steps} exceeds max_steps "
+                              f"{self.max_steps}")
+        if not 0 <= self.max_guidance_scale < float("inf"):
+            raise ConfigError(f"max_guidance_scale: must be finite and >= 0, got "
+                              f"{self.max_guidance_scale}")
+        if self.batch_wait_s < 0:
+            raise ConfigError(f"batch_wait_s: must be >= 0, got {self.batch_wait_s}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision: {self.precision!r} is not one of "
+                              f"{', '.join(PRECISIONS)}")
+        for name, uri in (("classifier_preset", self.classifier),
+                          ("upsampler_preset", self.upsampler)):
+            if getattr(self, name) and not uri:
+                raise ConfigError(f"{name}: given without its model file "
+                                  f"({name.replace('_preset', '')}=URI)")
+
+
+def _cast(name: str, tp: str, value: Any) -> Any:
+    """`value` (a CLI string or a YAML value) as the field's type, or a ConfigError."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")
+                         and "None" in tp):
+        return None
+    try:
+        if tp.startswith("int | str"):  # steps: "25" -> 25, "ddim25" stays a string
+            return int(value) if str(value).strip().isdigit() else str(value).strip()
+        if tp.startswith("int"):
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if tp.startswith("float"):
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if tp == "bool":
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("true", "1", "yes"):
+                return True
+            if text in ("false", "0", "no"):
+                return False
+            raise ValueError
+        if tp == "tuple":
+            items = value.split(",") if isinstance(value, str) else list(value)
+            return tuple(str(s).strip() for s in items if str(s).strip())
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}: expected {tp.split(' |')[0]}, got {value!r}") from None
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """The resolved networks and the stage settings the server fills in."""
+
+    settings: ServeSettings
+    base: models.ModelSpec
+    classifier: models.ModelSpec | None
+    upsampler: models.ModelSpec | None
+    guidance_scale: float  # the default of a request that gives none
+    upsampler_sampler: str | None
+    upsampler_steps: str  # respacing spec of the upsampler stage ("" = its whole chain)
+    classes: list | None = field(default=None, compare=False)  # class names, index = class id
+
+    @property
+    def num_classes(self) -> int:
+        return models.num_classes(self.classifier or self.base)
+
+    @property
+    def diffusion_steps(self) -> int:
+        """T of the base model's chain (the bound of any respacing)."""
+        return int(self.base.flags.get("diffusion_steps",
+                                       openai.DIFFUSION_DEFAULTS["diffusion_steps"]))
+
+    def info(self) -> dict:
+        """What GET /v1/models reports (JSON-ready)."""
+        s = self.settings
+        out = {
+            "base": {"image_size": models.image_size(self.base), "preset": self.base.preset,
+                     "sha256": self.base.sha256, "class_cond": models.is_class_cond(self.base),
+                     "diffusion_steps": self.diffusion_steps},
+            "classifier": None if self.classifier is None else {
+                "image_size": models.image_size(self.classifier),
+                "preset": self.classifier.preset, "sha256": self.classifier.sha256},
+            "upsampler": None if self.upsampler is None else {
+                "image_size": models.image_size(self.upsampler),
+                "small_size": models.small_size(self.upsampler),
+                "preset": self.upsampler.preset, "sha256": self.upsampler.sha256,
+                "sampler": self.upsampler_sampler, "steps": self.upsampler_steps},
+            "num_classes": self.num_classes,
+            "class_names": self.classes,
+            "limits": {"max_images": s.max_images, "max_steps": min(s.max_steps,
+                                                                     self.diffusion_steps),
+                       "samplers": list(s.samplers), "max_guidance_scale": s.max_guidance_scale,
+                       "max_body_bytes": s.max_body_bytes},
+            "defaults": {"num_images": 1, "sampler": s.default_sampler,
+                         "steps": s.default_steps, "guidance_scale": self.guidance_scale,
+                         "upsample": self.upsampler is not None, "response": "png"},
+        }
+        return out
+
+
+def _how_to_get(role: str, uri: str, preset_name: str | None, hint: str | None) -> str:
+    if preset_name:
+        return (f"download the released file {preset(preset_name).file} from guided-diffusion's "
+                f"README ({RELEASES}{preset(preset_name).file}) to {uri}")
+    if hint:
+        return hint
+    return ("train and export one (jobs/train_*.py, then jobs/export_checkpoint.py) and give "
+            "its model.pt, with flags.json beside it")
+
+
+def _resolve(role: str, uri: str, preset_name: str | None, kind: str,
+             hint: str | None) -> models.ModelSpec:
+    """models.resolve, with a missing file named with how to get it."""
+    if not storage.is_s3(uri) and not os.path.isfile(uri):
+        raise ConfigError(f"{role}: model file {os.path.abspath(uri)} does not exist; "
+                          f"{_how_to_get(role, uri, preset_name, hint)}")
+    if storage.is_s3(uri) and not storage.is_file(uri):
+        raise ConfigError(f"{role}: model file {uri} does not exist; "
+                          f"{_how_to_get(role, uri, preset_name, hint)}")
+    return models.resolve(role, uri, preset_name, kind)
+
+
+def _check_respacing(name: str, steps: str, total: int) -> None:
+    if steps:
+        try:
+            space_timesteps(total, steps)
+        except ValueError as e:
+            raise ConfigError(f"{name}: {e}") from None
+
+
+def load_settings(settings: ServeSettings) -> Loaded:
+    """Resolve and check every network of `settings` (reads the files; no Ray needed)."""
+    hint = settings.how_to_get
+    base = _resolve("base", settings.base, settings.base_preset, "diffusion", hint)
+    classifier = upsampler = None
+    if settings.classifier:
+        classifier = _resolve("classifier", settings.classifier, settings.classifier_preset,
+                              "classifier", hint)
+        if models.image_size(classifier) != models.image_size(base):
+            raise ConfigError(f"classifier: it reads {models.image_size(classifier)}px images; "
+                              f"the base model makes {models.image_size(base)}px")
+        if models.is_class_cond(base) and models.num_classes(classifier) != \
+                models.num_classes(base):
+            raise ConfigError(f"classifier: it has {models.num_classes(classifier)} classes; "
+                              f"the base model has {models.num_classes(base)}")
+    up_sampler, up_steps = None, ""
+    if settings.upsampler:
+        upsampler = _resolve("upsampler", settings.upsampler, settings.upsampler_preset,
+                             "upsampler", hint)
+        if models.small_size(upsampler) != models.image_size(base):
+            raise ConfigError(f"upsampler: its small_size is {models.small_size(upsampler)}; "
+                              f"the base model makes {models.image_size(base)}px images")
+        readme = preset(upsampler.preset).sampling if upsampler.preset else None
+        up_sampler = settings.upsampler_sampler or (
+            "ddim" if readme is not None and readme.use_ddim else "ddpm")
+        steps = settings.upsampler_steps
+        if steps is None:
+            steps = readme.timestep_respacing if readme is not None else 25
+        up_steps = steps if isinstance(steps, str) else (
+            f"ddim{steps}" if up_sampler == "ddim" else str(steps))
+        total = int(upsampler.flags.get("diffusion_steps",
+                                        openai.DIFFUSION_DEFAULTS["diffusion_steps"]))
+        _check_respacing("upsampler_steps", up_steps, total)
+    scale = settings.default_guidance_scale
+    if scale is None:
+        readme = preset(base.preset).sampling if base.preset else None
+        scale = (readme.classifier_scale if readme is not None and readme.classifier
+                 else 1.0) if classifier is not None else 0.0
+    if scale and classifier is None:
+        raise ConfigError(f"default_guidance_scale: {scale} needs a classifier (classifier=URI)")
+    if not 0 <= scale <= settings.max_guidance_scale:
+        raise ConfigError(f"default_guidance_scale: {scale} is outside 0..max_guidance_scale "
+                          f"({settings.max_guidance_scale})")
+    total = int(base.flags.get("diffusion_steps", openai.DIFFUSION_DEFAULTS["diffusion_steps"]))
+    default = settings.default_steps
+    _check_respacing("default_steps", f"ddim{default}" if settings.default_sampler == "ddim"
+                     else str(default), total)
+    names = base.classes or (classifier.classes if classifier else None)
+    return Loaded(settings, base, classifier, upsampler, float(scale), up_sampler, up_steps,
+                  list(names) if names else None)

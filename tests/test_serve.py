@@ -1,0 +1,501 @@
+"""Serving (`adm.serve`) with real Ray Serve on the session's local Ray and real HTTP on
+127.0.0.1: tiny random-weight models exported as training exports them (state dict +
+flags.json + classes.json), the guided base sampler chained into the upsampler, every bad
+request a 4xx naming its field, the API key, same seed -> same images whatever the batch, a
+bounded load test that batches and autoscales, and the config files."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import torch
+import yaml
+from PIL import Image
+
+from helpers import TINY_CLASSIFIER_FLAGS, TINY_UNET_FLAGS
+from adm.compat import openai
+from adm.config import ConfigError
+from adm.diffusion import SAMPLERS, sample
+from adm.diffusion.sampling import index_seeds
+from adm.generate.pipeline import to_uint8
+from adm.serve import ServeSettings, build, build_app, load_settings
+from adm.serve.api import api_key_from, authorized
+from adm.serve.batching import Job, run_batch
+
+ROOT = Path(__file__).resolve().parents[1]
+UPSAMPLER_FLAGS = {**{k: v for k, v in TINY_UNET_FLAGS.items() if k != "image_size"},
+                   "large_size": 16, "small_size": 8}
+CLASSES = ["tench", "goldfish", "great white shark", "tiger shark", "hammerhead", "electric ray",
+           "stingray", "cock", "hen", "ostrich"]
+APP, PREFIX = "adm", "/adm"
+KEY = "test-key-9f2c"  # the keyed app's API key (a test value, in the replica's runtime env)
+
+# The limits and batching of the test app, as `serve run ... key=value` hands them: strings.
+ARGS = {"max_images": "4", "max_steps": "50", "samplers": "ddim,ddpm", "max_body_bytes": "8192",
+        "max_guidance_scale": "10", "default_steps": "10", "upsampler_steps": "4",
+        "upsampler_sampler": "ddim", "batch_rows": "8", "max_batch_requests": "8",
+        "batch_wait_s": "0.2"}
+# Small CPU shares: the session's Ray has 4 logical CPUs; the base scales 1 -> 3 under load.
+OPTIONS = {
+    "GuidedSampler": {"ray_actor_options": {"num_cpus": 0.25}, "max_ongoing_requests": 16,
+                      "autoscaling_config": {
+                          "min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 2,
+                          "upscale_delay_s": 0.5, "downscale_delay_s": 5,
+                          "metrics_interval_s": 0.5, "look_back_period_s": 1}},
+    "Upsampler": {"ray_actor_options": {"num_cpus": 0.25}, "max_ongoing_requests": 16},
+    "Ingress": {"ray_actor_options": {"num_cpus": 0.1}},
+}
+
+
+# ---------------------------------------------------------------- shared with test_serve_page
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _export(folder: Path, net: torch.nn.Module, flags: dict, seed: int) -> str:
+    """Random N(0, 0.1²) weights (ADM zero-initialises its output layers), saved as training
+    exports them: model.pt with flags.json beside it."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    folder.mkdir(parents=True)
+    torch.save(net.state_dict(), folder / "model.pt")
+    (folder / "flags.json").write_text(json.dumps(flags))
+    return str(folder / "model.pt")
+
+
+def export_tiny_models(root: Path) -> dict:
+    """The quickstart's layout (models/{diffusion,classifier,upsampler}/model.pt) with tiny
+    8 px -> 16 px random-weight networks; class names beside the base model."""
+    out = {"base": _export(root / "diffusion", openai.create_model(TINY_UNET_FLAGS),
+                           TINY_UNET_FLAGS, 1),
+           "classifier": _export(root / "classifier",
+                                 openai.create_classifier(TINY_CLASSIFIER_FLAGS),
+                                 TINY_CLASSIFIER_FLAGS, 2),
+           "upsampler": _export(root / "upsampler",
+                                openai.create_superres_model(UPSAMPLER_FLAGS), UPSAMPLER_FLAGS, 3)}
+    for name in ("diffusion", "classifier", "upsampler"):
+        (root / name / "classes.json").write_text(json.dumps(CLASSES))
+    return out
+
+
+def wait_healthy(url: str, timeout_s: float = 90) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if requests.get(f"{url}/healthz", timeout=10).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        assert time.monotonic() < deadline, f"{url}/healthz not ready after {timeout_s} s"
+        time.sleep(0.5)
+
+
+def start_serve(nets: dict, args: dict, options: dict, name: str, prefix: str,
+                port: int | None = None) -> str:
+    """Serve on loopback (started once per module) and the application `name` at `prefix`;
+    returns its base URL once /healthz answers."""
+    from ray import serve
+
+    port = port or free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    loaded = load_settings(ServeSettings.from_args({**nets, **args}))
+    serve.run(build(loaded, options), name=name, route_prefix=prefix, blocking=False)
+    url = f"http://127.0.0.1:{port}{prefix.rstrip('/')}"
+    wait_healthy(url)
+    return url
+
+
+def decode(b64: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def nets(tmp_path_factory):
+    return export_tiny_models(tmp_path_factory.mktemp("serve") / "models")
+
+
+@pytest.fixture(scope="module")
+def url(ray_session, nets):
+    from ray import serve
+
+    port = free_port()
+    try:
+        yield start_serve(nets, ARGS, OPTIONS, APP, PREFIX, port)
+    finally:
+        serve.shutdown()  # other test modules start from a Ray without Serve
+
+
+def generate(url: str, body, headers=None, timeout=60) -> requests.Response:
+    data = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    return requests.post(f"{url}/v1/generate", data=data, timeout=timeout,
+                         headers={"Content-Type": "application/json", **(headers or {})})
+
+
+# ---------------------------------------------------------------- the chain
+
+
+def test_chain_returns_upsampled_images(url):
+    r = generate(url, {"class_name": "goldfish", "num_images": 2, "seed": 5, "response": "json"})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    images = [decode(s) for s in out["images"]]
+    base = [decode(s) for s in out["base_images"]]
+    assert [im.shape for im in images] == [(16, 16, 3)] * 2  # the upsampler's large_size
+    assert [im.shape for im in base] == [(8, 8, 3)] * 2
+    assert out["seed"] == 5 and out["image_size"] == 16 and out["base_size"] == 8
+    assert out["settings"] == {"class_id": 1, "class_name": "goldfish", "num_images": 2,
+                               "guidance_scale": 1.0, "sampler": "ddim", "steps": 10,
+                               "seed": 5, "upsample": True}
+    # response "png" (the default): one PNG, the images side by side; seed in a header
+    r = generate(url, {"class_id": 3, "num_images": 2, "seed": 1})
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(r.content)).size == (32, 16)
+    assert r.headers["X-ADM-Seed"] == "1"
+    # without the upsampler: the base image
+    r = generate(url, {"class_id": 3, "upsample": False, "seed": 1})
+    assert Image.open(io.BytesIO(r.content)).size == (8, 8)
+
+
+def test_models_and_health(url):
+    info = requests.get(f"{url}/v1/models", timeout=10).json()
+    assert info["class_names"] == CLASSES and info["num_classes"] == 10
+    assert info["base"]["image_size"] == 8 and info["upsampler"]["image_size"] == 16
+    assert info["limits"] == {"max_images": 4, "max_steps": 50, "samplers": ["ddim", "ddpm"],
+                              "max_guidance_scale": 10.0, "max_body_bytes": 8192}
+    assert info["auth_required"] is False
+    health = requests.get(f"{url}/healthz", timeout=10)
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+
+
+def test_served_images_are_the_library_samples(url, nets):
+    """Image k of a request is `adm.diffusion.sample` of (seed, k)'s index seeds, as a
+    padded model call of batch_rows rows (guided base, then the upsampler on it)."""
+    seed, n = 11, 2
+    out = generate(url, {"class_id": 4, "num_images": n, "seed": seed, "guidance_scale": 2.0,
+                         "sampler": "ddpm", "steps": 6, "response": "json"}).json()
+    base_net = openai.load_checkpoint(openai.create_model(TINY_UNET_FLAGS), nets["base"]).eval()
+    clf = openai.load_checkpoint(openai.create_classifier(TINY_CLASSIFIER_FLAGS),
+                                 nets["classifier"]).eval()
+    pad = [0, 1] + [1] * 6
+    x = sample(base_net, openai.create_diffusion(TINY_UNET_FLAGS), (8, 3, 8, 8), sampler="ddpm",
+               steps=6, classifier=clf, classifier_scale=2.0, y=torch.full((8,), 4),
+               seeds=[index_seeds(seed, range(n))[i] for i in pad])
+    want = to_uint8(x)[:n]
+    got = np.stack([decode(s) for s in out["base_images"]])
+    # Same arithmetic up to the thread count's float rounding (the replica runs 1 thread).
+    assert np.abs(got.astype(int) - want.astype(int)).max() <= 2
+
+
+# ---------------------------------------------------------------- bad requests
+
+BAD = [  # (body, status, text the message must contain)
+    (b'{"class_id": 1,', 400, "body: malformed JSON"),
+    (b"\xff\xfe{}", 400, "body: malformed JSON"),
+    (b"[" * 3000, 400, "body: malformed JSON"),
+    (b'{"class_id": ' + b"9" * 4400 + b"}", 400, "body: malformed JSON"),
+    (b"[1, 2]", 422, "body: expected a JSON object"),
+    (b'"hello"', 422, "body: expected a JSON object"),
+    ({}, 422, "class_id or class_name"),
+    ({"class_id": 1, "class_name": "hen"}, 422, "class_id or class_name"),
+    ({"class_id": "1"}, 422, "class_id"),
+    ({"class_id": 1.0}, 422, "class_id"),
+    ({"class_id": True}, 422, "class_id"),
+    ({"class_id": 10}, 422, "class_id: the model has 10 classes"),
+    ({"class_id": -1}, 422, "class_id"),
+    ({"class_id": 10**30}, 422, "class_id"),
+    ({"class_name": "unicorn"}, 422, "class_name: unknown class name 'unicorn'"),
+    ({"class_name": 7}, 422, "class_name"),
+    ({"class_id": 1, "num_images": 5}, 422, "num_images: at most 4"),
+    ({"class_id": 1, "num_images": 0}, 422, "num_images"),
+    ({"class_id": 1, "num_images": "2"}, 422, "num_images"),
+    ({"class_id": 1, "steps": 51}, 422, "steps: at most 50"),
+    ({"class_id": 1, "steps": 10**12}, 422, "steps"),
+    ({"class_id": 1, "steps": 30}, 422, "steps: 30 does not respace"),
+    ({"class_id": 1, "steps": 2.5}, 422, "steps"),
+    ({"class_id": 1, "sampler": "euler"}, 422, "sampler: 'euler' is not one of ddim, ddpm"),
+    ({"class_id": 1, "sampler": None, "response": "gif"}, 422, "response"),
+    (b'{"class_id": 1, "guidance_scale": NaN}', 422, "guidance_scale: Input should be a finite"),
+    (b'{"class_id": 1, "guidance_scale": Infinity}', 422, "guidance_scale"),
+    (b'{"class_id": 1, "guidance_scale": -Infinity}', 422, "guidance_scale"),
+    (b'{"class_id": 1, "guidance_scale": 1e999}', 422, "guidance_scale"),
+    ({"class_id": 1, "guidance_scale": 11.0}, 422, "guidance_scale: at most 10"),
+    ({"class_id": 1, "guidance_scale": -1}, 422, "guidance_scale"),
+    ({"class_id": 1, "seed": -3}, 422, "seed"),
+    ({"class_id": 1, "seed": 2**64}, 422, "seed"),
+    ({"class_id": 1, "upsample": "yes"}, 422, "upsample"),
+    ({"class_id": 1, "num_image": 2}, 422, "num_image: Extra inputs are not permitted"),
+    ({"class_id": 1, "pad": "x" * 9000}, 413, "body: 90"),
+]
+
+
+def test_bad_requests_get_4xx_naming_the_field(url):
+    failures = []
+    for body, status, text in BAD:
+        r = generate(url, body)
+        detail = r.json().get("detail", "") if r.headers.get("content-type", "").startswith(
+            "application/json") else r.text
+        if r.status_code != status or text not in detail:
+            failures.append(f"{str(body)[:60]}: {r.status_code} {detail[:200]}")
+    # Chunked (no Content-Length): refused while reading, not after.
+    r = requests.post(f"{url}/v1/generate", data=(b"x" * 1024 for _ in range(64)), timeout=30)
+    if r.status_code != 413 or "max_body_bytes" not in r.json()["detail"]:
+        failures.append(f"chunked huge body: {r.status_code} {r.text[:200]}")
+    r = requests.get(f"{url}/v1/generate", timeout=10)  # wrong method
+    if r.status_code != 405:
+        failures.append(f"GET /v1/generate: {r.status_code}")
+    r = requests.put(f"{url}/v1/models", timeout=10)
+    if r.status_code != 405:
+        failures.append(f"PUT /v1/models: {r.status_code}")
+    assert not failures, "\n".join(failures)
+    # The replicas kept serving: a good request after all of them succeeds.
+    r = generate(url, {"class_name": "hen", "seed": 2, "response": "json"})
+    assert r.status_code == 200, r.text
+    assert decode(r.json()["images"][0]).shape == (16, 16, 3)
+
+
+# ---------------------------------------------------------------- API key
+
+
+def test_api_key(url, nets):
+    """A second application whose ingress has a key in its environment: /v1/* needs it."""
+    from ray import serve
+
+    args = {"max_images": "2", "api_key_env": "ADM_TEST_SERVE_KEY", "default_steps": "4",
+            "batch_rows": "2"}
+    options = {"GuidedSampler": {"ray_actor_options": {"num_cpus": 0.1}},
+               "Ingress": {"ray_actor_options": {"num_cpus": 0.1, "runtime_env": {
+                   "env_vars": {"ADM_TEST_SERVE_KEY": KEY}}}}}
+    loaded = load_settings(ServeSettings.from_args({"base": nets["base"], **args}))
+    serve.run(build(loaded, options), name="keyed", route_prefix="/keyed", blocking=False)
+    keyed = url.replace(PREFIX, "/keyed")
+    wait_healthy(keyed)  # /healthz is open: load balancers probe it
+    try:
+        body = {"class_id": 2, "seed": 1}
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY},
+                        {"Authorization": f"Basic {KEY}"}, {"Authorization": "Bearer "}):
+            r = generate(keyed, body, headers)
+            assert r.status_code == 401, (headers, r.status_code)
+            assert r.headers["WWW-Authenticate"] == "Bearer"
+            assert "authorization" in r.json()["detail"]
+        assert requests.get(f"{keyed}/v1/models", timeout=10).status_code == 401
+        # the key is checked before the body: a bad body without it is still a 401
+        assert generate(keyed, b"{", {"Authorization": "Bearer no"}).status_code == 401
+        r = generate(keyed, body, {"Authorization": f"Bearer {KEY}"})
+        assert r.status_code == 200 and Image.open(io.BytesIO(r.content)).size == (8, 8)
+        info = requests.get(f"{keyed}/v1/models", timeout=10,
+                            headers={"Authorization": f"Bearer {KEY}"}).json()
+        assert info["auth_required"] is True and info["upsampler"] is None
+    finally:
+        serve.delete("keyed")
+
+
+def test_api_key_comes_from_the_environment_and_can_be_required():
+    assert api_key_from({"K": "s3cret"}, "K", required=True) == "s3cret"
+    assert api_key_from({"K": ""}, "K", required=False) is None
+    with pytest.raises(RuntimeError, match=r"require_api_key is set but \$K is empty"):
+        api_key_from({}, "K", required=True)
+    assert authorized("Bearer s3cret", "s3cret") and authorized(None, None)
+    assert not authorized("Bearer s3cre", "s3cret") and not authorized(None, "s3cret")
+
+
+# ---------------------------------------------------------------- same seed, same images
+
+
+def test_same_seed_same_images_alone_or_batched(url):
+    want = {"class_name": "stingray", "num_images": 3, "seed": 42, "guidance_scale": 3.0,
+            "response": "json"}
+    alone = generate(url, want).json()
+    others = [{"class_id": c, "num_images": 2, "seed": 100 + c, "guidance_scale": 3.0,
+               "response": "json"} for c in range(5)]
+    shared = []
+    for _ in range(3):  # until it shares a batch (requests may land on different replicas)
+        with ThreadPoolExecutor(6) as pool:
+            together = list(pool.map(lambda b: generate(url, b).json(), [*others, want]))[-1]
+        assert together["images"] == alone["images"]
+        assert together["base_images"] == alone["base_images"]
+        assert together["settings"] == alone["settings"]
+        shared.append(together["batch"]["base"]["requests"])
+        if shared[-1] > 1:
+            break
+    assert max(shared) > 1, shared  # it was batched with others, and came out the same
+    other_seed = generate(url, {**want, "seed": 43}).json()
+    assert other_seed["images"] != alone["images"]
+    # different settings in one batch are grouped, not mixed
+    mixed = [{**want, "steps": 5}, want, {**want, "guidance_scale": 0.0}]
+    with ThreadPoolExecutor(3) as pool:
+        res = list(pool.map(lambda b: generate(url, b).json(), mixed))
+    assert res[1]["images"] == alone["images"]
+    assert res[0]["images"] != alone["images"] and res[2]["images"] != alone["images"]
+
+
+# ---------------------------------------------------------------- load
+
+
+def test_load_batches_and_scales_without_5xx(url):
+    """60 requests from 12 concurrent clients (loopback): no 5xx, base batches of more than
+    one request, and the base deployment above its minimum of 1 replica."""
+    from ray import serve
+
+    replicas, running, stop = [], [], threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            states = serve.status().applications[APP].deployments["GuidedSampler"].replica_states
+            # replicas the autoscaler started (a new one may still be loading torch on 2 cores)
+            replicas.append(sum(n for state, n in states.items() if state != "STOPPING"))
+            running.append(states.get("RUNNING", 0))
+            time.sleep(0.25)
+
+    def one(i: int):
+        t = time.monotonic()
+        r = generate(url, {"class_id": i % 10, "seed": i, "steps": 20, "response": "json"},
+                     timeout=120)
+        return r.status_code, (r.json()["batch"] if r.status_code == 200 else None), \
+            time.monotonic() - t
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    start = time.monotonic()
+    try:
+        with ThreadPoolExecutor(12) as pool:
+            results = list(pool.map(one, range(60)))
+    finally:
+        stop.set()
+        watcher.join(5)
+    elapsed = time.monotonic() - start
+    codes = [c for c, _, _ in results]
+    sizes = [b["base"]["requests"] for _, b, _ in results if b]
+    latencies = sorted(t for _, _, t in results)
+    print(f"\nload: 60 requests in {elapsed:.1f} s; base batch sizes seen {sorted(set(sizes))}; "
+          f"GuidedSampler replicas max {max(replicas)} ({max(running)} RUNNING); p50 "
+          f"{latencies[30]:.2f} s, p95 {latencies[56]:.2f} s")
+    assert all(c < 500 for c in codes), codes
+    assert codes.count(200) == 60, codes
+    assert max(sizes) > 1, sizes
+    assert max(replicas) > 1, replicas
+    assert elapsed < 120
+
+
+# ---------------------------------------------------------------- batching (no Ray)
+
+
+def test_run_batch_groups_by_settings_and_pads():
+    """Each settings group runs in model calls of exactly `rows` rows; outputs go back to
+    their jobs in order; a job's rows do not depend on the other jobs."""
+    calls = []
+
+    def call(args, labels, seeds, low):
+        calls.append((args["steps"], len(labels)))
+        # a row's "image" is its seed and label: visible if rows were mixed up
+        return np.stack([np.full((1, 1, 3), s % 251 + lab, np.uint8)
+                         for s, lab in zip(seeds, labels)])
+
+    jobs = [Job.make({"steps": 10}, [1, 1], [5, 6]), Job.make({"steps": 20}, [2], [7]),
+            Job.make({"steps": 10}, [3, 3, 3], [8, 9, 10])]
+    out = run_batch(jobs, call, rows=4)
+    assert calls == [(10, 4), (10, 4), (20, 4)]  # 5 rows of steps=10 -> two calls of 4
+    for job, o in zip(jobs, out):
+        want = [s % 251 + lab for s, lab in zip(job.seeds, job.labels)]
+        assert o.images[:, 0, 0, 0].tolist() == want
+        assert (o.batch_requests, o.batch_images, o.groups) == (3, 6, 2)
+
+
+# ---------------------------------------------------------------- settings and config files
+
+
+def _config(name: str) -> dict:
+    return yaml.safe_load((ROOT / "serve_configs" / name).read_text())
+
+
+@pytest.mark.parametrize("name", ["local.yaml", "imagenet256.yaml", "imagenet512.yaml"])
+def test_config_files_parse(name):
+    """Serve's own schema accepts each file; its args build valid settings; every deployment
+    has autoscaling (min, max, target, delays), ray_actor_options and max_ongoing_requests."""
+    from ray.serve.schema import ServeDeploySchema
+
+    raw = _config(name)
+    schema = ServeDeploySchema.model_validate(raw)
+    (app,) = schema.applications
+    assert app.import_path == "adm.serve:build_app"
+    settings = ServeSettings.from_args(app.args)
+    assert set(settings.samplers) <= set(SAMPLERS)
+    # never a key in the file: only the NAME of the variable that holds it
+    assert not {"api_key", "key", "token"} & set(app.args)
+    assert settings.api_key_env == "ADM_SERVE_API_KEY"
+    names = {d.name for d in app.deployments}
+    assert {"GuidedSampler", "Ingress"} <= names
+    assert ("Upsampler" in names) == bool(settings.upsampler)
+    for dep in raw["applications"][0]["deployments"]:
+        assert {"ray_actor_options", "max_ongoing_requests"} <= set(dep), dep["name"]
+        assert "num_cpus" in dep["ray_actor_options"], dep["name"]
+        if dep["name"] != "Ingress":
+            auto = dep["autoscaling_config"]
+            assert {"min_replicas", "max_replicas", "target_ongoing_requests",
+                    "upscale_delay_s", "downscale_delay_s"} <= set(auto), dep["name"]
+            assert dep["max_ongoing_requests"] >= settings.max_batch_requests
+    gpu = name != "local.yaml"
+    for dep in raw["applications"][0]["deployments"]:
+        if dep["name"] != "Ingress":
+            assert (dep["ray_actor_options"].get("num_gpus", 0) == 1) == gpu, dep["name"]
+    host = raw["http_options"]["host"]
+    assert host == "127.0.0.1" if not settings.require_api_key else host == "0.0.0.0"
+
+
+@pytest.mark.parametrize("name,missing,how", [
+    ("local.yaml", "runs/quickstart/models/diffusion/model.pt", "make quickstart"),
+    ("imagenet512.yaml", "models/128x128_diffusion.pt",
+     "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/128x128_diffusion.pt"),
+    ("imagenet256.yaml", "models/256x256_diffusion.pt",
+     "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/256x256_diffusion.pt"),
+])
+def test_config_without_models_fails_at_startup_naming_the_file(name, missing, how, tmp_path,
+                                                                 monkeypatch):
+    """The builder Serve calls for the file (in an empty working directory)."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as e:
+        build_app(_config(name)["applications"][0]["args"])
+    assert str(tmp_path / missing) in str(e.value) and how in str(e.value)
+
+
+def test_local_config_builds_from_the_quickstart_layout(tmp_path, monkeypatch):
+    """local.yaml's args against models in the quickstart's layout: the builder resolves all
+    three and gives the app of the three deployments."""
+    export_tiny_models(tmp_path / "runs" / "quickstart" / "models")
+    monkeypatch.chdir(tmp_path)
+    app = build_app(_config("local.yaml")["applications"][0]["args"])
+    from ray.serve._private.build_app import build_app as serve_build
+
+    names = {d.name for d in serve_build(app, name="x").deployments}
+    assert names == {"GuidedSampler", "Upsampler", "Ingress"}
+
+
+def test_cli_arguments_are_cast_and_checked(nets):
+    s = ServeSettings.from_args({"base": nets["base"], "max_images": "3", "samplers": "ddim",
+                                 "default_sampler": "ddim", "max_guidance_scale": "2.5",
+                                 "upsampler_steps": "ddim4", "require_api_key": "true"})
+    assert (s.max_images, s.samplers, s.max_guidance_scale, s.upsampler_steps,
+            s.require_api_key) == (3, ("ddim",), 2.5, "ddim4", True)
+    for bad, field in [({"max_images": "many"}, "max_images"), ({"samplers": "euler"},
+                       "samplers"), ({"colour": "red"}, "colour"), ({"base": ""}, "base"),
+                       ({"default_sampler": "ddpm", "samplers": "ddim"}, "default_sampler"),
+                       ({"precision": "fp8"}, "precision")]:
+        with pytest.raises(ConfigError, match=field):
+            ServeSettings.from_args({"base": nets["base"], **bad})
