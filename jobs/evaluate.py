@@ -1,0 +1,76 @@
+"""Compare samples with a reference set: FID, sFID, Inception Score, precision and recall, as
+the ADM evaluator computes them, on features computed by a Ray Data job:
+
+    python jobs/evaluate.py REFERENCE SAMPLES [--features inception:PATH|classifier:URI]
+        [--out JSON] [--batch-size B] [--num-workers N] [--gpus] [--image-size S]
+        [--address ADDR]
+
+REFERENCE and SAMPLES: an ADM .npz (arr_0 uint8 NHWC; a reference batch's mu/sigma/mu_s/sigma_s
+are used), a folder written by jobs/sample.py, a prepared shard dataset, or an image folder;
+paths or s3:// URIs. Features are cached beside each input, keyed by the network: a second
+evaluation against the same reference reads them back. Everything is checked before Ray
+starts: a bad input prints one `error: ...` line and exits 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = p.add_argument
+    add("reference", help="reference images (.npz, sample folder, shards, image folder)")
+    add("samples", help="images to evaluate (same kinds)")
+    add("--features", help="inception:PATH (pt_inception-2015-12-05-6726825d.pth; default "
+        "$ADM_INCEPTION_WEIGHTS or ./ that file) or classifier:URI (flags.json beside it)")
+    add("--out", help="write the figures as JSON here (path or s3://)")
+    add("--batch-size", type=int, default=64, help="images per network call")
+    add("--num-workers", type=int, default=1, help="feature actors")
+    add("--cpus-per-worker", type=float, default=1.0, help="CPUs each actor reserves")
+    add("--gpus", action="store_true", help="one GPU per actor")
+    add("--image-size", type=int, help="crop of shard and image-folder inputs (default: the "
+        "other input's size, else the first image's short side)")
+    add("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    add("--verbose", action="store_true", help="let Ray's own logs through")
+    add("--no-progress", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from adm import storage
+    from adm.config import ConfigError
+    from adm.evaluate.evaluation import format_table, make_plan, needs_features, run
+    from adm.evaluate.sources import InputError
+    from adm.runtime import configure_output, init_ray
+
+    configure_output(args.verbose)
+    try:
+        if args.batch_size < 1 or args.num_workers < 1 or args.cpus_per_worker <= 0:
+            raise ConfigError("--batch-size and --num-workers must be >= 1, "
+                              "--cpus-per-worker > 0")
+        plan = make_plan(args.reference, args.samples, args.features,
+                         image_size=args.image_size)  # every input checked: before Ray
+    except (ValueError, FileNotFoundError) as e:  # ConfigError, InputError, a bad manifest,
+        print(f"error: {e}", file=sys.stderr)     # InceptionWeightsError (FileNotFoundError)
+        return 2
+    if needs_features(plan):  # both sets cached: no Ray at all
+        init_ray(args.address, args.verbose)
+    try:
+        report = run(plan, batch_size=args.batch_size, num_workers=args.num_workers,
+                     gpus=args.gpus, cpus_per_worker=args.cpus_per_worker,
+                     progress=not args.no_progress)
+    except InputError as e:  # an image that does not decode, found by a worker
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_table(report))
+    if args.out:
+        storage.write_bytes(args.out, json.dumps(report, indent=1).encode())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
