@@ -23,11 +23,11 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# The embedded default: local Ray, local files, CPU, the scikit-learn digits (shipped in its
-# wheel) prepared as 32x32 shards, and a small class-conditional ADM trained on them.
+# The embedded default, end to end: local Ray, local files, CPU, the scikit-learn digits (shipped
+# in its wheel): prepare, train four models on Ray Train, sample at five classifier scales,
+# upsample, evaluate, serve, summarize (jobs/quickstart.py). QUICK=1: the same at a tiny size.
 quickstart: $(STAMP)
-	RAY_AUTH_MODE=disabled $(PY) jobs/prepare_digits.py --out data/digits
-	RAY_AUTH_MODE=disabled $(PY) jobs/train_diffusion.py --config jobs/configs/quickstart/diffusion.yaml
+	RAY_AUTH_MODE=disabled $(PY) jobs/quickstart.py $(if $(QUICK),--quick)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,13 +1,28 @@
-"""Classifier-guided DDIM-25 sampling throughput, by execution option.
+"""Guided sampling throughput: by execution option, and by sampler and guidance.
 
     python benchmarks/sampling.py                 # CPU: a small ADM; GPU (if any): ImageNet-128
     python benchmarks/sampling.py --device cpu --batch-size 8 --repeats 3
+    python benchmarks/sampling.py --tables samplers   # only the sampler/guidance table
 
-For each variant — float32 eager, bf16 autocast, channels-last, torch.compile, and all three
-together (plus fp16 autocast on CUDA) — it prints images/s of `adm.diffusion.sample` (DDIM-25,
-classifier-guided, random weights), the ratio to float32 eager, seconds per step, and the
-fraction of the step time spent in the classifier's backward pass (the guidance gradient),
-measured in a separate instrumented run that synchronises around each backward.
+Table "variants": for each execution option — float32 eager, bf16 autocast, channels-last,
+torch.compile, and all three together (plus fp16 autocast on CUDA) — images/s of
+`adm.diffusion.sample` (DDIM-25, classifier-guided, random weights), the ratio to float32 eager,
+seconds per step, and the fraction of the step time spent in the classifier's backward pass
+(the guidance gradient), measured in a separate instrumented run that synchronises around each
+backward.
+
+Table "samplers" (float32 eager): images/s of DDIM-25 and DPM-Solver++(2M) at 10 and 25 steps,
+classifier-guided, and the cost of classifier-free guidance (w = 3: one model call on a doubled
+batch per step; the model gets the null-class embedding row), alone and with the classifier.
+It measures speed at a step count, not quality.
+
+Table "quality" (`--tables quality --models runs/quickstart/models --reference data/digits`,
+after `make quickstart`): on the trained quickstart models, images/s and classifier-feature FID
+(the quickstart judge's features against the real digits) of DDIM-25 and DPM-Solver++(2M) at
+10, 15 and 20 steps, unguided and classifier-guided (scale 2), from the same seeds and labels; then
+the quality-matched speed-up: DPM-Solver++'s images/s over DDIM-25's at the fewest steps whose
+FID is no worse than DDIM-25's. DPM-Solver++ runs with both step spacings (log-SNR, its
+default, and uniform in t).
 
 On CPU it runs a small 32x32 ADM and classifier (the 2-core CI box would take minutes per image
 at 128x128); when CUDA is available it runs the ImageNet-128 model and classifier of the
@@ -62,6 +77,19 @@ VARIANTS = {
     "bf16+CL+compile": {"autocast_dtype": torch.bfloat16, "channels_last": True, "compile": True},
 }
 CUDA_VARIANTS = {"fp16 autocast": {"autocast_dtype": torch.float16}}
+# Rows of the samplers table: sampler, steps (model calls), classifier guidance (at the config's
+# scale) and classifier-free guidance weight (1 = off).
+CFG_SCALE = 3.0
+SAMPLER_ROWS = {
+    "DDIM-25, classifier": dict(sampler="ddim", steps=25, classifier=True),
+    "DPM-Solver++(2M)-25, classifier": dict(sampler="dpmpp_2m", steps=25, classifier=True),
+    "DPM-Solver++(2M)-10, classifier": dict(sampler="dpmpp_2m", steps=10, classifier=True),
+    "DDIM-25, CFG": dict(sampler="ddim", steps=25, cfg_scale=CFG_SCALE),
+    "DPM-Solver++(2M)-10, CFG": dict(sampler="dpmpp_2m", steps=10, cfg_scale=CFG_SCALE),
+    "DPM-Solver++(2M)-10, classifier + CFG": dict(sampler="dpmpp_2m", steps=10, classifier=True,
+                                                  cfg_scale=CFG_SCALE),
+}
+DEFAULT_SAMPLING = dict(sampler="ddim", classifier=True)  # the variants table's (steps: --steps)
 
 
 def sync(device: torch.device) -> None:
@@ -69,8 +97,13 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def build(config: dict, device: torch.device):
-    model = openai.create_model(config["model"]).to(device).eval()
+def build(config: dict, device: torch.device, null_class: bool = False):
+    """Random-weight model and classifier of `config`, and the diffusion; `null_class` gives the
+    model the null-class row classifier-free guidance needs (as if trained with dropout)."""
+    flags = openai.parse_flags(config["model"])
+    if null_class:
+        flags["class_dropout_prob"] = 0.1
+    model = openai.create_model(flags).to(device).eval()
     classifier = openai.create_classifier(config["classifier"]).to(device).eval()
     with torch.no_grad():  # random, non-zero outputs (the builders zero the last layers)
         for module in (model, classifier):
@@ -104,19 +137,25 @@ class BackwardTimer:
 
 
 def prepare(name: str, options: dict, config: dict, device: torch.device, batch: int,
-            steps: int, seed: int):
-    """Fresh networks for one variant (channels-last converts them in place), a function that
+            steps: int, seed: int, sampling: dict = DEFAULT_SAMPLING):
+    """Fresh networks for one row (channels-last converts them in place), a function that
     samples one seeded batch and its `benchmark.Timer`; returns (once, timer, warm-up seconds):
-    the first run (warm-up, compilation) is timed apart."""
-    model, classifier, diffusion = build(config, device)
+    the first run (warm-up, compilation) is timed apart. `sampling`: sampler, steps (else
+    `steps`), classifier (bool) and cfg_scale of the row."""
+    cfg_scale = sampling.get("cfg_scale", 1.0)
+    model, classifier, diffusion = build(config, device, null_class=cfg_scale != 1.0)
     size = model.image_size
     shape = (batch, 3, size, size)
-    y = torch.randint(0, 1000, (batch,), generator=torch.Generator().manual_seed(seed)).to(device)
+    y = torch.randint(0, model.num_classes, (batch,),
+                      generator=torch.Generator().manual_seed(seed)).to(device)
+    guide = classifier if sampling.get("classifier") else None
 
     def once():
         generator = torch.Generator(device).manual_seed(seed)
-        return sample(model, diffusion, shape, sampler="ddim", steps=steps, classifier=classifier,
-                      classifier_scale=config["scale"], y=y, generator=generator, **options)
+        return sample(model, diffusion, shape, sampler=sampling["sampler"],
+                      steps=sampling.get("steps", steps), classifier=guide,
+                      classifier_scale=config["scale"], cfg_scale=cfg_scale, y=y,
+                      generator=generator, **options)
 
     sync(device)
     start = time.perf_counter()
@@ -125,9 +164,134 @@ def prepare(name: str, options: dict, config: dict, device: torch.device, batch:
     warmup = time.perf_counter() - start
     assert out.shape == shape and torch.isfinite(out).all() and out.abs().max() <= 1
     timer = benchmark.Timer(stmt="once()", globals={"once": once},
-                            num_threads=torch.get_num_threads(), label="guided DDIM sampling",
+                            num_threads=torch.get_num_threads(), label="guided sampling",
                             sub_label=name)
     return once, timer, warmup
+
+
+def time_rows(rows_spec: dict, config: dict, device: torch.device, batch: int, steps: int,
+              seed: int, repeats: int) -> dict:
+    """Warm up every row, then time them round-robin (`repeats` rounds), so that a burst of
+    load on a shared machine hits every row alike rather than one of them. `rows_spec`:
+    name -> (execution options, sampling). Returns name -> {"warmup_s", "median_s", "timer"}."""
+    runs = {}
+    for name, (options, sampling) in rows_spec.items():
+        _, timer, warmup = prepare(name, options, config, device, batch, steps, seed, sampling)
+        runs[name] = {"warmup_s": warmup, "timer": timer, "measurements": []}
+        print(f"  warmed up {name} ({warmup:.1f} s)", flush=True)
+    for _ in range(repeats):
+        for run in runs.values():
+            run["measurements"].append(run["timer"].blocked_autorange(min_run_time=0.0))
+    for run in runs.values():
+        run["median_s"] = benchmark.Measurement.merge(run.pop("measurements"))[0].median
+    return runs
+
+
+def variants_table(variants: dict, config: dict, device, batch: int, steps: int, seed: int,
+                   repeats: int) -> None:
+    """Classifier-guided DDIM-`steps` by execution option (see the module docstring)."""
+    runs = time_rows({k: (v, DEFAULT_SAMPLING) for k, v in variants.items()}, config, device,
+                     batch, steps, seed, repeats)
+    rows = []
+    for name, run in runs.items():
+        # The guidance gradient's share, in a separate measurement with every backward
+        # synchronised and timed (per run: backward seconds over the run's mean time).
+        # Only the last timed block counts: blocked_autorange also runs untimed calls first.
+        with BackwardTimer(device) as backward:
+            m = run["timer"].blocked_autorange(min_run_time=0.0)
+        assert len(backward.durations) % steps == 0, (len(backward.durations), steps)
+        last_block = backward.durations[-m.number_per_run * steps:]
+        rows.append(dict(variant=name, warmup_s=run["warmup_s"],
+                         images_per_s=batch / run["median_s"], s_per_step=run["median_s"] / steps,
+                         backward_fraction=sum(last_block) / m.number_per_run / m.times[-1]))
+    base = next((r["images_per_s"] for r in rows if r["variant"] == "float32 eager"), None)
+    print(f"\n## classifier-guided DDIM-{steps} by execution option\n")
+    print("| variant | images/s | vs float32 eager | s/step | classifier backward share "
+          "| warm-up s |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        ratio = f"{r['images_per_s'] / base:.2f}x" if base else "-"
+        print(f"| {r['variant']} | {r['images_per_s']:.3f} | {ratio} | {r['s_per_step']:.4f} | "
+              f"{100 * r['backward_fraction']:.0f}% | {r['warmup_s']:.1f} |")
+
+
+def samplers_table(config: dict, device, batch: int, seed: int, repeats: int) -> None:
+    """Images/s by sampler, steps and guidance, float32 eager (see the module docstring)."""
+    runs = time_rows({k: ({}, v) for k, v in SAMPLER_ROWS.items()}, config, device, batch, 0,
+                     seed, repeats)
+    base = runs["DDIM-25, classifier"]["median_s"]
+    print(f"\n## by sampler and guidance (float32 eager; classifier scale {config['scale']}, "
+          f"CFG w = {CFG_SCALE})\n")
+    print("| sampler, guidance | model calls | images/s | vs DDIM-25 classifier | s/call "
+          "| warm-up s |")
+    print("|---|---|---|---|---|---|")
+    for name, run in runs.items():
+        calls = SAMPLER_ROWS[name]["steps"]
+        print(f"| {name} | {calls} | {batch / run['median_s']:.3f} | "
+              f"{base / run['median_s']:.2f}x | {run['median_s'] / calls:.4f} | "
+              f"{run['warmup_s']:.1f} |")
+
+
+def quality_table(models_dir: str, reference: str, device: torch.device, n: int,
+                  seed: int) -> None:
+    """Images/s and judge-feature FID per sampler on the trained quickstart models."""
+    import numpy as np
+
+    from adm.diffusion.sampling import index_seeds
+    from adm.evaluate import fid_statistics, frechet_distance
+    from adm.evaluate.networks import FeatureExtractor, resolve_network
+    from adm.evaluate.sources import open_source, read_rows
+    from adm.generate import models
+    from adm.generate.pipeline import to_uint8
+
+    specs = {role: models.resolve(role, f"{models_dir}/{role}/model.pt", None, kind)
+             for role, kind in (("diffusion", "diffusion"), ("classifier", "classifier"))}
+    net = models.load(specs["diffusion"], device)
+    classifier = models.load(specs["classifier"], device)
+    diffusion = openai.create_diffusion({**specs["diffusion"].flags, "timestep_respacing": ""})
+    size = models.image_size(specs["diffusion"])
+    judge = FeatureExtractor(resolve_network(f"classifier:{models_dir}/judge/model.pt"),
+                             batch_size=500, device=str(device))
+    real = open_source(reference, size)
+    real_images = np.concatenate([read_rows(real, c) for c in real.chunks(1000)])
+    ref_mu, ref_sigma = fid_statistics(judge(real_images)["pool"].astype(np.float64))
+    labels = torch.arange(n) % 10
+    seeds = index_seeds(seed, range(n))
+    batch = 100
+    rows = []
+    for scale in (0.0, 2.0):
+        for sampler, steps, spacing in (("ddim", 25, None), ("dpmpp_2m", 10, "logsnr"),
+                                        ("dpmpp_2m", 15, "logsnr"), ("dpmpp_2m", 20, "logsnr"),
+                                        ("dpmpp_2m", 10, "uniform"), ("dpmpp_2m", 15, "uniform")):
+            images, start = [], time.perf_counter()
+            for s in range(0, n, batch):
+                x = sample(net, diffusion, (min(batch, n - s), 3, size, size), sampler=sampler,
+                           steps=steps, timesteps=spacing,
+                           classifier=classifier if scale else None,
+                           classifier_scale=scale, y=labels[s:s + batch].to(device),
+                           seeds=seeds[s:s + batch], device=device)
+                images.append(to_uint8(x))
+            rate = n / (time.perf_counter() - start)
+            mu, sigma = fid_statistics(judge(np.concatenate(images))["pool"].astype(np.float64))
+            rows.append((scale, sampler, steps, rate, frechet_distance(mu, sigma, ref_mu,
+                                                                       ref_sigma), spacing))
+    print(f"\n## Quality at equal FID: quickstart models, {n} samples, judge-feature FID vs "
+          f"{real.num_images} real digits\n")
+    print("| classifier scale | sampler | steps | spacing | images/s | FID |\n"
+          "|---|---|---|---|---|---|")
+    for scale, sampler, steps, rate, fid, spacing in rows:
+        print(f"| {scale:g} | {sampler} | {steps} | {spacing or 'ddim'} | {rate:.1f} | "
+              f"{fid:.3f} |")
+    for scale in (0.0, 2.0):
+        ddim = next(r for r in rows if r[0] == scale and r[1] == "ddim")
+        matched = [r for r in rows if r[0] == scale and r[1] == "dpmpp_2m" and r[4] <= ddim[4]]
+        if matched:
+            best = min(matched, key=lambda r: r[2])
+            print(f"scale {scale:g}: DPM-Solver++ {best[2]} steps, {best[5]} (FID {best[4]:.3f}) "
+                  f"vs DDIM-25 "
+                  f"(FID {ddim[4]:.3f}): {best[3] / ddim[3]:.2f}x the images/s at equal FID")
+        else:
+            print(f"scale {scale:g}: no DPM-Solver++ row reached DDIM-25's FID {ddim[4]:.3f}")
 
 
 def main() -> None:
@@ -136,8 +300,16 @@ def main() -> None:
     parser.add_argument("--config", choices=sorted(CONFIGS), default=None,
                         help="default: imagenet128 on CUDA, small32 on CPU")
     parser.add_argument("--batch-size", type=int, default=None, help="default: 64 CUDA, 8 CPU")
-    parser.add_argument("--steps", type=int, default=25, help="DDIM steps (ddimN respacing)")
+    parser.add_argument("--steps", type=int, default=25,
+                        help="DDIM steps of the variants table (ddimN respacing)")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--tables", default="variants,samplers",
+                        help="comma-separated subset of: variants, samplers, quality")
+    parser.add_argument("--models", default="runs/quickstart/models",
+                        help="quality: the quickstart's models folder")
+    parser.add_argument("--reference", default="runs/quickstart/data/digits",
+                        help="quality: the real images (a shard dataset root)")
+    parser.add_argument("--quality-samples", type=int, default=1000)
     parser.add_argument("--variants", default=None,
                         help="comma-separated subset of: " + ", ".join({**VARIANTS, **CUDA_VARIANTS}))
     parser.add_argument("--seed", type=int, default=0)
@@ -152,48 +324,25 @@ def main() -> None:
     variants = dict(VARIANTS, **(CUDA_VARIANTS if device.type == "cuda" else {}))
     if args.variants:
         variants = {k: variants[k] for k in args.variants.split(",")}
+    tables = set(args.tables.split(","))
+    if tables - {"variants", "samplers", "quality"}:
+        parser.error(f"--tables: unknown {sorted(tables - {'variants', 'samplers', 'quality'})}")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # float32 eager means float32
         torch.backends.cudnn.allow_tf32 = False
         what = torch.cuda.get_device_name(device)
     else:
         what = f"CPU, {torch.get_num_threads()} threads"
-    print(f"# classifier-guided DDIM-{args.steps}, {config_name}, batch {batch}, {what}, "
-          f"torch {torch.__version__}")
+    print(f"# guided sampling, {config_name}, batch {batch}, {what}, torch {torch.__version__}")
 
-    # Warm up every variant, then time them round-robin (--repeats rounds), so that a burst of
-    # load on a shared machine hits every variant alike rather than one of them.
-    runs, rows = {}, {}
     config = CONFIGS[config_name]
     config = config() if callable(config) else config
-    for name, options in variants.items():
-        once, timer, warmup = prepare(name, options, config, device, batch, args.steps, args.seed)
-        runs[name] = (once, timer)
-        rows[name] = {"variant": name, "warmup_s": warmup, "measurements": []}
-        print(f"  warmed up {name} ({warmup:.1f} s)", flush=True)
-    for _ in range(args.repeats):
-        for name, (_, timer) in runs.items():
-            rows[name]["measurements"].append(timer.blocked_autorange(min_run_time=0.0))
-    for name, (_, timer) in runs.items():
-        # The guidance gradient's share, in a separate measurement with every backward
-        # synchronised and timed (per run: backward seconds over the run's mean time).
-        # Only the last timed block counts: blocked_autorange also runs untimed calls first.
-        with BackwardTimer(device) as backward:
-            m = timer.blocked_autorange(min_run_time=0.0)
-        assert len(backward.durations) % args.steps == 0, (len(backward.durations), args.steps)
-        last_block = backward.durations[-m.number_per_run * args.steps:]
-        median = benchmark.Measurement.merge(rows[name].pop("measurements"))[0].median
-        rows[name].update(images_per_s=batch / median, s_per_step=median / args.steps,
-                          backward_fraction=sum(last_block) / m.number_per_run / m.times[-1])
-    rows = list(rows.values())
-    base = next((r["images_per_s"] for r in rows if r["variant"] == "float32 eager"), None)
-    print("\n| variant | images/s | vs float32 eager | s/step | classifier backward share "
-          "| warm-up s |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        ratio = f"{r['images_per_s'] / base:.2f}x" if base else "-"
-        print(f"| {r['variant']} | {r['images_per_s']:.3f} | {ratio} | {r['s_per_step']:.4f} | "
-              f"{100 * r['backward_fraction']:.0f}% | {r['warmup_s']:.1f} |")
+    if "variants" in tables:
+        variants_table(variants, config, device, batch, args.steps, args.seed, args.repeats)
+    if "samplers" in tables:
+        samplers_table(config, device, batch, args.seed, args.repeats)
+    if "quality" in tables:
+        quality_table(args.models, args.reference, device, args.quality_samples, args.seed)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ ADM evaluator's `samples.npz`:
     python jobs/sample.py --model URI [--model-preset NAME]
         [--classifier URI [--classifier-preset NAME] --classifier-scale S]
         [--upsampler URI [--upsampler-preset NAME] [--upsampler-steps N]]
-        [--sampler ddim|ddpm] [--steps N] [--num-samples N] [--batch-size B]
+        [--sampler ddim|ddpm|dpmpp_2m] [--steps N] [--timesteps uniform|logsnr]
+        [--cfg-scale W] [--num-samples N] [--batch-size B]
         [--classes uniform|balanced|3,7,9] [--seed S] [--out URI]
         [--num-workers N] [--gpus] [--config YAML] [--address ADDR] [key=value ...]
 
@@ -32,8 +33,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--upsampler", help="upsampler state dict: stage 2")
     add("--upsampler-preset", help="flags of a released upsampler")
     add("--upsampler-steps", help="stage 2 steps (int) or respacing ('250', 'ddim25')")
-    add("--sampler", choices=("ddim", "ddpm"), help="stage 1 sampler")
+    add("--sampler", choices=("ddim", "ddpm", "dpmpp_2m"), help="stage 1 sampler")
     add("--steps", help="stage 1 steps (int) or respacing ('250', 'ddim25')")
+    add("--timesteps", choices=("uniform", "logsnr"),
+        help="how an int --steps is spaced (default: the sampler's own)")
+    add("--cfg-scale", type=float, help="classifier-free guidance w (1 = off; a model "
+        "trained with label dropout)")
     add("--num-samples", type=int, help="N")
     add("--batch-size", type=int, help="stage 1 rows per model call")
     add("--classes", help="uniform, balanced, or a list of class ids/names: 3,7,9")
@@ -68,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
             classifier=args.classifier, classifier_preset=args.classifier_preset,
             classifier_scale=args.classifier_scale, upsampler=args.upsampler,
             upsampler_preset=args.upsampler_preset, upsampler_steps=_steps(args.upsampler_steps),
-            sampler=args.sampler, steps=_steps(args.steps), num_samples=args.num_samples,
+            sampler=args.sampler, steps=_steps(args.steps), timesteps=args.timesteps,
+            cfg_scale=args.cfg_scale, num_samples=args.num_samples,
             batch_size=args.batch_size, classes=args.classes, seed=args.seed, out=args.out,
             num_workers=args.num_workers, gpus=args.gpus)
         plan = make_plan(cfg)  # every file read and checked: before Ray starts

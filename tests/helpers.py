@@ -58,3 +58,35 @@ TINY_CLASSIFIER_FLAGS = {"image_size": 8, "classifier_width": 32, "classifier_de
                          "classifier_attention_resolutions": "4",
                          "classifier_channel_mult": "1,2", "classifier_num_head_channels": 32,
                          "num_classes": 10}
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_job(name: str):
+    """The module of `jobs/<name>.py` (jobs are scripts, not a package), for calling its
+    `main(argv)` in the test process."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(f"adm_job_{name}", ROOT / "jobs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # (dataclasses look their module up there)
+    spec.loader.exec_module(module)
+    return module
+
+
+def export_random(folder: Path, net: torch.nn.Module, flags: dict, seed: int) -> str:
+    """`net` with random N(0, 0.1²) weights (ADM zero-initialises its output layers, which
+    would make every sample alike), saved as training exports it: `folder/model.pt` with
+    `flags.json` beside it. Returns the model file's path."""
+    import json
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    folder.mkdir(parents=True)
+    torch.save(net.state_dict(), folder / "model.pt")
+    (folder / "flags.json").write_text(json.dumps(flags))
+    return str(folder / "model.pt")

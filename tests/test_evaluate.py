@@ -4,7 +4,6 @@ to a plain pass, the cache, bad inputs refused before any feature, and the quick
 with classifier features (real Ray, real files, a classifier trained here)."""
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 from pathlib import Path
@@ -15,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import load_fixture
+from helpers import load_fixture, load_job
 from adm import evaluate, storage
 from adm.compat import openai
 from adm.evaluate import inception
@@ -47,14 +46,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def _load_job():
-    spec = importlib.util.spec_from_file_location("evaluate_job", ROOT / "jobs" / "evaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-job = _load_job()
+job = load_job("evaluate")
 
 
 def _npz(path: Path, images: np.ndarray, labels: np.ndarray | None = None, **extra) -> str:

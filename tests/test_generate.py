@@ -4,7 +4,6 @@ counts, the chained upsampler stage, resume and refusals, S3 output, and every b
 refused before any work (exit 2, one `error:` line, nothing written)."""
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import os
@@ -18,7 +17,7 @@ import pytest
 import torch
 
 from adm import storage
-from helpers import TINY_CLASSIFIER_FLAGS, TINY_UNET_FLAGS
+from helpers import TINY_CLASSIFIER_FLAGS, TINY_UNET_FLAGS, export_random, load_job
 from adm.compat import openai
 from adm.config import ConfigError
 from adm.diffusion import sample
@@ -33,37 +32,19 @@ UPSAMPLER = {**{k: v for k, v in BASE.items() if k != "image_size"}, "large_size
 CLASSES = [f"class{i}" for i in range(10)]
 
 
-def _load_job():
-    spec = importlib.util.spec_from_file_location("sample_job", ROOT / "jobs" / "sample.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-job = _load_job()
-
-
-def _save(folder: Path, net: torch.nn.Module, flags: dict, seed: int) -> str:
-    """Random N(0, 0.1²) weights for every parameter (ADM zero-initialises its output layers),
-    saved as training exports them: a state dict with flags.json beside it."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    folder.mkdir(parents=True)
-    torch.save(net.state_dict(), folder / "model.pt")
-    (folder / "flags.json").write_text(json.dumps(flags))
-    return str(folder / "model.pt")
+job = load_job("sample")
 
 
 @pytest.fixture(scope="module")
 def nets(tmp_path_factory):
     root = tmp_path_factory.mktemp("nets")
-    base = _save(root / "base", openai.create_model(BASE), BASE, 1)
+    base = export_random(root / "base", openai.create_model(BASE), BASE, 1)
     (root / "base" / "classes.json").write_text(json.dumps(CLASSES))
+    cfg_flags = {**BASE, "class_dropout_prob": 0.1}
     return {"base": base,
-            "classifier": _save(root / "clf", openai.create_classifier(CLASSIFIER), CLASSIFIER, 2),
-            "upsampler": _save(root / "up", openai.create_superres_model(UPSAMPLER), UPSAMPLER, 3),
+            "base_cfg": export_random(root / "base_cfg", openai.create_model(cfg_flags), cfg_flags, 6),
+            "classifier": export_random(root / "clf", openai.create_classifier(CLASSIFIER), CLASSIFIER, 2),
+            "upsampler": export_random(root / "up", openai.create_superres_model(UPSAMPLER), UPSAMPLER, 3),
             "root": root}
 
 
@@ -88,13 +69,17 @@ def test_labels_come_from_seed_and_index():
     assert set(labels_for(np.arange(50), 1, [3, 7], 10).tolist()) == {3, 7}
 
 
-@pytest.mark.parametrize("sampler,eta,guided", [("ddpm", 0.0, True), ("ddim", 0.5, False)])
+@pytest.mark.parametrize("sampler,eta,guided,cfg_scale", [
+    ("ddpm", 0.0, True, 1.0), ("ddim", 0.5, False, 1.0), ("dpmpp_2m", 0.0, True, 2.0)])
 def test_same_bytes_for_any_batch_size_and_actor_count(ray_session, nets, tmp_path, sampler,
-                                                       eta, guided):
+                                                       eta, guided, cfg_scale):
     """Exactly N samples, each index once and in order, in the evaluator's format; batch 3 on
-    1 actor and batch 5 on 2 actors give the same file byte for byte."""
+    1 actor and batch 5 on 2 actors give the same file byte for byte (DPM-Solver++ with both
+    classifier and classifier-free guidance on a model trained for the latter too)."""
     kw = dict(sampler=sampler, eta=eta, classifier=nets["classifier"] if guided else None,
-              classifier_scale=4.0 if guided else None)
+              classifier_scale=4.0 if guided else None, cfg_scale=cfg_scale)
+    if cfg_scale != 1.0:
+        kw["model"] = nets["base_cfg"]
     a = run(nets, tmp_path / "a", batch_size=3, num_workers=1, **kw)
     b = run(nets, tmp_path / "b", batch_size=5, num_workers=2, **kw)
     assert a == b
@@ -225,7 +210,7 @@ def test_bad_settings_fail_before_any_work(nets, tmp_path, capsys):
     assert "model:" in msg and "shape mismatches" in msg and "input_blocks.0.0.weight" in msg
     big = root / "clf16"
     if not big.exists():
-        _save(big, openai.create_classifier({**CLASSIFIER, "image_size": 16}),
+        export_random(big, openai.create_classifier({**CLASSIFIER, "image_size": 16}),
               {**CLASSIFIER, "image_size": 16}, 4)
     assert "classifier: it reads 16px" in _bad(nets, tmp_path, capsys, "--model", m,
                                                "--classifier", str(big / "model.pt"))
@@ -234,7 +219,7 @@ def test_bad_settings_fail_before_any_work(nets, tmp_path, capsys):
     up4 = root / "up4"
     if not up4.exists():
         flags = {**UPSAMPLER, "small_size": 4, "large_size": 8}
-        _save(up4, openai.create_superres_model(flags), flags, 5)
+        export_random(up4, openai.create_superres_model(flags), flags, 5)
     assert "upsampler: its small_size is 4" in _bad(nets, tmp_path, capsys, "--model", m,
                                                     "--upsampler", str(up4 / "model.pt"))
     assert "num_samples: must be positive" in _bad(nets, tmp_path, capsys, "--model", m,
@@ -248,6 +233,14 @@ def test_bad_settings_fail_before_any_work(nets, tmp_path, capsys):
     assert "steps:" in _bad(nets, tmp_path, capsys, "--model", m, "--steps", "ddim999")
     assert "eta: 0.5 is a DDIM parameter" in _bad(nets, tmp_path, capsys, "--model", m,
                                                    "--sampler", "ddpm", "eta=0.5")
+    assert "cfg_scale: 2.0 needs a model trained with label dropout" in _bad(
+        nets, tmp_path, capsys, "--model", m, "--cfg-scale", "2")
+    assert "cfg_scale: must be finite" in _bad(nets, tmp_path, capsys, "--model",
+                                               nets["base_cfg"], "--cfg-scale", "nan")
+    assert "timesteps: 'cosine' is not one of" in _bad(nets, tmp_path, capsys, "--model", m,
+                                                       "timesteps=cosine")
+    assert "steps: timesteps='logsnr' spaces an int" in _bad(
+        nets, tmp_path, capsys, "--model", m, "--steps", "ddim4", "--timesteps", "logsnr")
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "jobs" / "configs" / "sample").glob("*.yaml")),

@@ -21,7 +21,7 @@ import torch
 import yaml
 from PIL import Image
 
-from helpers import TINY_CLASSIFIER_FLAGS, TINY_UNET_FLAGS
+from helpers import TINY_CLASSIFIER_FLAGS, TINY_UNET_FLAGS, export_random
 from adm.compat import openai
 from adm.config import ConfigError
 from adm.diffusion import SAMPLERS, sample
@@ -65,28 +65,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _export(folder: Path, net: torch.nn.Module, flags: dict, seed: int) -> str:
-    """Random N(0, 0.1²) weights (ADM zero-initialises its output layers), saved as training
-    exports them: model.pt with flags.json beside it."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    folder.mkdir(parents=True)
-    torch.save(net.state_dict(), folder / "model.pt")
-    (folder / "flags.json").write_text(json.dumps(flags))
-    return str(folder / "model.pt")
-
-
 def export_tiny_models(root: Path) -> dict:
     """The quickstart's layout (models/{diffusion,classifier,upsampler}/model.pt) with tiny
     8 px -> 16 px random-weight networks; class names beside the base model."""
-    out = {"base": _export(root / "diffusion", openai.create_model(TINY_UNET_FLAGS),
+    out = {"base": export_random(root / "diffusion", openai.create_model(TINY_UNET_FLAGS),
                            TINY_UNET_FLAGS, 1),
-           "classifier": _export(root / "classifier",
+           "classifier": export_random(root / "classifier",
                                  openai.create_classifier(TINY_CLASSIFIER_FLAGS),
                                  TINY_CLASSIFIER_FLAGS, 2),
-           "upsampler": _export(root / "upsampler",
+           "upsampler": export_random(root / "upsampler",
                                 openai.create_superres_model(UPSAMPLER_FLAGS), UPSAMPLER_FLAGS, 3)}
     for name in ("diffusion", "classifier", "upsampler"):
         (root / name / "classes.json").write_text(json.dumps(CLASSES))
@@ -162,8 +149,8 @@ def test_chain_returns_upsampled_images(url):
     assert [im.shape for im in base] == [(8, 8, 3)] * 2
     assert out["seed"] == 5 and out["image_size"] == 16 and out["base_size"] == 8
     assert out["settings"] == {"class_id": 1, "class_name": "goldfish", "num_images": 2,
-                               "guidance_scale": 1.0, "sampler": "ddim", "steps": 10,
-                               "seed": 5, "upsample": True}
+                               "guidance_scale": 1.0, "cfg_scale": 1.0, "sampler": "ddim",
+                               "steps": 10, "seed": 5, "upsample": True}
     # response "png" (the default): one PNG, the images side by side; seed in a header
     r = generate(url, {"class_id": 3, "num_images": 2, "seed": 1})
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
@@ -238,6 +225,8 @@ BAD = [  # (body, status, text the message must contain)
     (b'{"class_id": 1, "guidance_scale": 1e999}', 422, "guidance_scale"),
     ({"class_id": 1, "guidance_scale": 11.0}, 422, "guidance_scale: at most 10"),
     ({"class_id": 1, "guidance_scale": -1}, 422, "guidance_scale"),
+    ({"class_id": 1, "cfg_scale": 2.0}, 422, "cfg_scale: the base model was not trained with"),
+    (b'{"class_id": 1, "cfg_scale": NaN}', 422, "cfg_scale"),
     ({"class_id": 1, "seed": -3}, 422, "seed"),
     ({"class_id": 1, "seed": 2**64}, 422, "seed"),
     ({"class_id": 1, "upsample": "yes"}, 422, "upsample"),
@@ -395,6 +384,27 @@ def test_load_batches_and_scales_without_5xx(url):
 
 
 # ---------------------------------------------------------------- batching (no Ray)
+
+
+def test_cfg_scale_and_dpm_solver_requests_are_checked():
+    """Without Serve: a base trained with label dropout takes cfg_scale up to max_cfg_scale
+    (a sample() keyword, so it batches apart); DPM-Solver++ takes any step count."""
+    from adm.serve.api import Limits, RequestError, parse_generate
+
+    lim = Limits(max_images=4, max_steps=50, samplers=("ddim", "dpmpp_2m"),
+                 max_guidance_scale=10.0, max_cfg_scale=5.0, max_body_bytes=8192,
+                 num_classes=10, class_names=None, diffusion_steps=100, has_classifier=False,
+                 has_null_class=True, has_upsampler=False, default_sampler="ddim",
+                 default_steps=10, default_guidance_scale=0.0)
+    req = parse_generate(b'{"class_id": 2, "cfg_scale": 3.0, "sampler": "dpmpp_2m", '
+                         b'"steps": 7}', lim)
+    assert req.sample_args() == {"classifier_scale": 0.0, "cfg_scale": 3.0,
+                                 "sampler": "dpmpp_2m", "steps": 7}
+    with pytest.raises(RequestError, match="cfg_scale: at most 5.0"):
+        parse_generate(b'{"class_id": 2, "cfg_scale": 6.0}', lim)
+    with pytest.raises(RequestError, match="steps: 30 does not respace"):
+        parse_generate(b'{"class_id": 2, "sampler": "ddim", "steps": 30}', lim)
+    assert parse_generate(b'{"class_id": 2, "sampler": "dpmpp_2m", "steps": 30}', lim).steps == 30
 
 
 def test_run_batch_groups_by_settings_and_pads():

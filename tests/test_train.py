@@ -354,7 +354,7 @@ def test_rerun_continues_step_count_and_init_from(digits, tmp_path):
     torch.manual_seed(1)
     torch.save(openai.create_model(flags).state_dict(), released)  # the released layout
     path = write_config(tmp_path, flags=flags, data={"uri": digits},
-                        optim={"batch_size": 16, "max_steps": 2, "ema_warmup": True},
+                        optim={"batch_size": 16, "max_steps": 2, "lr": 2e-4, "ema_warmup": True},
                         run={"num_workers": 2, "storage": str(tmp_path / "runs"), "name": "r",
                              "log_interval": 1, "save_interval": 100,
                              "init_from": str(released)})

@@ -14,6 +14,10 @@ Extensions to the reference's flags (all default to the reference's behaviour):
   64/128/256/512); an explicit comma string ("1,2,2") builds the small models the quickstart
   and the tests train at 16-32 px.
 - ``classifier_num_head_channels`` (64, the reference's fixed value).
+- ``class_dropout_prob`` (0.0): classifier-free guidance. Training replaces a label by the
+  null class (label ``num_classes``) with this probability, and a class-conditional U-Net /
+  upsampler gets one more label-embedding row for it, only when it is above 0 (so released
+  checkpoints, at 0, load unchanged). Needs ``class_cond``.
 
 ``use_fp16=True`` (how every README command is written) keeps the state-dict keys and dtypes
 unchanged; the model runs its torso under float16 autocast on CUDA (see
@@ -39,7 +43,7 @@ MODEL_DEFAULTS = dict(
     image_size=64, num_channels=128, num_res_blocks=2, num_heads=4, num_heads_upsample=-1,
     num_head_channels=-1, attention_resolutions="16,8", channel_mult="", dropout=0.0,
     class_cond=False, use_checkpoint=False, use_scale_shift_norm=True, resblock_updown=False,
-    use_fp16=False, use_new_attention_order=False, num_classes=1000,
+    use_fp16=False, use_new_attention_order=False, num_classes=1000, class_dropout_prob=0.0,
 )
 DIFFUSION_DEFAULTS = dict(
     learn_sigma=False, diffusion_steps=1000, noise_schedule="linear", timestep_respacing="",
@@ -196,6 +200,11 @@ def _unet_kwargs(f: dict, image_size: int, channel_mult: tuple) -> dict:
     elif f["num_head_channels"] <= 0:
         raise FlagError(f"flag num_head_channels={f['num_head_channels']} must be -1 or positive")
     _check_widths(f["num_channels"], channel_mult, "num_channels/channel_mult")
+    if not 0.0 <= f["class_dropout_prob"] < 1.0:
+        raise FlagError(f"flag class_dropout_prob={f['class_dropout_prob']} must be in [0, 1)")
+    if f["class_dropout_prob"] > 0 and not f["class_cond"]:
+        raise FlagError(f"flag class_dropout_prob={f['class_dropout_prob']} needs class_cond=True "
+                        "(label dropout trains a class-conditional model's null class)")
     return dict(
         model_channels=f["num_channels"],
         out_channels=6 if f["learn_sigma"] else 3,
@@ -205,6 +214,7 @@ def _unet_kwargs(f: dict, image_size: int, channel_mult: tuple) -> dict:
         dropout=f["dropout"],
         channel_mult=channel_mult,
         num_classes=f["num_classes"] if f["class_cond"] else None,
+        null_class=f["class_cond"] and f["class_dropout_prob"] > 0,
         use_checkpoint=f["use_checkpoint"],
         use_fp16=f["use_fp16"],
         num_heads=f["num_heads"],

@@ -1,6 +1,7 @@
 """The diffusion core: beta schedules, the Gaussian diffusion (training losses, DDPM and DDIM
 steps, guidance hooks, the bits/dim bound), respacing, timestep samplers, and the fast sampling
-entry point. Plain PyTorch and numpy; nothing here knows about Ray or the networks' internals."""
+entry point (DDPM, DDIM, DPM-Solver++(2M); classifier and classifier-free guidance; per-sample
+noise streams). Plain PyTorch and numpy; nothing here knows about Ray or the networks' internals."""
 from .gaussian import GaussianDiffusion, LossType, ModelMeanType, ModelVarType
 from .losses import discretized_gaussian_log_likelihood, mean_flat, normal_kl
 from .resample import (
@@ -11,7 +12,20 @@ from .resample import (
     create_named_schedule_sampler,
 )
 from .respace import SpacedDiffusion, create_gaussian_diffusion, respace, space_timesteps
-from .sampling import SAMPLERS, ddim, ddpm, sample
+from .sampling import (
+    SAMPLERS,
+    STREAMS,
+    TIMESTEP_SPACINGS,
+    RowNoise,
+    classifier_free_guidance,
+    ddim,
+    ddpm,
+    dpmpp_2m,
+    index_seeds,
+    logsnr_timesteps,
+    sample,
+    sampling_diffusion,
+)
 from .schedules import betas_for_alpha_bar, get_named_beta_schedule
 
 __all__ = [
@@ -19,5 +33,7 @@ __all__ = [
     "get_named_beta_schedule", "betas_for_alpha_bar", "space_timesteps", "respace",
     "create_gaussian_diffusion", "create_named_schedule_sampler", "ScheduleSampler",
     "UniformSampler", "LossAwareSampler", "LossSecondMomentResampler", "sample", "ddim", "ddpm",
-    "SAMPLERS", "normal_kl", "discretized_gaussian_log_likelihood", "mean_flat",
+    "dpmpp_2m", "SAMPLERS", "TIMESTEP_SPACINGS", "sampling_diffusion", "logsnr_timesteps",
+    "classifier_free_guidance", "index_seeds", "RowNoise", "STREAMS", "normal_kl",
+    "discretized_gaussian_log_likelihood", "mean_flat",
 ]

@@ -9,7 +9,16 @@ the networks.
 
 The samplers are plain functions with one signature (k-diffusion's style):
 ``sampler(diffusion, model, x_T, *, cond_fn, model_kwargs, clip_denoised, eta, generator,
-progress) -> x_0``.
+progress) -> x_0``. Each runs over every step of the diffusion it is given (one model call per
+step); `sample` picks those steps (`steps`, `timesteps`) by respacing the original chain first.
+
+- "ddpm": ancestral sampling (the reference's `p_sample_loop`);
+- "ddim": DDIM (the reference's `ddim_sample_loop`), η = `eta`;
+- "dpmpp_2m": DPM-Solver++(2M) (Lu et al. 2022, algorithm 2): the probability-flow ODE solved
+  in log-SNR with the multistep second-order data-prediction update, deterministic (η = 0).
+
+Classifier-free guidance (``sample(..., cfg_scale=w)``) wraps the model, so it composes with
+every sampler and with classifier guidance: see `classifier_free_guidance`.
 
 Per-sample noise streams (``sample(..., seeds=[...])``): row i draws its x_T and every step's
 noise from its own `torch.Generator` seeded with seeds[i], so a sample depends on its seed alone,
@@ -29,7 +38,7 @@ import torch.nn as nn
 
 from ..guidance import classifier_cond_fn
 from .gaussian import GaussianDiffusion, _progress
-from .respace import respace
+from .respace import SpacedDiffusion, respace
 
 # Stream names for `index_seeds`: one independent stream per use of a sample's randomness.
 STREAMS = {"base": 0, "upsampler": 1, "label": 2}
@@ -142,12 +151,152 @@ def ddim(diffusion: GaussianDiffusion, model, x: torch.Tensor, *, cond_fn=None, 
                                       progress=progress, eta=eta, generator=generator)
 
 
-SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {"ddpm": ddpm, "ddim": ddim}
+def log_snr(alphas_cumprod: np.ndarray) -> np.ndarray:
+    """λ = log(α/σ) = ½·log(ᾱ/(1−ᾱ)) per step of a chain's ᾱ's [T] (float64; decreasing in t)."""
+    ac = np.asarray(alphas_cumprod, dtype=np.float64)
+    with np.errstate(divide="ignore"):  # ᾱ = 0 (a beta of exactly 1): λ = −inf
+        return 0.5 * (np.log(ac) - np.log1p(-ac))
+
+
+def logsnr_timesteps(alphas_cumprod: np.ndarray, steps: int) -> list[int]:
+    """The timesteps of a chain whose log-SNR is nearest to `steps` points uniform in λ from its
+    last step's λ to its first's (both ends kept), ascending.
+
+    The model is only ever evaluated at the chain's own timesteps, and the chain is coarser in λ
+    than such a grid where λ(t) is steep (near t = 0, where λ ~ −log t, and in a clipped
+    schedule's tail), so grid points there may round to the same timestep: duplicates are
+    dropped, and fewer than `steps` timesteps (model calls) may come back; never more.
+
+    :param alphas_cumprod: [T] the original chain's ᾱ_t (decreasing).
+    """
+    if steps < 1:
+        raise ValueError(f"steps={steps}: need at least one step")
+    lam = log_snr(alphas_cumprod)
+    finite = lam[np.isfinite(lam)]
+    grid = np.linspace(finite.min(), finite.max(), steps)
+    nearest = np.abs(np.nan_to_num(lam, neginf=-1e300)[None, :] - grid[:, None]).argmin(axis=1)
+    kept = set(int(t) for t in nearest) | {len(lam) - 1}  # x_T's step, even where λ = −inf
+    return sorted(kept)
+
+
+def _dpmpp_2m_coefs(alphas_cumprod: np.ndarray) -> list[tuple[float, float, float, float]]:
+    """Per index i ≥ 1 of a (respaced) chain, DPM-Solver++(2M)'s step from index i to i − 1 as
+    x_{i−1} = a·x_i + b·(c·x0_i + d·x0_{i+1}), float64 (so the loop needs no device data):
+
+    a = σ_{i−1}/σ_i, b = −α_{i−1}·expm1(−h_i), h_i = λ_{i−1} − λ_i; the multistep data
+    prediction D = (1 + 1/(2r))·x0_i − 1/(2r)·x0_{i+1} with r = h_{i+1}/h_i (the previous step's
+    h over this one's). Index T−1 (the first step) has no previous data prediction: first order
+    (c, d) = (1, 0), which is DDIM's step. (Entry 0 is unused: the last step is x0_0 itself.)"""
+    ac = np.asarray(alphas_cumprod, dtype=np.float64)
+    alpha, sigma, lam = np.sqrt(ac), np.sqrt(1.0 - ac), log_snr(ac)
+    coefs = [(0.0, 0.0, 1.0, 0.0)]
+    for i in range(1, len(ac)):
+        h = lam[i - 1] - lam[i]
+        a, b = sigma[i - 1] / sigma[i], -alpha[i - 1] * np.expm1(-h)
+        if i == len(ac) - 1:
+            c, d = 1.0, 0.0
+        else:
+            r = (lam[i] - lam[i + 1]) / h
+            c, d = 1.0 + 0.5 / r, -0.5 / r
+        coefs.append((float(a), float(b), float(c), float(d)))
+    return coefs
+
+
+def _data_prediction(diffusion: GaussianDiffusion, model, x, t, cond_fn, model_kwargs,
+                     clip_denoised: bool) -> torch.Tensor:
+    """The model's x_0 at x = x_t, indices t [N]: from the ε half of a learned-Σ output, clamped
+    to [-1, 1] when clip_denoised, then classifier-guided on the score exactly as the reference
+    guides DDIM (condition_score: ε' = ε − √(1−ᾱ_t)·g, x_0 recomputed from ε'), and clamped
+    again when clip_denoised. x's shape.
+
+    The second clamp is where this differs from DDIM, on purpose: the guided x_0 carries
+    σ_t²·s·g/α_t, which is huge at high noise, and the second-order step extrapolates from two
+    x_0's, so unbounded guided data predictions blow up (on the quickstart models, scale 2,
+    10 steps: judge-feature FID 12.6 without it; see benchmarks/sampling.py's quality table).
+    DDIM's first-order update uses x_0 and ε' together and stays exact without it."""
+    out = diffusion.p_mean_variance(model, x, t, clip_denoised, None, model_kwargs)
+    if cond_fn is None:
+        return out["pred_xstart"]
+    x0 = diffusion.condition_score(cond_fn, out, x, t, model_kwargs)["pred_xstart"]
+    return x0.clamp(-1, 1) if clip_denoised else x0
+
+
+def dpmpp_2m(diffusion: GaussianDiffusion, model, x: torch.Tensor, *, cond_fn=None,
+             model_kwargs=None, clip_denoised: bool = True, eta: float = 0.0, generator=None,
+             progress: bool = False) -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022) over every step of `diffusion` from x = x_T
+    [N, C, H, W]: one model call per step, deterministic (`generator` is unused).
+
+    It integrates the probability-flow ODE in λ = log(α/σ) from index T−1 down to index 0 with
+    the multistep second-order update on the data prediction x_0 (see `_dpmpp_2m_coefs`; its
+    first step is first order, i.e. DDIM's), on the chain's own ᾱ's, so the model sees only the
+    chain's discrete timesteps; the last step, from index 0 to ᾱ = 1 (σ = 0), returns index 0's
+    data prediction, as DDIM's last step does. x_0 comes from `_data_prediction` (ε half of a
+    learned Σ, clip_denoised, classifier guidance on ε as the reference's DDIM). `eta` must be
+    0: this is the ODE solver (the SDE variant is not implemented)."""
+    if eta != 0.0:
+        raise ValueError(f"eta={eta}: dpmpp_2m is the deterministic ODE solver (eta must be 0)")
+    diffusion._preload(x.device, x.dtype)
+    coefs = _dpmpp_2m_coefs(diffusion.alphas_cumprod)
+    n, previous = x.shape[0], None
+    for i in _progress(list(range(diffusion.num_timesteps))[::-1], progress):
+        t = torch.full((n,), i, device=x.device, dtype=torch.int64)
+        with torch.no_grad():
+            x0 = _data_prediction(diffusion, model, x, t, cond_fn, model_kwargs, clip_denoised)
+        if i == 0:
+            return x0
+        a, b, c, d = coefs[i]
+        data = x0 if previous is None or d == 0.0 else c * x0 + d * previous
+        x, previous = a * x + b * data, x0
+    raise AssertionError("unreachable: index 0 returns")
+
+
+SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {"ddpm": ddpm, "ddim": ddim,
+                                                     "dpmpp_2m": dpmpp_2m}
+# Samplers that draw noise at every step (the per-row `seeds` loop draws it); the others draw
+# only x_T.
+_STOCHASTIC = ("ddpm", "ddim")
+# How an int `steps` picks the chain's timesteps, per `timesteps` option (None: per sampler).
+TIMESTEP_SPACINGS = ("uniform", "logsnr")
+DEFAULT_SPACING = {"ddpm": "uniform", "ddim": "ddim", "dpmpp_2m": "logsnr"}
 
 
 @functools.lru_cache(maxsize=32)
-def _respaced(diffusion: GaussianDiffusion, spec: str) -> GaussianDiffusion:
-    return respace(diffusion, spec)
+def _respaced(diffusion: GaussianDiffusion, spec: str | tuple) -> GaussianDiffusion:
+    """`diffusion`'s original chain respaced by a spec string, or kept at a tuple of timesteps."""
+    if isinstance(spec, str):
+        return respace(diffusion, spec)
+    return SpacedDiffusion(spec, betas=diffusion.base_betas,
+                           model_mean_type=diffusion.model_mean_type,
+                           model_var_type=diffusion.model_var_type,
+                           loss_type=diffusion.loss_type,
+                           rescale_timesteps=diffusion.rescale_timesteps)
+
+
+def sampling_diffusion(diffusion: GaussianDiffusion, sampler: str, steps: int | str | None,
+                       timesteps: str | None = None) -> GaussianDiffusion:
+    """The diffusion `sample` runs `sampler` on (see its `steps` and `timesteps`): `diffusion`
+    itself (steps None), its original chain respaced by a spec string, or by an int N spaced as
+    `timesteps` says: "uniform" (the reference's "N": evenly strided, first and last step
+    kept), "logsnr" (`logsnr_timesteps`: nearest to uniform in log-SNR, deduplicated, so
+    possibly fewer than N), or None for the sampler's default (DEFAULT_SPACING: "ddimN" for
+    DDIM, the DDIM paper's stride and the reference's DDIM-25; "uniform" for DDPM; "logsnr"
+    for DPM-Solver++)."""
+    if timesteps is not None and timesteps not in TIMESTEP_SPACINGS:
+        raise ValueError(f"timesteps={timesteps!r}: expected one of {TIMESTEP_SPACINGS} "
+                         "(or None for the sampler's default)")
+    if steps is None or isinstance(steps, str):
+        if timesteps is not None:
+            raise ValueError(f"timesteps={timesteps!r} spaces an int number of steps; got "
+                             f"steps={steps!r}")
+        return diffusion if steps is None else _respaced(diffusion, steps)
+    spacing = timesteps or DEFAULT_SPACING[sampler]
+    if spacing == "ddim":
+        return _respaced(diffusion, f"ddim{int(steps)}")
+    if spacing == "uniform":
+        return _respaced(diffusion, str(int(steps)))
+    base_alphas_cumprod = np.cumprod(1.0 - np.asarray(diffusion.base_betas, dtype=np.float64))
+    return _respaced(diffusion, tuple(logsnr_timesteps(base_alphas_cumprod, int(steps))))
 
 
 def _device_of(model, noise, generator, device) -> torch.device:
@@ -157,8 +306,11 @@ def _device_of(model, noise, generator, device) -> torch.device:
         return noise.device
     if generator is not None:
         return generator.device
-    if isinstance(model, nn.Module):
-        return next(model.parameters()).device
+    if isinstance(model, nn.Module):  # (a parameter-free module: its buffers, or the CPU)
+        tensor = next(model.parameters(), None)
+        tensor = next(model.buffers(), None) if tensor is None else tensor
+        if tensor is not None:
+            return tensor.device
     return torch.device("cpu")
 
 
@@ -174,6 +326,56 @@ def _model_fn(model, pass_y: bool):
     return model_fn
 
 
+def classifier_free_guidance(model_fn, scale: float, null_label: int):
+    """Classifier-free guidance (Ho & Salimans 2022) around `model_fn(x, t, y=..., **kwargs)`.
+
+    The returned function calls the model once on the doubled batch [x; x] with labels
+    [y; null_label] (other batch-sized inputs, e.g. `low_res`, doubled too) and returns, in the
+    model's output layout [N, C or 2C, H, W]:
+
+    - first C channels (ε): ε_null + scale·(ε_cond − ε_null); for an x_0- (or x_{t−1}-)
+      predicting model the same affine combination of its prediction is the same guidance,
+      since ε is affine in it at fixed x_t with weights summing to 1;
+    - last C channels (the learned variance's v, if any): the conditional half's.
+
+    `y` is required ([N] int64). The caller's y is left alone for classifier guidance.
+    """
+
+    def guided(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, **kwargs):
+        if y is None:
+            raise ValueError("classifier-free guidance needs the labels y")
+        n, channels = x.shape[0], x.shape[1]
+
+        def doubled(v):
+            is_batch = isinstance(v, torch.Tensor) and v.ndim > 0 and v.shape[0] == n
+            return torch.cat([v, v]) if is_batch else v
+
+        labels = torch.cat([y, torch.full_like(y, null_label)])
+        out = model_fn(torch.cat([x, x]), torch.cat([t, t]), y=labels,
+                       **{k: doubled(v) for k, v in kwargs.items()})
+        cond, null = out[:n], out[n:]
+        eps = null[:, :channels] + scale * (cond[:, :channels] - null[:, :channels])
+        return torch.cat([eps, cond[:, channels:]], dim=1)
+
+    return guided
+
+
+def _check_cfg(model, cfg_scale: float, y) -> int | None:
+    """The null label to guide with, or None when cfg_scale is 1 (off); a clear error when the
+    model has no null class (trained without label dropout) or there are no labels."""
+    if cfg_scale == 1.0:
+        return None
+    null_label = getattr(model, "null_label", None)
+    if null_label is None:
+        raise ValueError(
+            f"cfg_scale={cfg_scale}: classifier-free guidance needs a class-conditional model "
+            "trained with label dropout (flag class_dropout_prob > 0), which has a null-class "
+            "label embedding; this model has none (model.null_label is None)")
+    if y is None:
+        raise ValueError(f"cfg_scale={cfg_scale}: classifier-free guidance needs labels y")
+    return int(null_label)
+
+
 def sample(
     model: nn.Module,
     diffusion: GaussianDiffusion,
@@ -181,8 +383,10 @@ def sample(
     *,
     sampler: str = "ddim",
     steps: int | str | None = None,
+    timesteps: str | None = None,
     classifier: nn.Module | None = None,
     classifier_scale: float = 1.0,
+    cfg_scale: float = 1.0,
     y: torch.Tensor | None = None,
     model_kwargs: dict | None = None,
     generator: torch.Generator | None = None,
@@ -196,18 +400,29 @@ def sample(
     progress: bool = False,
     device=None,
 ) -> torch.Tensor:
-    """Generate a batch of images, optionally classifier-guided.
+    """Generate a batch of images, optionally classifier-guided and/or classifier-free guided.
 
     :param model: the denoiser, ``model(x, t, y=None, **model_kwargs)`` (a U-Net or the
         upsampler); put it in eval mode first.
     :param diffusion: the diffusion it was trained with (possibly already respaced).
     :param shape: (N, C, H, W).
-    :param sampler: "ddim" or "ddpm" (ancestral).
-    :param steps: respace the diffusion's original chain for this call: an int N means "ddimN"
-        for DDIM (the DDIM paper's stride; the README's DDIM-25) and "N" for DDPM; a string is
-        any respacing ("250", "10,10,10", "ddim25"). None samples `diffusion` as it is.
+    :param sampler: "ddim", "ddpm" (ancestral) or "dpmpp_2m" (DPM-Solver++(2M), η = 0 only);
+        the names are `SAMPLERS`' keys.
+    :param steps: respace the diffusion's original chain for this call: an int N is N model
+        calls at timesteps spaced as `timesteps` says; a string is any respacing ("250",
+        "10,10,10", "ddim25"). None samples `diffusion` as it is.
+    :param timesteps: how an int `steps` is spaced: "uniform" (evenly strided in t, first and
+        last step kept: the respacing "N"), "logsnr" (the chain's timesteps nearest to uniform
+        in log-SNR; duplicates dropped, so possibly fewer calls than N: see
+        `logsnr_timesteps`), or None: the sampler's default, "ddimN" for DDIM (the DDIM paper's
+        stride, the README's DDIM-25), "uniform" for DDPM, "logsnr" for DPM-Solver++.
     :param classifier: a noisy-image classifier ``classifier(x, t)`` for guidance, with
         `classifier_scale` the paper's s; needs `y`.
+    :param cfg_scale: classifier-free guidance weight w (1 = off: the model is called as is).
+        Otherwise each model call is one call on the doubled batch (labels y, then the null
+        class) and ε = ε_null + w·(ε_cond − ε_null), Σ from the conditional half (see
+        `classifier_free_guidance`). Needs `y` and a model trained with label dropout
+        (`class_dropout_prob` > 0: it has a null-class embedding, `model.null_label`).
     :param y: [N] int64 class labels, for a class-conditional model and/or the classifier
         (an unconditional model is called without them).
     :param model_kwargs: further model inputs, e.g. ``{"low_res": [N, C, h, w]}``.
@@ -220,8 +435,8 @@ def sample(
         `index_seeds`): row i draws x_T (unless `noise` is given) and every step's noise from
         its own generator seeded with seeds[i], so it does not depend on the rest of the batch
         (see `RowNoise`). Excludes `generator`. A single row seeded with s gives exactly what
-        ``generator=torch.Generator().manual_seed(s)`` gives it.
-    :param eta: DDIM's η (0 = deterministic).
+        ``generator=torch.Generator().manual_seed(s)`` gives it. (dpmpp_2m draws x_T only.)
+    :param eta: DDIM's η (0 = deterministic); dpmpp_2m takes 0 only.
     :param clip_denoised: clamp each x_0 prediction to [-1, 1].
     :param autocast_dtype: e.g. torch.bfloat16: run the networks under autocast (the diffusion
         arithmetic and the guidance gradient stay float32).
@@ -236,10 +451,10 @@ def sample(
         raise ValueError(f"unknown sampler {sampler!r}: expected one of {sorted(SAMPLERS)}")
     if sampler == "ddpm" and eta != 0.0:  # (the per-row loop would otherwise ignore it)
         raise ValueError(f"eta={eta} is a DDIM parameter; the ddpm sampler takes none")
-    if steps is not None:
-        spec = steps if isinstance(steps, str) else (f"ddim{steps}" if sampler == "ddim"
-                                                     else str(int(steps)))
-        diffusion = _respaced(diffusion, spec)
+    if sampler == "dpmpp_2m" and eta != 0.0:
+        raise ValueError(f"eta={eta}: dpmpp_2m is the deterministic ODE solver (eta must be 0)")
+    diffusion = sampling_diffusion(diffusion, sampler, steps, timesteps)
+    null_label = _check_cfg(model, cfg_scale, y)
     shape = tuple(int(s) for s in shape)
     device = _device_of(model, noise, generator, device)
     if seeds is not None and generator is not None:
@@ -282,15 +497,18 @@ def sample(
         cond_fn = classifier_cond_fn(classifier, classifier_scale)
     precision = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
                  else contextlib.nullcontext())
+    model_fn = _model_fn(model, pass_y)
+    if null_label is not None:
+        model_fn = classifier_free_guidance(model_fn, cfg_scale, null_label)
     try:
         with precision:
-            if row_noise is not None:
-                out = _row_noise_loop(diffusion, _model_fn(model, pass_y), x, row_noise,
+            if row_noise is not None and sampler in _STOCHASTIC:
+                out = _row_noise_loop(diffusion, model_fn, x, row_noise,
                                       ddim=sampler == "ddim", cond_fn=cond_fn,
                                       model_kwargs=model_kwargs, clip_denoised=clip_denoised,
                                       eta=eta, progress=progress)
-            else:
-                out = SAMPLERS[sampler](diffusion, _model_fn(model, pass_y), x, cond_fn=cond_fn,
+            else:  # (a deterministic sampler: with `seeds`, x_T was their only draw)
+                out = SAMPLERS[sampler](diffusion, model_fn, x, cond_fn=cond_fn,
                                         model_kwargs=model_kwargs, clip_denoised=clip_denoised,
                                         eta=eta, generator=generator, progress=progress)
     finally:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any, Sequence
 
 from ..config import ConfigError, apply_overrides, from_dict, load_yaml
+from ..diffusion import SAMPLERS as LIBRARY_SAMPLERS, TIMESTEP_SPACINGS
 
 
 @dataclass(frozen=True)
@@ -26,9 +27,12 @@ class SampleConfig:
     upsampler: str | None = None  # state-dict URI of an upsampler: stage 2
     upsampler_preset: str | None = None
     upsampler_steps: int | str | None = None  # stage 2 respacing (int: 'ddimN' or 'N')
-    upsampler_sampler: str | None = None  # "ddim" or "ddpm"
-    sampler: str | None = None  # stage 1: "ddim" or "ddpm"
-    steps: int | str | None = None  # stage 1 respacing: 25 (-> ddim25 / 25), "250", "ddim25"
+    upsampler_sampler: str | None = None  # "ddim", "ddpm" or "dpmpp_2m"
+    sampler: str | None = None  # stage 1: "ddim", "ddpm" or "dpmpp_2m"
+    steps: int | str | None = None  # stage 1: 25 (spaced per `timesteps`), "250", "ddim25"
+    timesteps: str | None = None  # how an int `steps` is spaced: "uniform", "logsnr" or
+    #                               None (the sampler's own: ddimN, N, log-SNR for dpmpp_2m)
+    cfg_scale: float = 1.0  # classifier-free guidance w of stage 1 (1 = off)
     eta: float = 0.0  # DDIM's eta, for the stages that sample with DDIM
     num_samples: int = 10000
     classes: str = "uniform"  # "uniform", "balanced" or a list "3,7,9" (ids or class names)
@@ -47,10 +51,10 @@ class SampleConfig:
 
 DECISIVE = ("model", "model_preset", "classifier", "classifier_preset", "classifier_scale",
             "upsampler", "upsampler_preset", "upsampler_steps", "upsampler_sampler", "sampler",
-            "steps", "eta", "num_samples", "classes", "seed", "precision", "clip_denoised",
-            "shard_size")
+            "steps", "timesteps", "cfg_scale", "eta", "num_samples", "classes", "seed",
+            "precision", "clip_denoised", "shard_size")
 PRECISIONS = ("fp32", "bf16", "fp16")
-SAMPLERS = ("ddim", "ddpm")
+SAMPLERS = tuple(sorted(LIBRARY_SAMPLERS))
 
 
 def load_sample_config(config: str | None, overrides: Sequence[str] = (), **cli: Any
@@ -84,6 +88,11 @@ def check_numbers(cfg: SampleConfig) -> None:
                               f"{', '.join(SAMPLERS)}")
     if cfg.eta < 0:
         raise ConfigError(f"eta: must be >= 0, got {cfg.eta}")
+    if cfg.timesteps not in (None, *TIMESTEP_SPACINGS):
+        raise ConfigError(f"timesteps: {cfg.timesteps!r} is not one of "
+                          f"{', '.join(TIMESTEP_SPACINGS)}")
+    if not 0 <= cfg.cfg_scale < float("inf"):
+        raise ConfigError(f"cfg_scale: must be finite and >= 0, got {cfg.cfg_scale}")
     if cfg.classifier_scale is not None and not cfg.classifier and not cfg.classifier_preset:
         raise ConfigError("classifier_scale: given without a classifier (--classifier URI)")
     if cfg.classifier_preset and not cfg.classifier:

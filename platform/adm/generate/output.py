@@ -69,9 +69,14 @@ def write_shard(out: str, k: int, rows: dict[str, np.ndarray]) -> None:
 
 
 def grid_png(images: np.ndarray, columns: int = 8) -> bytes:
-    """A PNG of up to 64 uint8 NHWC images, `columns` per row."""
+    """A PNG of up to 64 uint8 NHWC images, `columns` per row; images under 32 px are scaled
+    up (nearest neighbour, by a whole factor) so that a grid of 8 px samples can be seen."""
     images = images[:64]
     n, h, w, c = images.shape
+    factor = max(1, 32 // max(h, w))
+    if factor > 1:
+        images = images.repeat(factor, axis=1).repeat(factor, axis=2)
+        h, w = h * factor, w * factor
     rows = math.ceil(n / columns)
     canvas = np.zeros((rows * h, columns * w, c), dtype=np.uint8)
     for i, img in enumerate(images):

@@ -64,6 +64,7 @@ class StageSampler:
         kwargs = {"low_res": low_res[pad]} if low_res is not None else None
         x = sample(self.net, self.diffusion, (b, 3, self.size, self.size),
                    sampler=self.stage.sampler, steps=self.stage.steps or None,
+                   timesteps=self.stage.timesteps, cfg_scale=self.stage.cfg_scale,
                    classifier=self.classifier, classifier_scale=self.stage.classifier_scale,
                    y=torch.from_numpy(labels[pad]).to(self.device), model_kwargs=kwargs,
                    seeds=index_seeds(self.seed, ids[pad], self.stage.stream), eta=self.eta,

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 from .. import storage
 from ..compat import openai
 from ..config import ConfigError
-from ..diffusion import respace
+from ..diffusion import sampling_diffusion
 from . import models, output
 from .config import SampleConfig, check_numbers, decisive
 from .labels import parse_classes
@@ -16,24 +16,28 @@ from .labels import parse_classes
 
 @dataclass(frozen=True)
 class StagePlan:
-    """One stage: `net` sampled with `sampler` over the respacing `steps` ("" = the whole
-    chain), guided by `classifier` at `classifier_scale` when given; `batch_size` rows per
-    model call, `workers` actors; noise from the sample's `stream` (see index_seeds)."""
+    """One stage: `net` sampled with `sampler` over `steps` (an int count spaced as
+    `timesteps` says, a respacing string, "" = the whole chain; see
+    `adm.diffusion.sampling_diffusion`), guided by `classifier` at `classifier_scale` when
+    given and classifier-free at `cfg_scale`; `batch_size` rows per model call, `workers`
+    actors; noise from the sample's `stream` (see index_seeds)."""
 
     net: models.ModelSpec
     sampler: str
-    steps: str
+    steps: int | str
     stream: str
     batch_size: int
     workers: int
     classifier: models.ModelSpec | None = None
     classifier_scale: float = 0.0
+    timesteps: str | None = None
+    cfg_scale: float = 1.0
 
     def settings(self) -> dict:
         return {"net": self.net.settings(), "sampler": self.sampler, "steps": self.steps,
-                "stream": self.stream,
+                "timesteps": self.timesteps, "stream": self.stream,
                 "classifier": self.classifier.settings() if self.classifier else None,
-                "classifier_scale": self.classifier_scale}
+                "classifier_scale": self.classifier_scale, "cfg_scale": self.cfg_scale}
 
 
 @dataclass(frozen=True)
@@ -60,20 +64,14 @@ class Plan:
         return {k: v for k, v in asdict(self.cfg).items() if k not in decisive(self.cfg)}
 
 
-def respacing(steps: int | str | None, sampler: str, default: str) -> str:
-    """The respacing spec of `steps`: an int N is "ddimN" for DDIM, "N" for DDPM."""
-    if steps is None:
-        return default
-    if isinstance(steps, str):
-        return steps
-    return f"ddim{steps}" if sampler == "ddim" else str(int(steps))
-
-
-def _check_steps(name: str, net: models.ModelSpec, spec: str) -> None:
-    if not spec:
+def _check_steps(name: str, net: models.ModelSpec, sampler: str, steps: int | str,
+                 timesteps: str | None) -> None:
+    """Refuse steps the sampler cannot space over `net`'s chain, naming the setting."""
+    if steps == "":
         return
     try:
-        respace(openai.create_diffusion({**net.flags, "timestep_respacing": ""}), spec)
+        sampling_diffusion(openai.create_diffusion({**net.flags, "timestep_respacing": ""}),
+                           sampler, steps, timesteps)
     except (ValueError, openai.FlagError) as e:
         raise ConfigError(f"{name}: {e}") from None
 
@@ -95,8 +93,11 @@ def make_plan(cfg: SampleConfig) -> Plan:
     check_numbers(cfg)
     base = models.resolve("model", cfg.model, cfg.model_preset, "diffusion")
     sampler, default_steps, sampling = _stage_defaults(base, cfg.sampler)
-    steps = respacing(cfg.steps, sampler, default_steps)
-    _check_steps("steps", base, steps)
+    steps = default_steps if cfg.steps is None else cfg.steps
+    _check_steps("steps", base, sampler, steps, cfg.timesteps)
+    if cfg.cfg_scale != 1.0 and not float(base.flags.get("class_dropout_prob", 0.0)) > 0:
+        raise ConfigError(f"cfg_scale: {cfg.cfg_scale} needs a model trained with label "
+                          f"dropout (class_dropout_prob > 0); {cfg.model} was not")
 
     classifier, scale = None, 0.0
     if cfg.classifier:
@@ -119,7 +120,7 @@ def make_plan(cfg: SampleConfig) -> Plan:
                             (classifier.classes if classifier else None))
 
     stage1 = StagePlan(base, sampler, steps, "base", cfg.batch_size, cfg.num_workers,
-                       classifier, scale)
+                       classifier, scale, cfg.timesteps, cfg.cfg_scale)
     stage2 = None
     if cfg.upsampler:
         up = models.resolve("upsampler", cfg.upsampler, cfg.upsampler_preset, "upsampler")
@@ -127,8 +128,8 @@ def make_plan(cfg: SampleConfig) -> Plan:
             raise ConfigError(f"upsampler: its small_size is {models.small_size(up)}; the base "
                               f"model makes {models.image_size(base)}px images")
         up_sampler, up_default, _ = _stage_defaults(up, cfg.upsampler_sampler)
-        up_steps = respacing(cfg.upsampler_steps, up_sampler, up_default)
-        _check_steps("upsampler_steps", up, up_steps)
+        up_steps = up_default if cfg.upsampler_steps is None else cfg.upsampler_steps
+        _check_steps("upsampler_steps", up, up_sampler, up_steps, None)
         stage2 = StagePlan(up, up_sampler, up_steps, "upsampler",
                            cfg.upsampler_batch_size or cfg.batch_size,
                            cfg.upsampler_workers or cfg.num_workers)

@@ -49,6 +49,9 @@ class UNet(nn.Module):
         0 is valid: the encoder keeps only its downsamplers, each decoder level one block.
     :param attention_resolutions: downsample rates (1, 2, 4, ...) that get self-attention.
     :param num_classes: class-conditional when set: a label embedding added to the time one.
+    :param null_class: give the label embedding one more row, label `num_classes` (then
+        `null_label`), the "no class" of classifier-free guidance (trained with label dropout,
+        flag `class_dropout_prob`). Off by default, so released checkpoints keep their shapes.
     :param num_heads / num_head_channels: a fixed number of heads, or (when not -1) a fixed
         width per head; `num_heads_upsample` overrides num_heads in the decoder.
     :param use_fp16: run the torso in float16 on CUDA (see `fp16_autocast`).
@@ -66,6 +69,7 @@ class UNet(nn.Module):
         channel_mult: tuple = (1, 2, 4, 8),
         conv_resample: bool = True,
         num_classes: int | None = None,
+        null_class: bool = False,
         use_checkpoint: bool = False,
         use_fp16: bool = False,
         num_heads: int = 1,
@@ -84,8 +88,13 @@ class UNet(nn.Module):
         self.time_embed = nn.Sequential(
             nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
         )
+        if null_class and num_classes is None:
+            raise ValueError("null_class (classifier-free guidance) needs a class-conditional "
+                             "model (num_classes)")
+        # The label classifier-free guidance conditions on for "no class", or None.
+        self.null_label = num_classes if null_class else None
         if num_classes is not None:
-            self.label_emb = nn.Embedding(num_classes, emb_dim)
+            self.label_emb = nn.Embedding(num_classes + int(null_class), emb_dim)
 
         def res(ch_in, ch_out, **kw):
             return ResBlock(ch_in, emb_dim, dropout, ch_out, use_checkpoint=use_checkpoint,
@@ -138,7 +147,8 @@ class UNet(nn.Module):
         """
         :param x: [N, C, H, W] noisy images (unit scale, e.g. in [-1, 1]).
         :param t: [N] timesteps of the underlying chain (integer, or float when rescaled).
-        :param y: [N] int64 labels; required if and only if the model is class-conditional.
+        :param y: [N] int64 labels; required if and only if the model is class-conditional
+            (`null_label` too, with a null class).
         :return: [N, out_channels, H, W], in x's dtype.
         """
         if (y is not None) != (self.num_classes is not None):

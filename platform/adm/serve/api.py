@@ -11,6 +11,7 @@ to `sample(**sample_args)`. A new sampling knob is one such field.
 """
 from __future__ import annotations
 
+import functools
 import hmac
 import json
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, \
     field_validator, model_validator
 
-from ..diffusion import space_timesteps
+from ..diffusion import create_gaussian_diffusion, sampling_diffusion
 
 SAMPLE_ARG = "sample_arg"  # field metadata key: the `adm.diffusion.sample` keyword it feeds
 MAX_SEED = 2**53 - 1  # exact in a JavaScript number, so the page can show and resend it
@@ -33,11 +34,13 @@ class Limits:
     max_steps: int
     samplers: tuple
     max_guidance_scale: float
+    max_cfg_scale: float
     max_body_bytes: int
     num_classes: int
     class_names: tuple | None
     diffusion_steps: int  # T of the base chain: steps must respace it
     has_classifier: bool
+    has_null_class: bool  # the base was trained with label dropout: cfg_scale != 1 works
     has_upsampler: bool
     default_sampler: str
     default_steps: int
@@ -48,10 +51,18 @@ class Limits:
         """From an `adm.serve.settings.Loaded`."""
         s = loaded.settings
         return cls(s.max_images, min(s.max_steps, loaded.diffusion_steps), tuple(s.samplers),
-                   s.max_guidance_scale, s.max_body_bytes, loaded.num_classes,
+                   s.max_guidance_scale, s.max_cfg_scale, s.max_body_bytes, loaded.num_classes,
                    tuple(loaded.classes) if loaded.classes else None, loaded.diffusion_steps,
-                   loaded.classifier is not None, loaded.upsampler is not None,
+                   loaded.classifier is not None,
+                   float(loaded.base.flags.get("class_dropout_prob", 0.0)) > 0,
+                   loaded.upsampler is not None,
                    s.default_sampler, s.default_steps, loaded.guidance_scale)
+
+
+@functools.lru_cache(maxsize=4)
+def _chain(steps: int):
+    """A T-step chain to check a request's steps against (its betas do not matter here)."""
+    return create_gaussian_diffusion(steps=steps)
 
 
 class RequestError(Exception):
@@ -84,6 +95,9 @@ class GenerateRequest(BaseModel):
     guidance_scale: float | None = Field(None, ge=0, allow_inf_nan=False,
                                          description="classifier guidance scale s",
                                          json_schema_extra={SAMPLE_ARG: "classifier_scale"})
+    cfg_scale: float = Field(1.0, ge=0, allow_inf_nan=False,
+                             description="classifier-free guidance w (1 = off)",
+                             json_schema_extra={SAMPLE_ARG: "cfg_scale"})
     sampler: str | None = Field(None, description="one of the config's samplers",
                                 json_schema_extra={SAMPLE_ARG: "sampler"})
     steps: int | None = Field(None, ge=1, description="base sampling steps",
@@ -129,6 +143,17 @@ class GenerateRequest(BaseModel):
             raise ValueError("no classifier is loaded: only 0 (unguided) is possible")
         return v
 
+    @field_validator("cfg_scale")
+    @classmethod
+    def _cfg(cls, v: float, info: ValidationInfo) -> float:
+        lim = _limits(info)
+        if v > lim.max_cfg_scale:
+            raise ValueError(f"at most {lim.max_cfg_scale} (max_cfg_scale); got {v}")
+        if v != 1.0 and not lim.has_null_class:
+            raise ValueError("the base model was not trained with label dropout "
+                             "(class_dropout_prob): only 1 (off) is possible")
+        return v
+
     @field_validator("sampler")
     @classmethod
     def _sampler(cls, v: str | None, info: ValidationInfo) -> str | None:
@@ -166,9 +191,8 @@ class GenerateRequest(BaseModel):
             self.guidance_scale = lim.default_guidance_scale
         if self.upsample is None:
             self.upsample = lim.has_upsampler
-        spec = f"ddim{self.steps}" if self.sampler == "ddim" else str(self.steps)
-        try:
-            space_timesteps(lim.diffusion_steps, spec)
+        try:  # as sample() will space them (DPM-Solver++ picks any count, in log-SNR)
+            sampling_diffusion(_chain(lim.diffusion_steps), self.sampler, self.steps)
         except ValueError as e:
             raise ValueError(f"steps: {self.steps} does not respace the model's "
                              f"{lim.diffusion_steps}-step chain for {self.sampler} ({e})") from None

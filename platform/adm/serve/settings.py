@@ -44,6 +44,7 @@ class ServeSettings:
     max_steps: int = 100  # base sampling steps per request
     samplers: tuple = ("ddim", "ddpm")  # the samplers a request may ask for
     max_guidance_scale: float = 20.0
+    max_cfg_scale: float = 10.0  # classifier-free guidance w (a base trained with label dropout)
     max_body_bytes: int = 16384
     # Defaults of a request that leaves a field out.
     default_sampler: str = "ddim"
@@ -101,9 +102,9 @@ class ServeSettings:
         if self.default_steps > self.max_steps:
             raise ConfigError(f"default_steps: {self.default_steps} exceeds max_steps "
                               f"{self.max_steps}")
-        if not 0 <= self.max_guidance_scale < float("inf"):
-            raise ConfigError(f"max_guidance_scale: must be finite and >= 0, got "
-                              f"{self.max_guidance_scale}")
+        for name in ("max_guidance_scale", "max_cfg_scale"):
+            if not 0 <= getattr(self, name) < float("inf"):
+                raise ConfigError(f"{name}: must be finite and >= 0, got {getattr(self, name)}")
         if self.batch_wait_s < 0:
             raise ConfigError(f"batch_wait_s: must be >= 0, got {self.batch_wait_s}")
         if self.precision not in PRECISIONS:

@@ -1,19 +1,24 @@
 """What each training minimises: the only part that differs between the three trainings.
 
 - diffusion: the diffusion's `training_losses` (L_hybrid with a learned variance) at timesteps
-  from the configured sampler, importance-weighted;
+  from the configured sampler, importance-weighted; with `class_dropout_prob` > 0, each label
+  is replaced by the null class with that probability (classifier-free guidance's training);
 - upsampler: the same, with the low-resolution image as `low_res`;
 - classifier: cross-entropy of the labels on x_t at uniformly drawn t (or x_0, t = 0, when
   `optim.noised` is off), with top-1/top-5 accuracy; `evaluate` reports held-out accuracy.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..compat import openai
 from ..diffusion import LossSecondMomentResampler, create_named_schedule_sampler
 from .config import TrainConfig
+
+
+LABEL_DROPOUT_STREAM = 1  # keeps the label-dropout seed of a step apart from its other draws
 
 
 class DiffusionObjective:
@@ -25,8 +30,23 @@ class DiffusionObjective:
         self.sampler = create_named_schedule_sampler(cfg.optim.schedule_sampler, self.diffusion)
         self.num_timesteps = self.diffusion.num_timesteps
         self.class_cond = flags.get("class_cond", False)  # classifiers have no such flag
+        # Label dropout (classifier-free guidance): the null class is label num_classes.
+        self.class_dropout_prob = float(flags.get("class_dropout_prob", 0.0)) \
+            if self.class_cond else 0.0
+        self.null_label = int(flags.get("num_classes", 0))
+        self.label_generator: torch.Generator | None = None  # see `reseed`
         self.superres = cfg.kind == "upsampler"
         self.device = device
+
+    def drop_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        """labels [B] int64 with each replaced by the null class with probability
+        `class_dropout_prob` (independently), drawn from the step's generator (`reseed`; the
+        global one before any reseed); the labels themselves when the probability is 0."""
+        if self.class_dropout_prob <= 0:
+            return labels
+        u = torch.rand(labels.shape, generator=self.label_generator)  # on the CPU: any device
+        drop = (u < self.class_dropout_prob).to(labels.device)
+        return torch.where(drop, torch.full_like(labels, self.null_label), labels)
 
     def losses(self, model, batch: dict):
         """(scalar loss to minimise, per-example terms {name: [B]}, timesteps [B])."""
@@ -34,15 +54,22 @@ class DiffusionObjective:
         t, weights = self.sampler.sample(x.shape[0], self.device)
         kwargs = {}
         if self.class_cond:
-            kwargs["y"] = batch["label"]
+            kwargs["y"] = self.drop_labels(batch["label"])
         if self.superres:
             kwargs["low_res"] = batch["low_res"]
         terms = self.diffusion.training_losses(model, x, t, model_kwargs=kwargs)
         return (terms["loss"] * weights).mean(), {k: v.detach() for k, v in terms.items()}, t
 
     def reseed(self, seed: int) -> None:
-        """Draw the next timesteps from a generator seeded with `seed` (see `loop.step_seed`)."""
+        """Draw the next timesteps, and label dropouts, from generators seeded with `seed` (see
+        `loop.step_seed`). The dropout's torch generator takes a seed derived from `seed`
+        apart: the loop seeds torch's global generator (the noise of x_t) with `seed` itself,
+        and the same seed would make the dropout's uniforms those of the noise's stream."""
         self.sampler.reseed(seed)
+        if self.class_dropout_prob > 0:
+            derived = np.random.SeedSequence([seed, LABEL_DROPOUT_STREAM]).generate_state(
+                1, np.uint64)[0] >> 1
+            self.label_generator = torch.Generator().manual_seed(int(derived))
 
     @property
     def loss_aware(self) -> bool:

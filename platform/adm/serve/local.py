@@ -1,0 +1,69 @@
+"""Run a Serve config file's application from Python, on the Ray this process is connected to
+(what `serve run CONFIG` does, for a job that already holds a Ray: the quickstart).
+
+    with run_config_app("serve_configs/local.yaml", {"base": "runs/x/model.pt"}) as url:
+        requests.post(f"{url}/v1/generate", json={"class_id": 3})
+
+The config's first application is built with `build` (its `args`, with `overrides` on top) and
+its `deployments:` entries as the deployments' options, so autoscaling, replica resources and
+request bounds are the file's own.
+"""
+from __future__ import annotations
+
+import contextlib
+import socket
+import time
+import urllib.error
+import urllib.request
+from typing import Iterator
+
+import yaml
+
+from .app import build
+from .settings import ServeSettings, load_settings
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, timeout_s: float = 300.0) -> None:
+    """Poll GET /healthz until it answers 200 (the model replicas are up)."""
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/healthz", timeout=10) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        if time.time() > deadline:
+            raise TimeoutError(f"{url}/healthz did not answer within {timeout_s:g} s")
+        time.sleep(0.5)
+
+
+@contextlib.contextmanager
+def run_config_app(config: str, overrides: dict | None = None, host: str = "127.0.0.1",
+                   port: int | None = None) -> Iterator[str]:
+    """Serve the first application of the Serve config file `config`, with its `args`
+    updated by `overrides`, on http://host:port (a free port by default); yields that URL once
+    /healthz answers, and deletes the application and stops Serve afterwards."""
+    from ray import serve
+
+    with open(config) as f:
+        spec = yaml.safe_load(f)["applications"][0]
+    args = {**(spec.get("args") or {}), **(overrides or {})}
+    options = {d["name"]: {k: v for k, v in d.items() if k != "name"}
+               for d in spec.get("deployments") or []}
+    app = build(load_settings(ServeSettings.from_args(args)), options)
+    port = port or _free_port(host)
+    serve.start(http_options={"host": host, "port": port})
+    try:
+        serve.run(app, name=spec["name"], route_prefix=spec.get("route_prefix", "/"))
+        url = f"http://{host}:{port}"
+        wait_healthy(url)
+        yield url
+    finally:
+        serve.shutdown()

@@ -1,0 +1,270 @@
+"""DPM-Solver++(2M) (`sampler="dpmpp_2m"`) against the exact solution of the probability-flow
+ODE for Gaussian data, where the optimal ε is known in closed form; its time grids; guidance,
+learned Σ, clipping and per-row seeds through `sample`.
+
+The exact solution. For data N(μ, s²I), x_t = α·x_0 + σ·ε (α² = ᾱ_t, σ² = 1 − ᾱ_t) has the
+marginal N(αμ, (α²s² + σ²)I), and the optimal noise prediction is linear in x_t:
+ε*(x_t) = σ·(x_t − αμ)/(α²s² + σ²). The probability-flow ODE moves each coordinate
+monotonically from one of these Gaussians to the next, so it keeps z = (x − αμ)/√(α²s² + σ²)
+constant. Written in λ = log(α/σ) the ODE has no schedule left in it (for a VP chain
+α² = sigmoid(2λ)), so its solution between two of the chain's steps depends on their ᾱ's alone,
+not on how ᾱ is interpolated between the chain's discrete steps: whatever (monotone)
+interpolation in t one picks, the ODE from x_T at the chain's last step (index T−1) to its first
+(index 0) gives x at index 0 = α_0μ + √(α_0²s² + σ_0²)·z_T. The samplers' last step (index 0 to
+ᾱ = 1, as in the reference's DDIM) returns the data prediction there, x_0*(x) = μ + α_0s²(x −
+α_0μ)/(α_0²s² + σ_0²), which is part of both solvers alike; the exact answer they converge to is
+that prediction of the exact x at index 0. Every respacing below keeps both ends of the chain,
+so one exact answer holds for every step count.
+
+Measured (float64, 256 values of x_T, max |error|, a chain uniform in λ ∈ [−5, 5] with 1281
+steps, so the log-SNR grids land on its steps and halve exactly; on ADM's 1000-step chains the
+grids stop halving past ~30 steps, because near t = 0 (λ ~ −log t) the chain itself is coarser
+in λ than the grid and duplicate timesteps are dropped: there, linear schedule, 40/80/160 asked
+steps give 39/76/144 calls and orders 1.92, 1.90, then 1.30 as the chain's last steps dominate):
+
+    intervals      20        40        80        160
+    DPM-Solver++  1.24e-2   3.37e-3   8.57e-4   2.15e-4    orders 1.88, 1.98, 1.99
+    DDIM          1.04e-1   5.36e-2   2.72e-2   1.37e-2    orders 0.96, 0.98, 0.99
+
+At 10 steps on the ADM chains (1000 steps, the same log-SNR grid for both, float32 through
+`sample`): linear DPM-Solver++ 2.5e-2 vs DDIM 2.4e-1; cosine 2.1e-2 vs 3.5e-1.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from adm.compat import openai
+from adm.diffusion import (GaussianDiffusion, LossType, ModelMeanType, ModelVarType,
+                           create_gaussian_diffusion, ddim, dpmpp_2m, index_seeds,
+                           logsnr_timesteps, sample, sampling_diffusion)
+from helpers import TINY_CLASSIFIER_FLAGS, TINY_UNET_FLAGS
+
+MU, S = 0.1, 0.25  # the data: N(MU, S²) per coordinate (within [-1, 1] up to 3.6 σ)
+
+
+class GaussianDenoiser(nn.Module):
+    """The exact ε of data N(MU, S²I) on a chain of original ᾱ's [T]: called with the original
+    chain's timesteps t [N] (as a respaced diffusion calls its model), it looks up ᾱ_t.
+    `learn_sigma` appends C channels of v (a learned-range variance) that the ODE must ignore.
+    Unconditional (num_classes None): `sample` gives labels to a classifier only."""
+
+    num_classes = None
+
+    def __init__(self, alphas_cumprod: np.ndarray, learn_sigma: bool = False):
+        super().__init__()
+        self.register_buffer("alphas_cumprod", torch.from_numpy(np.asarray(alphas_cumprod)))
+        self.learn_sigma = learn_sigma
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        a = self.alphas_cumprod[t.long()].to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
+        eps = (1 - a).sqrt() * (x - a.sqrt() * MU) / (a * S * S + 1 - a)
+        return torch.cat([eps, torch.full_like(x, 0.7)], 1) if self.learn_sigma else eps
+
+
+def exact_solution(diffusion: GaussianDiffusion, x_T: torch.Tensor) -> torch.Tensor:
+    """The probability-flow ODE's solution from x_T at `diffusion`'s index T−1 to index 0,
+    followed by the exact data prediction there (see the module docstring)."""
+    a_T, a_0 = diffusion.alphas_cumprod[-1], diffusion.alphas_cumprod[0]
+    z = (x_T - math.sqrt(a_T) * MU) / math.sqrt(a_T * S * S + 1 - a_T)
+    x = math.sqrt(a_0) * MU + math.sqrt(a_0 * S * S + 1 - a_0) * z
+    return MU + math.sqrt(a_0) * S * S * (x - math.sqrt(a_0) * MU) / (a_0 * S * S + 1 - a_0)
+
+
+def lambda_uniform_chain(intervals: int = 1280) -> GaussianDiffusion:
+    """A chain whose steps are uniform in λ from 5 (index 0) to −5: log-SNR grids of
+    intervals/2^k steps land on its steps exactly, so they are exactly uniform and halve."""
+    lam = np.linspace(5.0, -5.0, intervals + 1)
+    alphas_cumprod = 1 / (1 + np.exp(-2 * lam))
+    betas = 1 - alphas_cumprod / np.append(1.0, alphas_cumprod[:-1])
+    return GaussianDiffusion(betas=betas, model_mean_type=ModelMeanType.EPSILON,
+                             model_var_type=ModelVarType.FIXED_LARGE, loss_type=LossType.MSE)
+
+
+def x_T(n: int = 256, dtype=torch.float64) -> torch.Tensor:
+    return torch.randn(n, 1, 4, 4, generator=torch.Generator().manual_seed(0), dtype=dtype)
+
+
+def orders(errors: list[float]) -> list[float]:
+    return [math.log2(a / b) for a, b in zip(errors, errors[1:])]
+
+
+def test_dpm_solver_converges_at_second_order_ddim_at_first():
+    base = lambda_uniform_chain()
+    model = GaussianDenoiser(base.alphas_cumprod)
+    noise = x_T()
+    errors = {"dpmpp_2m": [], "ddim": []}
+    for intervals in (20, 40, 80, 160):
+        d = sampling_diffusion(base, "dpmpp_2m", intervals + 1, "logsnr")
+        assert d.num_timesteps == intervals + 1  # the grid lands on the chain's steps
+        lam = 0.5 * np.log(d.alphas_cumprod / (1 - d.alphas_cumprod))
+        np.testing.assert_allclose(np.diff(lam), -10 / intervals, rtol=1e-9)  # uniform in λ
+        want = exact_solution(d, noise)
+        for name, solver in (("dpmpp_2m", dpmpp_2m), ("ddim", ddim)):
+            got = solver(d, model, noise.clone(), clip_denoised=False)
+            assert got.dtype == torch.float64
+            errors[name].append((got - want).abs().max().item())
+    dpm, first = orders(errors["dpmpp_2m"]), orders(errors["ddim"])
+    print("errors", errors, "orders dpmpp_2m", dpm, "ddim", first)
+    assert all(1.8 < p < 2.2 for p in dpm), (errors, dpm)
+    assert all(0.9 < p < 1.1 for p in first), (errors, first)
+    assert errors["dpmpp_2m"][-1] < 3e-4
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_at_ten_steps_dpm_solver_beats_ddim_on_adm_chains(schedule):
+    """Through `sample` (float32), on the 1000-step chains the ADM models are trained on, both
+    solvers on the same 10-step log-SNR grid."""
+    base = create_gaussian_diffusion(steps=1000, noise_schedule=schedule)
+    model = GaussianDenoiser(np.cumprod(1 - base.base_betas))
+    noise = x_T(dtype=torch.float32)
+    d = sampling_diffusion(base, "dpmpp_2m", 10, "logsnr")
+    assert d.timestep_map[0] == 0 and d.timestep_map[-1] == 999
+    want = exact_solution(d, noise.double()).float().clamp(-1, 1)
+    err = {}
+    for sampler in ("dpmpp_2m", "ddim"):
+        got = sample(model, base, noise.shape, sampler=sampler, steps=10, timesteps="logsnr",
+                     noise=noise, clip_denoised=False)
+        err[sampler] = (got - want).abs().max().item()
+    print(schedule, err)
+    assert err["dpmpp_2m"] < 0.05 and err["ddim"] > 4 * err["dpmpp_2m"], err
+
+
+def test_logsnr_grid_and_step_options():
+    base = create_gaussian_diffusion(steps=1000, noise_schedule="cosine")
+    ac = np.cumprod(1 - base.base_betas)
+    kept = logsnr_timesteps(ac, 10)
+    assert kept[0] == 0 and kept[-1] == 999 and kept == sorted(set(kept))
+    # Near-uniform in λ where the chain is fine enough; the chain's steep ends dedupe.
+    assert len(kept) <= 10 and len(logsnr_timesteps(ac, 200)) < 200
+    assert sampling_diffusion(base, "dpmpp_2m", 10).timestep_map == kept  # the default grid
+    assert sampling_diffusion(base, "dpmpp_2m", 10, "uniform").timestep_map == \
+        sampling_diffusion(base, "ddpm", 10).timestep_map == sorted(
+            openai.create_diffusion({"noise_schedule": "cosine",
+                                     "timestep_respacing": "10"}).timestep_map)
+    assert sampling_diffusion(base, "ddim", 10).timestep_map == list(range(0, 1000, 100))
+    assert sampling_diffusion(base, "dpmpp_2m", "ddim5").timestep_map == [0, 200, 400, 600, 800]
+    assert sampling_diffusion(base, "dpmpp_2m", None) is base
+    with pytest.raises(ValueError, match="timesteps='karras'"):
+        sampling_diffusion(base, "dpmpp_2m", 10, "karras")
+    with pytest.raises(ValueError, match="int number of steps"):
+        sampling_diffusion(base, "dpmpp_2m", "ddim10", "logsnr")
+    with pytest.raises(ValueError, match="eta=0.5"):
+        sample(GaussianDenoiser(ac), base, (1, 1, 2, 2), sampler="dpmpp_2m", steps=5, eta=0.5)
+
+
+def test_learned_sigma_clipping_and_start_x_models():
+    """The solver uses the ε half of a learned-Σ output (the v half changes nothing), clamps
+    each x_0 to [-1, 1] with clip_denoised, and solves an x_0-predicting model's chain alike."""
+    base = create_gaussian_diffusion(steps=1000, noise_schedule="linear")
+    ac = np.cumprod(1 - base.base_betas)
+    learned = create_gaussian_diffusion(steps=1000, noise_schedule="linear", learn_sigma=True)
+    noise = x_T(16, torch.float32)
+    kw = dict(sampler="dpmpp_2m", steps=10, noise=noise)
+    plain = sample(GaussianDenoiser(ac), base, noise.shape, **kw)
+    torch.testing.assert_close(
+        sample(GaussianDenoiser(ac, learn_sigma=True), learned, noise.shape, **kw), plain,
+        rtol=0, atol=1e-6)
+
+    class ScaledUp(GaussianDenoiser):  # x_0 predictions far outside [-1, 1] at high noise
+        def forward(self, x, t):
+            return 4 * super().forward(x, t)
+
+    clipped = sample(ScaledUp(ac), base, noise.shape, clip_denoised=True, **kw)
+    unclipped = sample(ScaledUp(ac), base, noise.shape, clip_denoised=False, **kw)
+    assert (clipped - unclipped).abs().max() > 0.05
+
+    class PredictsStart(GaussianDenoiser):  # the same denoiser, as x_0
+        def forward(self, x, t):
+            a = self.alphas_cumprod[t.long()].to(x.dtype).view(-1, 1, 1, 1)
+            return (x - (1 - a).sqrt() * super().forward(x, t)) / a.sqrt()
+
+    start_x = create_gaussian_diffusion(steps=1000, noise_schedule="linear", predict_xstart=True)
+    torch.testing.assert_close(sample(PredictsStart(ac), start_x, noise.shape, **kw), plain,
+                               rtol=0, atol=1e-5)
+
+
+class SumClassifier(nn.Module):
+    """Logits w_k·Σ_i x_i: class k's log-probability grows with the image's sum when w_k is the
+    largest weight (here class 1: brighter images)."""
+
+    def __init__(self, weights: torch.Tensor):
+        super().__init__()
+        self.weights = weights
+
+    def forward(self, x, t):
+        return x.flatten(1).sum(1, keepdim=True) * self.weights[None]
+
+
+def test_classifier_guidance_on_eps_as_the_reference_ddim():
+    """On a 2-step grid DPM-Solver++ is guided DDIM (its first step is first order, its last
+    the data prediction), so it guides ε as the reference's DDIM (ADM algorithm 2:
+    ε' = ε − √(1−ᾱ_t)·g); from 3 steps on the second-order steps differ; and the guided 10-step
+    solve moves each sample towards its class."""
+    base = create_gaussian_diffusion(steps=1000, noise_schedule="linear")
+    model = GaussianDenoiser(np.cumprod(1 - base.base_betas))
+    classifier = SumClassifier(torch.tensor([-0.05, 0.05]))
+    noise = x_T(8, torch.float32)
+    y = torch.tensor([1, 0] * 4)
+    kw = dict(noise=noise, y=y, classifier=classifier, classifier_scale=4.0)
+    for spec in ("ddim2", "ddim3"):
+        a = sample(model, base, noise.shape, sampler="dpmpp_2m", steps=spec, **kw)
+        b = sample(model, base, noise.shape, sampler="ddim", steps=spec, **kw)
+        if spec == "ddim2":
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+        else:
+            assert (a - b).abs().max() > 1e-3
+    plain = sample(model, base, noise.shape, sampler="dpmpp_2m", steps=10, noise=noise)
+    guided = sample(model, base, noise.shape, sampler="dpmpp_2m", steps=10, **kw)
+    shift = (guided - plain).mean(dim=(1, 2, 3))
+    assert (shift[y == 1] > 0.01).all() and (shift[y == 0] < -0.01).all(), shift
+
+
+def test_per_row_seeds_and_a_real_guided_network():
+    """With `seeds` the solver is deterministic given x_T: a sample depends on its index alone,
+    whatever the batch; a tiny ADM with a classifier runs through it end to end."""
+    model = openai.create_model(TINY_UNET_FLAGS).eval()
+    classifier = openai.create_classifier(TINY_CLASSIFIER_FLAGS).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # non-zero outputs (ADM zero-initialises its last layers)
+        for p in list(model.parameters()) + list(classifier.parameters()):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    d = openai.create_diffusion(TINY_UNET_FLAGS)
+    labels = torch.arange(6) % 10
+    kw = dict(sampler="dpmpp_2m", steps=4, classifier=classifier, classifier_scale=3.0)
+    full = sample(model, d, (6, 3, 8, 8), seeds=index_seeds(3, range(6)), y=labels, **kw)
+    part = sample(model, d, (3, 3, 8, 8), seeds=index_seeds(3, [5, 2, 0]),
+                  y=labels[[5, 2, 0]], **kw)
+    torch.testing.assert_close(part, full[[5, 2, 0]], rtol=0, atol=1e-5)
+    assert (full[0] - full[1]).abs().max() > 0.1
+    # A single row seeded with s is the generator's x_T (the seeds path's contract).
+    one = sample(model, d, (1, 3, 8, 8), seeds=[77], y=labels[:1], **kw)
+    ref = sample(model, d, (1, 3, 8, 8), generator=torch.Generator().manual_seed(77),
+                 y=labels[:1], **kw)
+    assert torch.equal(one, ref) and one.abs().max() <= 1
+
+
+def test_guided_data_prediction_is_thresholded():
+    """With clip_denoised, the data prediction the solver extrapolates from is clamped after
+    the guidance too (a guided x_0 carries σ²·s·g/α, huge at high noise; unclamped, the
+    second-order step blows up: benchmarks/sampling.py's quality table); without it, not."""
+    from adm.diffusion.sampling import _data_prediction
+    from adm.guidance import classifier_cond_fn
+
+    base = create_gaussian_diffusion(steps=1000, noise_schedule="linear")
+    denoiser = GaussianDenoiser(np.cumprod(1 - base.base_betas))
+
+    def model(x, t, y=None):  # (unconditional: the labels are the classifier's)
+        return denoiser(x, t)
+
+    cond = classifier_cond_fn(SumClassifier(torch.tensor([-0.05, 0.05])), 20.0)
+    x = x_T(4, torch.float32)
+    t = torch.full((4,), 900)
+    kw = {"y": torch.tensor([1, 0, 1, 0])}
+    clipped = _data_prediction(base, model, x, t, cond, kw, clip_denoised=True)
+    free = _data_prediction(base, model, x, t, cond, kw, clip_denoised=False)
+    assert free.abs().max() > 2 and clipped.abs().max() <= 1
