@@ -25,6 +25,8 @@ def test_s3_options_from_env_and_config():
     kwargs = opts.pyarrow_kwargs()
     assert kwargs["endpoint_override"] == "127.0.0.1:9000" and kwargs["scheme"] == "http"
     assert kwargs["region"] == "eu-west-1" and "access_key" not in kwargs
+    # not the AWS SDK's 3 s request timeout, which a busy store exceeds on large objects
+    assert kwargs["request_timeout"] == 60.0 and kwargs["connect_timeout"] == 10.0
     assert "SK" not in repr(opts) and b"SK" not in __import__("pickle").dumps(
         storage.resolve_filesystem("s3://b/k", opts)[0])
     explicit = S3Options.from_env(env, access_key="AK", secret_key="SK").pyarrow_kwargs()

@@ -40,6 +40,8 @@ import pyarrow.fs as pafs
 S3_SCHEME = "s3://"
 # A single S3 PUT accepts at most 5 GiB; shards and checkpoints written here are far smaller.
 MAX_SINGLE_PUT_BYTES = 5 * 1024**3
+# pyarrow's S3 timeouts (seconds): see S3Options.pyarrow_kwargs.
+S3_CONNECT_TIMEOUT_S, S3_REQUEST_TIMEOUT_S = 10.0, 60.0
 # Parts of a streamed S3 upload (`open_output`): S3 wants >= 5 MiB for all but the last and
 # allows 10,000, so 64 MiB parts reach 640 GB while holding one part in memory.
 MULTIPART_PART_BYTES = 64 * 1024**2
@@ -83,8 +85,11 @@ class S3Options:
         return self.region or ("us-east-1" if self.endpoint_url else None)
 
     def pyarrow_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``pyarrow.fs.S3FileSystem``."""
-        kwargs: dict[str, Any] = {}
+        """Keyword arguments for ``pyarrow.fs.S3FileSystem``. Its request timeout is raised
+        from the AWS SDK's 3 s, which a busy store (or a busy machine) exceeds before the
+        first byte of a large object: reads then fail with "Operation too slow"."""
+        kwargs: dict[str, Any] = {"connect_timeout": S3_CONNECT_TIMEOUT_S,
+                                  "request_timeout": S3_REQUEST_TIMEOUT_S}
         if self.endpoint_url:
             parsed = urlparse(self.endpoint_url)
             if not parsed.scheme or not parsed.netloc:
