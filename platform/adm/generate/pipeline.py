@@ -35,7 +35,7 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 
 def from_uint8(images: np.ndarray, device) -> torch.Tensor:
     """[N, H, W, C] uint8 -> [N, C, H, W] float32 in [-1, 1] (the reference's base samples)."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).to(device)
+    x = torch.from_numpy(np.array(images)).to(device)  # a writable copy (Ray blocks are not)
     return x.permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
