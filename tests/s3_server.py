@@ -14,6 +14,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -56,17 +57,22 @@ def running_s3_server():
         "AWS_SECRET_ACCESS_KEY": "testing",
         "AWS_REGION": "us-east-1",
     }
+    # The server logs a line per request to stderr. A pipe nobody drains fills after some
+    # thousand requests and then blocks the server mid-response (every S3 call of the session
+    # hangs from then on), so the log goes to a file, read back only if the server dies early.
+    log = tempfile.TemporaryFile()
     proc = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stderr=log,
         env={**os.environ, **env},
     )
     try:
         deadline = time.monotonic() + 30
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"moto server exited early: {proc.stderr.read().decode()}")
+                log.seek(0)
+                raise RuntimeError(f"moto server exited early: {log.read().decode(errors='replace')}")
             try:
                 with socket.create_connection(("127.0.0.1", port), timeout=0.2):
                     break
@@ -84,6 +90,7 @@ def running_s3_server():
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        log.close()
 
 
 @pytest.fixture(scope="session")
