@@ -2,13 +2,17 @@
 processes (a head with the dashboard and job server, worker nodes joined to it), jobs submitted
 with `ray job submit`, as on a real cluster.
 
-* Losing a node mid-run: the 2-worker run, spread over two nodes, resumes from its last
-  committed checkpoint on a replacement node and finishes.
-* Credentials: the nodes hold the AWS settings in their environment (as a real cluster's nodes
-  do); the job must not make Ray record the secret values anywhere (Train's run state, the job
-  info, the run folder on S3, the Ray logs). The same run checks `ray job submit` of the
-  preparation and training jobs on S3 (the export is written) and that a bad config fails
-  before any worker starts, naming the key.
+Both tests share one two-node cluster (the `cluster` fixture: starting one and preparing the
+data on it is a good part of each test's time). Its nodes hold the AWS settings, a secret key
+and a session token in their environment, as a real cluster's nodes do; the digits are prepared
+on S3 (an S3 server of this module's own) by `ray job submit`.
+
+* Credentials: the job must not make Ray record the secret values anywhere (Train's run state,
+  the job info, the run folder on S3, the Ray logs). The same run checks `ray job submit` of
+  the training job on S3 (the export is written) and that a bad config fails before any worker
+  starts, naming the key.
+* Losing a node mid-run (last: it kills the worker node): the 2-worker run, spread over two
+  nodes, resumes from its last committed checkpoint on a replacement node and finishes.
 
 Both nodes are on this machine, so a local `--storage` path is shared by them; a real
 multi-node cluster needs storage every node reaches (S3, or NFS mounted at the same path).
@@ -20,6 +24,7 @@ import re
 import sys
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -29,8 +34,8 @@ import yaml
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 from adm import storage
-from ray_cluster import ROOT, LocalCluster, local_cluster
-from s3_server import running_s3_server
+from ray_cluster import ROOT, LocalCluster, RayNode, local_cluster
+from s3_server import S3Server, running_s3_server
 
 STEP_LINE = re.compile(r"\[diffusion\] step (\d+)/(\d+)")
 GROUP_START = "Attempting to start training worker group"  # Ray Train's log line, every attempt
@@ -89,96 +94,43 @@ def printed_steps(log: str) -> list[int]:
     return [s for i, s in enumerate(steps) if i == 0 or s != steps[i - 1]]
 
 
-# --- Test 1: losing a node mid-run -------------------------------------------------------------
+@dataclass
+class Cluster:
+    """The module's cluster: its nodes, the S3 server they reach, the prepared data's URI, and
+    the secret values in the nodes' environment."""
 
-MAX_STEPS, SAVE_EVERY = 30, 5
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(900)
-def test_training_survives_losing_a_node(tmp_path):
-    """Two nodes, a 2-worker run placed STRICT_SPREAD (one worker per node). Once a checkpoint
-    is committed, the worker node dies (SIGKILL to all its processes); a replacement node joins
-    (STRICT_SPREAD needs two nodes, as a cluster's autoscaler would replace a lost machine). The
-    run must restart from its last checkpoint, not step 0, and finish."""
-    with local_cluster(tmp_path, env={"RAY_DEDUP_LOGS": "0"}) as cluster:
-        head = cluster.start_head(num_cpus=3)
-        worker = cluster.add_worker(num_cpus=3)
-        data, runs = tmp_path / "digits", tmp_path / "runs"
-        prepare_digits(cluster, str(data))
-
-        job_id = f"train-{uuid.uuid4().hex[:8]}"
-        sub = cluster.job(
-            "submit", "--no-wait", "--submission-id", job_id, "--working-dir", str(ROOT), "--",
-            # --verbose: the test reads Ray Train's own log lines (worker-group starts, the
-            # failure policy), which a job keeps out of its output by default
-            sys.executable, "jobs/train_diffusion.py", "--verbose",
-            "--config", str(small_config(tmp_path)),
-            "--data", str(data), "--storage", str(runs), "--num-workers", "2",
-            "--max-steps", str(MAX_STEPS), "optim.batch_size=16", "run.name=multinode",
-            "run.log_interval=1", f"run.save_interval={SAVE_EVERY}", "run.max_failures=2",
-            "run.placement_strategy=STRICT_SPREAD")
-        assert sub.returncode == 0, sub.stdout + sub.stderr
-        client = JobSubmissionClient(cluster.address)
-
-        def logs() -> str:
-            return client.get_job_logs(job_id)
-
-        def job_running() -> bool:
-            status = client.get_job_status(job_id)
-            assert status not in TERMINAL, f"job ended early ({status}):\n{logs()[-5000:]}"
-            return status == JobStatus.RUNNING
-
-        # The two Train workers run on different nodes.
-        wait_for("the job to start", job_running, 120)
-        first = wait_for("two Train workers", lambda: job_running() and (
-            len(a := cluster.actors("RayTrainWorker")) == 2 and a), 240)
-        assert {a.node_id for a in first} == {head.node_id(), worker.node_id()}, first
-
-        # A checkpoint is committed; the run is still going; the worker node dies.
-        run = runs / "multinode"
-        steps = wait_for("a committed checkpoint",
-                         lambda: job_running() and committed_checkpoint_steps(run), 300, 0.2)
-        killed_at = max(steps)
-        killed_pids = worker.kill()
-        assert killed_at < MAX_STEPS and client.get_job_status(job_id) == JobStatus.RUNNING
-        replacement = cluster.add_worker(num_cpus=3)
-
-        status = wait_for_job(client, job_id, 600)
-        log = logs()
-        (tmp_path / "job.log").write_text(log)
-        assert status == JobStatus.SUCCEEDED, log[-6000:]
-
-        # The job log: Ray Train started the worker group again after the failure; the first
-        # group printed steps from 1, the last one from the last committed checkpoint's step + 1
-        # (rank 0 prints every step; Ray may show a line twice).
-        assert "[FailurePolicy] RETRY" in log, log[-6000:]
-        attempts = [printed_steps(part) for part in log.split(GROUP_START)[1:]]
-        assert len(attempts) >= 2, f"the worker group was started only once:\n{log[-6000:]}"
-        assert attempts[0][0] == 1 and attempts[0][-1] < MAX_STEPS, attempts
-        assert not any(attempts[1:-1]), f"an intermediate group trained: {attempts}"
-        resumed_from = attempts[-1][0] - 1
-        assert resumed_from > 0 and resumed_from % SAVE_EVERY == 0 \
-            and resumed_from >= killed_at, (
-                f"the restarted run began at step {resumed_from + 1}, not after its last "
-                f"checkpoint (step {killed_at} was committed before the kill): {attempts}")
-        assert attempts[-1] == list(range(resumed_from + 1, MAX_STEPS + 1)), attempts
-
-        # The restarted group: new worker processes, on the head and the replacement node.
-        first_pids = {a.pid for a in first}
-        later = [a for a in cluster.actors("RayTrainWorker", state=None)
-                 if a.pid not in first_pids]
-        assert {a.node_id for a in later} == {head.node_id(), replacement.node_id()}, later
-        assert not {a.pid for a in later} & set(killed_pids)
-
-        export = run / "export"
-        assert (export / f"model{MAX_STEPS:06d}.pt").exists(), sorted(p.name for p in
-                                                                     export.iterdir())
-        assert (export / f"ema_0.999_{MAX_STEPS:06d}.pt").exists()
-        assert (export / "flags.json").exists()
+    cluster: LocalCluster
+    head: RayNode
+    worker: RayNode
+    s3: S3Server
+    bucket: str
+    data: str
+    secrets: dict[str, str]
 
 
-# --- Test 2: credentials recorded by Ray -------------------------------------------------------
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory) -> Iterator[Cluster]:
+    """A head and a worker node (3 CPUs each) whose environment holds the S3 settings with a
+    secret key and a session token (from `ray start`, as a cluster's launcher or instance role
+    gives them; jobs are submitted without secrets), Train's state tracking on (as the Train
+    dashboard needs) and Ray's log deduplication off (the node-loss test reads every line); the
+    digits prepared on S3 at 16 px by `ray job submit`. An S3 server of its own: the nodes are
+    killed, and a request cut off mid-way must not leave the session's server stuck."""
+    workdir = tmp_path_factory.mktemp("cluster")
+    secrets = {"AWS_SECRET_ACCESS_KEY": f"adm-secret-{uuid.uuid4().hex}",
+               "AWS_SESSION_TOKEN": f"adm-token-{uuid.uuid4().hex}"}
+    with running_s3_server() as s3:
+        bucket = s3.new_bucket("adm-cluster")
+        env = {**s3.env, **secrets, "RAY_TRAIN_ENABLE_STATE_TRACKING": "1", "RAY_DEDUP_LOGS": "0"}
+        with local_cluster(workdir, env=env) as c:
+            head = c.start_head(num_cpus=3)
+            worker = c.add_worker(num_cpus=3)
+            data = f"s3://{bucket}/digits"
+            prepare_digits(c, data)
+            yield Cluster(c, head, worker, s3, bucket, data, secrets)
+
+
+# --- Credentials recorded by Ray ----------------------------------------------------------
 
 def json_paths_holding(obj, needle: str, path: str = "") -> list[str]:
     """The JSON paths (`a.b[0].c`) of the keys and string values of `obj` that contain
@@ -263,59 +215,131 @@ print(len(nodes), "nodes:", *ray.get([secret.options(scheduling_strategy=
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_credentials_are_not_recorded_by_ray(tmp_path):
-    # An S3 server of its own: the cluster's nodes are killed at the end of the test, and a
-    # request cut off mid-way must not leave the session's server stuck for later tests.
-    with running_s3_server() as s3_server:
-        _check_credentials_are_not_recorded(tmp_path, s3_server)
+def test_credentials_are_not_recorded_by_ray(cluster: Cluster, tmp_path):
+    """Data and runs on S3; the job is submitted without secrets in its runtime env.
+    Afterwards neither the secret key nor the session token may appear in Train's run state
+    (the dashboard's Train V2 API), the job's info, the run's objects on S3, or any file in the
+    nodes' Ray dirs (session logs)."""
+    secret = cluster.secrets["AWS_SECRET_ACCESS_KEY"]
+    s3_server, bucket, data = cluster.s3, cluster.bucket, cluster.data
+    runs = f"s3://{bucket}/runs"
+    shared, cluster = cluster, cluster.cluster
+    job_id = f"train-{uuid.uuid4().hex[:8]}"
+    # One worker per node: the worker node's worker reaches S3 with its node's settings.
+    train = cluster.job(
+        "submit", "--submission-id", job_id, "--working-dir", str(ROOT), "--",
+        sys.executable, "jobs/train_diffusion.py", "--config", str(small_config(tmp_path)),
+        "--data", data, "--storage", runs, "--num-workers", "2", "--max-steps", "3",
+        "optim.batch_size=16", "run.name=creds", "run.log_interval=1",
+        "run.placement_strategy=STRICT_SPREAD")
+    assert train.returncode == 0, train.stdout[-5000:] + train.stderr[-5000:]
+    assert "step 3/3" in train.stdout
+    export, opts = f"{runs}/creds/export", s3_server.options
+    assert storage.is_file(f"{export}/model000003.pt", opts), storage.listdir(export, opts)
+    assert storage.is_file(f"{export}/flags.json", opts)
+    # A bad config under `ray job submit` fails before any worker starts, naming the key,
+    # and the job exits non-zero.
+    bad = cluster.job(
+        "submit", "--working-dir", str(ROOT), "--", sys.executable,
+        "jobs/train_diffusion.py", "--config", str(small_config(tmp_path)), "--data", data,
+        "--storage", runs, "--num-workers", "2", "optim.batch_size=15")
+    assert bad.returncode != 0
+    assert "optim.batch_size: 15 is not divisible by run.num_workers=2" in (
+        bad.stdout + bad.stderr)
+
+    found = where_recorded(shared.secrets, cluster, job_id, s3_server, bucket)
+    assert not found, "secret values recorded by Ray or the job:\n" + "\n".join(found)
+
+    # Control: every node's environment held the secret (a task on each node says so),
+    # and the file scan finds it once a job prints it to its log.
+    echo = cluster.job("submit", "--", sys.executable, "-c", SECRET_ON_EVERY_NODE)
+    assert echo.returncode == 0, echo.stdout[-3000:] + echo.stderr[-3000:]
+    assert f"2 nodes: {secret} {secret}" in echo.stdout, echo.stdout[-3000:]
+    assert any(secret.encode() in data for _, data in node_files([cluster.head.temp_dir]))
 
 
-def _check_credentials_are_not_recorded(tmp_path, s3_server):
-    """Data and runs on S3 (moto); the nodes have the AWS settings in their environment from
-    `ray start`, as a real cluster's nodes do (instance role, or variables set by the cluster's
-    launcher); the job is submitted without secrets in its runtime env. Afterwards neither the
-    secret key nor the session token may appear in Train's run state (the dashboard's Train V2
-    API, state tracking on as the Train dashboard needs), the job's info, the run's objects on
-    S3, or any file in the nodes' Ray dirs (session logs)."""
-    secret, token = f"adm-secret-{uuid.uuid4().hex}", f"adm-token-{uuid.uuid4().hex}"
-    bucket = s3_server.new_bucket("adm-creds")
-    node_env = {**s3_server.env, "AWS_SECRET_ACCESS_KEY": secret, "AWS_SESSION_TOKEN": token,
-                "RAY_TRAIN_ENABLE_STATE_TRACKING": "1"}  # records Train runs for the dashboard
-    with local_cluster(tmp_path, env=node_env) as cluster:
-        cluster.start_head(num_cpus=3)
-        cluster.add_worker(num_cpus=3)
-        data, runs = f"s3://{bucket}/digits", f"s3://{bucket}/runs"
-        prepare_digits(cluster, data)
-        job_id = f"train-{uuid.uuid4().hex[:8]}"
-        # One worker per node: the worker node's worker reaches S3 with its node's settings.
-        train = cluster.job(
-            "submit", "--submission-id", job_id, "--working-dir", str(ROOT), "--",
-            sys.executable, "jobs/train_diffusion.py", "--config", str(small_config(tmp_path)),
-            "--data", data, "--storage", runs, "--num-workers", "2", "--max-steps", "3",
-            "optim.batch_size=16", "run.name=creds", "run.log_interval=1",
-            "run.placement_strategy=STRICT_SPREAD")
-        assert train.returncode == 0, train.stdout[-5000:] + train.stderr[-5000:]
-        assert "step 3/3" in train.stdout
-        export, opts = f"{runs}/creds/export", s3_server.options
-        assert storage.is_file(f"{export}/model000003.pt", opts), storage.listdir(export, opts)
-        assert storage.is_file(f"{export}/flags.json", opts)
-        # A bad config under `ray job submit` fails before any worker starts, naming the key,
-        # and the job exits non-zero.
-        bad = cluster.job(
-            "submit", "--working-dir", str(ROOT), "--", sys.executable,
-            "jobs/train_diffusion.py", "--config", str(small_config(tmp_path)), "--data", data,
-            "--storage", runs, "--num-workers", "2", "optim.batch_size=15")
-        assert bad.returncode != 0
-        assert "optim.batch_size: 15 is not divisible by run.num_workers=2" in (
-            bad.stdout + bad.stderr)
+# --- Losing a node mid-run (last: it kills the worker node) ---------------------------------
 
-        secrets = {"AWS_SECRET_ACCESS_KEY": secret, "AWS_SESSION_TOKEN": token}
-        found = where_recorded(secrets, cluster, job_id, s3_server, bucket)
-        assert not found, "secret values recorded by Ray or the job:\n" + "\n".join(found)
+MAX_STEPS, SAVE_EVERY = 30, 5
 
-        # Control: every node's environment held the secret (a task on each node says so),
-        # and the file scan finds it once a job prints it to its log.
-        echo = cluster.job("submit", "--", sys.executable, "-c", SECRET_ON_EVERY_NODE)
-        assert echo.returncode == 0, echo.stdout[-3000:] + echo.stderr[-3000:]
-        assert f"2 nodes: {secret} {secret}" in echo.stdout, echo.stdout[-3000:]
-        assert any(secret.encode() in data for _, data in node_files([cluster.head.temp_dir]))
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_training_survives_losing_a_node(cluster: Cluster, tmp_path):
+    """Two nodes, a 2-worker run placed STRICT_SPREAD (one worker per node). Once a checkpoint
+    is committed, the worker node dies (SIGKILL to all its processes); a replacement node joins
+    (STRICT_SPREAD needs two nodes, as a cluster's autoscaler would replace a lost machine). The
+    run must restart from its last checkpoint, not step 0, and finish."""
+    head, worker, data = cluster.head, cluster.worker, cluster.data
+    cluster = cluster.cluster
+    runs = tmp_path / "runs"
+    earlier = {a.pid for a in cluster.actors("RayTrainWorker", state=None)}  # other tests' runs
+    job_id = f"train-{uuid.uuid4().hex[:8]}"
+    sub = cluster.job(
+        "submit", "--no-wait", "--submission-id", job_id, "--working-dir", str(ROOT), "--",
+        # --verbose: the test reads Ray Train's own log lines (worker-group starts, the
+        # failure policy), which a job keeps out of its output by default
+        sys.executable, "jobs/train_diffusion.py", "--verbose",
+        "--config", str(small_config(tmp_path)),
+        "--data", str(data), "--storage", str(runs), "--num-workers", "2",
+        "--max-steps", str(MAX_STEPS), "optim.batch_size=16", "run.name=multinode",
+        "run.log_interval=1", f"run.save_interval={SAVE_EVERY}", "run.max_failures=2",
+        "run.placement_strategy=STRICT_SPREAD")
+    assert sub.returncode == 0, sub.stdout + sub.stderr
+    client = JobSubmissionClient(cluster.address)
+
+    def logs() -> str:
+        return client.get_job_logs(job_id)
+
+    def job_running() -> bool:
+        status = client.get_job_status(job_id)
+        assert status not in TERMINAL, f"job ended early ({status}):\n{logs()[-5000:]}"
+        return status == JobStatus.RUNNING
+
+    # The two Train workers run on different nodes.
+    wait_for("the job to start", job_running, 120)
+    first = wait_for("two Train workers", lambda: job_running() and (
+        len(a := cluster.actors("RayTrainWorker")) == 2 and a), 240)
+    assert {a.node_id for a in first} == {head.node_id(), worker.node_id()}, first
+
+    # A checkpoint is committed; the run is still going; the worker node dies.
+    run = runs / "multinode"
+    steps = wait_for("a committed checkpoint",
+                     lambda: job_running() and committed_checkpoint_steps(run), 300, 0.2)
+    killed_at = max(steps)
+    killed_pids = worker.kill()
+    assert killed_at < MAX_STEPS and client.get_job_status(job_id) == JobStatus.RUNNING
+    replacement = cluster.add_worker(num_cpus=3)
+
+    status = wait_for_job(client, job_id, 600)
+    log = logs()
+    (tmp_path / "job.log").write_text(log)
+    assert status == JobStatus.SUCCEEDED, log[-6000:]
+
+    # The job log: Ray Train started the worker group again after the failure; the first
+    # group printed steps from 1, the last one from the last committed checkpoint's step + 1
+    # (rank 0 prints every step; Ray may show a line twice).
+    assert "[FailurePolicy] RETRY" in log, log[-6000:]
+    attempts = [printed_steps(part) for part in log.split(GROUP_START)[1:]]
+    assert len(attempts) >= 2, f"the worker group was started only once:\n{log[-6000:]}"
+    assert attempts[0][0] == 1 and attempts[0][-1] < MAX_STEPS, attempts
+    assert not any(attempts[1:-1]), f"an intermediate group trained: {attempts}"
+    resumed_from = attempts[-1][0] - 1
+    assert resumed_from > 0 and resumed_from % SAVE_EVERY == 0 \
+        and resumed_from >= killed_at, (
+            f"the restarted run began at step {resumed_from + 1}, not after its last "
+            f"checkpoint (step {killed_at} was committed before the kill): {attempts}")
+    assert attempts[-1] == list(range(resumed_from + 1, MAX_STEPS + 1)), attempts
+
+    # The restarted group: new worker processes, on the head and the replacement node.
+    first_pids = {a.pid for a in first}
+    later = [a for a in cluster.actors("RayTrainWorker", state=None)
+             if a.pid not in first_pids | earlier]
+    assert {a.node_id for a in later} == {head.node_id(), replacement.node_id()}, later
+    assert not {a.pid for a in later} & set(killed_pids)
+
+    export = run / "export"
+    assert (export / f"model{MAX_STEPS:06d}.pt").exists(), sorted(p.name for p in
+                                                                 export.iterdir())
+    assert (export / f"ema_0.999_{MAX_STEPS:06d}.pt").exists()
+    assert (export / "flags.json").exists()

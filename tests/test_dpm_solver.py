@@ -26,8 +26,8 @@ steps give 39/76/144 calls and orders 1.92, 1.90, then 1.30 as the chain's last 
     DPM-Solver++  1.24e-2   3.37e-3   8.57e-4   2.15e-4    orders 1.88, 1.98, 1.99
     DDIM          1.04e-1   5.36e-2   2.72e-2   1.37e-2    orders 0.96, 0.98, 0.99
 
-At 10 steps on the ADM chains (1000 steps, the same log-SNR grid for both, float32 through
-`sample`): linear DPM-Solver++ 2.5e-2 vs DDIM 2.4e-1; cosine 2.1e-2 vs 3.5e-1.
+At 10 steps on the ADM chains (1000 steps, the same log-SNR grid for both, from λ = −5.1,
+float32 through `sample`): linear DPM-Solver++ 2.5e-2 vs DDIM 2.4e-1; cosine 2.9e-2 vs 2.5e-1.
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ import torch.nn as nn
 from adm.compat import openai
 from adm.diffusion import (GaussianDiffusion, LossType, ModelMeanType, ModelVarType,
                            create_gaussian_diffusion, ddim, dpmpp_2m, index_seeds,
-                           logsnr_timesteps, sample, sampling_diffusion)
+                           LOGSNR_MIN, logsnr_timesteps, sample, sampling_diffusion)
 from helpers import TINY_CLASSIFIER_FLAGS, TINY_UNET_FLAGS
 
 MU, S = 0.1, 0.25  # the data: N(MU, S²) per coordinate (within [-1, 1] up to 3.6 σ)
@@ -123,7 +123,7 @@ def test_at_ten_steps_dpm_solver_beats_ddim_on_adm_chains(schedule):
     model = GaussianDenoiser(np.cumprod(1 - base.base_betas))
     noise = x_T(dtype=torch.float32)
     d = sampling_diffusion(base, "dpmpp_2m", 10, "logsnr")
-    assert d.timestep_map[0] == 0 and d.timestep_map[-1] == 999
+    assert d.timestep_map[0] == 0 and d.num_timesteps == 10
     want = exact_solution(d, noise.double()).float().clamp(-1, 1)
     err = {}
     for sampler in ("dpmpp_2m", "ddim"):
@@ -138,7 +138,7 @@ def test_logsnr_grid_and_step_options():
     base = create_gaussian_diffusion(steps=1000, noise_schedule="cosine")
     ac = np.cumprod(1 - base.base_betas)
     kept = logsnr_timesteps(ac, 10)
-    assert kept[0] == 0 and kept[-1] == 999 and kept == sorted(set(kept))
+    assert kept[0] == 0 and kept == sorted(set(kept))
     # Near-uniform in λ where the chain is fine enough; the chain's steep ends dedupe.
     assert len(kept) <= 10 and len(logsnr_timesteps(ac, 200)) < 200
     assert sampling_diffusion(base, "dpmpp_2m", 10).timestep_map == kept  # the default grid
@@ -149,6 +149,19 @@ def test_logsnr_grid_and_step_options():
     assert sampling_diffusion(base, "ddim", 10).timestep_map == list(range(0, 1000, 100))
     assert sampling_diffusion(base, "dpmpp_2m", "ddim5").timestep_map == [0, 200, 400, 600, 800]
     assert sampling_diffusion(base, "dpmpp_2m", None) is base
+    # Its noisy end is the noisiest step with λ ≥ −5.1: the clipped cosine tail (λ = −6.5,
+    # −9.9) is skipped and all 10 calls are spent above it; −inf keeps the whole chain (9
+    # calls). A linear chain ends at λ = −5.06, inside.
+    lam = 0.5 * np.log(ac / (1 - ac))
+    start = kept[-1]
+    assert lam[start] >= LOGSNR_MIN > lam[start + 1] and start < 999, kept
+    assert len(kept) == 10
+    gaps = np.diff(lam[kept])  # near-uniform in λ (the chain's steps near t = 0 are ~0.4 apart)
+    assert np.ptp(gaps) < 0.15 * abs(gaps.mean()), lam[kept]
+    whole = logsnr_timesteps(ac, 10, lambda_min=-np.inf)
+    assert whole[-1] == 999 and len(whole) == 9 and sum(lam[whole] < -3) == 4, whole
+    linear = create_gaussian_diffusion(steps=1000, noise_schedule="linear")
+    assert sampling_diffusion(linear, "dpmpp_2m", 10).timestep_map[-1] == 999
     with pytest.raises(ValueError, match="timesteps='karras'"):
         sampling_diffusion(base, "dpmpp_2m", 10, "karras")
     with pytest.raises(ValueError, match="int number of steps"):

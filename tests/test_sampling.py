@@ -232,7 +232,11 @@ def test_one_seeded_row_is_the_generator_loop(tiny, sampler, eta, guided):
 @pytest.mark.parametrize("guided", [False, True])
 def test_a_sample_depends_on_its_index_alone(tiny, sampler, eta, guided):
     """15 indices sampled in batches of 3 in order and in batches of 5 in a shuffled order give
-    bit-identical samples per index (x_T and every step's noise from (seed, index) alone)."""
+    the same sample per index (x_T and every step's noise from (seed, index) alone: a row
+    given another row's noise is off by O(1)). Up to rounding: the network's kernels are not
+    batch-invariant on every CPU (MKL's sgemm on an AVX-512 EPYC rounds a row by its position
+    and by the call's row count), so 1e-4; bit for bit where each index keeps its row in
+    equal-size calls, as the generation pipeline calls the model (tests/test_generate.py)."""
     n, seed = 15, 11
     labels = torch.arange(n) % 10
     kw = dict(sampler=sampler, eta=eta, steps=4, classifier_scale=3.0,
@@ -247,7 +251,7 @@ def test_a_sample_depends_on_its_index_alone(tiny, sampler, eta, guided):
 
     in_threes = run(torch.arange(n), 3)
     shuffled_fives = run(torch.randperm(n, generator=torch.Generator().manual_seed(0)), 5)
-    assert torch.equal(in_threes, shuffled_fives)
+    torch.testing.assert_close(in_threes, shuffled_fives, rtol=0, atol=1e-4)
     # Not trivially equal: the samples differ from each other and from another seed's.
     assert (in_threes[0] - in_threes[1]).abs().max() > 0.1
     other = sample(tiny["model"], tiny["diffusion"], (3, 3, 8, 8),

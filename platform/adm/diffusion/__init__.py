@@ -22,6 +22,7 @@ from .sampling import (
     ddpm,
     dpmpp_2m,
     index_seeds,
+    LOGSNR_MIN,
     logsnr_timesteps,
     sample,
     sampling_diffusion,
@@ -33,7 +34,8 @@ __all__ = [
     "get_named_beta_schedule", "betas_for_alpha_bar", "space_timesteps", "respace",
     "create_gaussian_diffusion", "create_named_schedule_sampler", "ScheduleSampler",
     "UniformSampler", "LossAwareSampler", "LossSecondMomentResampler", "sample", "ddim", "ddpm",
-    "dpmpp_2m", "SAMPLERS", "TIMESTEP_SPACINGS", "sampling_diffusion", "logsnr_timesteps",
+    "dpmpp_2m", "SAMPLERS", "TIMESTEP_SPACINGS", "sampling_diffusion", "LOGSNR_MIN",
+    "logsnr_timesteps",
     "classifier_free_guidance", "index_seeds", "RowNoise", "STREAMS", "normal_kl",
     "discretized_gaussian_log_likelihood", "mean_flat",
 ]

@@ -158,25 +158,39 @@ def log_snr(alphas_cumprod: np.ndarray) -> np.ndarray:
         return 0.5 * (np.log(ac) - np.log1p(-ac))
 
 
-def logsnr_timesteps(alphas_cumprod: np.ndarray, steps: int) -> list[int]:
-    """The timesteps of a chain whose log-SNR is nearest to `steps` points uniform in λ from its
-    last step's λ to its first's (both ends kept), ascending.
+# The noisy end of a log-SNR grid: DPM-Solver's author clips it at λ = −5.1 for cosine chains
+# (diffusers' `lambda_min_clipped`, used by DeepFloyd IF). ADM's cosine chain caps β at 0.999,
+# so its last steps fall to λ = −6.5 and −9.9 (ᾱ ~ 1e−8), where nothing of the image forms yet;
+# a grid over the whole chain spends a third of its calls there (at 10 steps, 4 of its 9 calls
+# below λ = −3; quickstart judge FID 5.55 unclipped vs 4.84 clipped, DDIM-25 4.50: see
+# benchmarks/sampling.py). A linear chain ends at λ = −5.06, inside it.
+LOGSNR_MIN = -5.1
+
+
+def logsnr_timesteps(alphas_cumprod: np.ndarray, steps: int,
+                     lambda_min: float = LOGSNR_MIN) -> list[int]:
+    """The timesteps of a chain whose log-SNR is nearest to `steps` points uniform in λ, from
+    its noisiest step with λ ≥ `lambda_min` (where sampling starts: x_T is drawn as that step's
+    x, as the reference's DDIM-25 stride starts at t = 960 of 1000) to its first step (both
+    ends kept), ascending.
 
     The model is only ever evaluated at the chain's own timesteps, and the chain is coarser in λ
-    than such a grid where λ(t) is steep (near t = 0, where λ ~ −log t, and in a clipped
-    schedule's tail), so grid points there may round to the same timestep: duplicates are
-    dropped, and fewer than `steps` timesteps (model calls) may come back; never more.
+    than such a grid where λ(t) is steep (near t = 0, where λ ~ −log t), so grid points there
+    may round to the same timestep: duplicates are dropped, and fewer than `steps` timesteps
+    (model calls) may come back; never more.
 
     :param alphas_cumprod: [T] the original chain's ᾱ_t (decreasing).
+    :param lambda_min: the grid's noisy end (see `LOGSNR_MIN`; −inf: the chain's last step,
+        whatever its λ).
     """
     if steps < 1:
         raise ValueError(f"steps={steps}: need at least one step")
-    lam = log_snr(alphas_cumprod)
-    finite = lam[np.isfinite(lam)]
-    grid = np.linspace(finite.min(), finite.max(), steps)
-    nearest = np.abs(np.nan_to_num(lam, neginf=-1e300)[None, :] - grid[:, None]).argmin(axis=1)
-    kept = set(int(t) for t in nearest) | {len(lam) - 1}  # x_T's step, even where λ = −inf
-    return sorted(kept)
+    lam = np.nan_to_num(log_snr(alphas_cumprod), neginf=-1e300)  # ᾱ = 0 (β = 1): λ = −inf
+    # The noisiest step at or above lambda_min; the first step if even it is below.
+    start = int(np.flatnonzero(lam >= min(lambda_min, lam[0])).max())
+    grid = np.linspace(lam[start], lam[0], steps)
+    nearest = np.abs(lam[None, :start + 1] - grid[:, None]).argmin(axis=1)
+    return sorted(set(int(t) for t in nearest) | {start})
 
 
 def _dpmpp_2m_coefs(alphas_cumprod: np.ndarray) -> list[tuple[float, float, float, float]]:
@@ -279,9 +293,9 @@ def sampling_diffusion(diffusion: GaussianDiffusion, sampler: str, steps: int | 
     itself (steps None), its original chain respaced by a spec string, or by an int N spaced as
     `timesteps` says: "uniform" (the reference's "N": evenly strided, first and last step
     kept), "logsnr" (`logsnr_timesteps`: nearest to uniform in log-SNR, deduplicated, so
-    possibly fewer than N), or None for the sampler's default (DEFAULT_SPACING: "ddimN" for
-    DDIM, the DDIM paper's stride and the reference's DDIM-25; "uniform" for DDPM; "logsnr"
-    for DPM-Solver++)."""
+    possibly fewer than N, from λ = `LOGSNR_MIN`), or None for the sampler's default
+    (DEFAULT_SPACING: "ddimN" for DDIM, the DDIM paper's stride and the reference's DDIM-25;
+    "uniform" for DDPM; "logsnr" for DPM-Solver++)."""
     if timesteps is not None and timesteps not in TIMESTEP_SPACINGS:
         raise ValueError(f"timesteps={timesteps!r}: expected one of {TIMESTEP_SPACINGS} "
                          "(or None for the sampler's default)")
@@ -413,8 +427,8 @@ def sample(
         "10,10,10", "ddim25"). None samples `diffusion` as it is.
     :param timesteps: how an int `steps` is spaced: "uniform" (evenly strided in t, first and
         last step kept: the respacing "N"), "logsnr" (the chain's timesteps nearest to uniform
-        in log-SNR; duplicates dropped, so possibly fewer calls than N: see
-        `logsnr_timesteps`), or None: the sampler's default, "ddimN" for DDIM (the DDIM paper's
+        in log-SNR from λ = −5.1 (`LOGSNR_MIN`); duplicates dropped, so possibly fewer calls
+        than N: see `logsnr_timesteps`), or None: the sampler's default, "ddimN" for DDIM (the DDIM paper's
         stride, the README's DDIM-25), "uniform" for DDPM, "logsnr" for DPM-Solver++.
     :param classifier: a noisy-image classifier ``classifier(x, t)`` for guidance, with
         `classifier_scale` the paper's s; needs `y`.
@@ -453,9 +467,9 @@ def sample(
         raise ValueError(f"eta={eta} is a DDIM parameter; the ddpm sampler takes none")
     if sampler == "dpmpp_2m" and eta != 0.0:
         raise ValueError(f"eta={eta}: dpmpp_2m is the deterministic ODE solver (eta must be 0)")
+    shape = tuple(int(s) for s in shape)
     diffusion = sampling_diffusion(diffusion, sampler, steps, timesteps)
     null_label = _check_cfg(model, cfg_scale, y)
-    shape = tuple(int(s) for s in shape)
     device = _device_of(model, noise, generator, device)
     if seeds is not None and generator is not None:
         raise ValueError("seeds and generator exclude each other: seeds gives each row its own")
