@@ -247,10 +247,11 @@ class LocalCluster:
         return ([self.head] if self.head else []) + self.workers
 
     def shutdown(self) -> None:
-        for node in reversed(self.workers):
-            node.stop()
-        if self.head is not None:
-            self.head.stop()
+        """Kill every node (the test is over: a polite `ray stop` of each takes ~15 s)."""
+        for node in [*reversed(self.workers), *([self.head] if self.head else [])]:
+            if node.proc.poll() is None:
+                node.kill()
+            node._log.close()
 
     def cleanup(self) -> None:
         for node in self.nodes():

@@ -162,6 +162,10 @@ def test_logsnr_grid_and_step_options():
     assert whole[-1] == 999 and len(whole) == 9 and sum(lam[whole] < -3) == 4, whole
     linear = create_gaussian_diffusion(steps=1000, noise_schedule="linear")
     assert sampling_diffusion(linear, "dpmpp_2m", 10).timestep_map[-1] == 999
+    # Explicit timesteps of the original chain (any order, duplicates once).
+    assert sampling_diffusion(base, "dpmpp_2m", [960, 0, 500, 0]).timestep_map == [0, 500, 960]
+    with pytest.raises(ValueError, match="not within the chain's 0..999"):
+        sampling_diffusion(base, "dpmpp_2m", [0, 1000])
     with pytest.raises(ValueError, match="timesteps='karras'"):
         sampling_diffusion(base, "dpmpp_2m", 10, "karras")
     with pytest.raises(ValueError, match="int number of steps"):

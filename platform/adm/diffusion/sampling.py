@@ -287,10 +287,12 @@ def _respaced(diffusion: GaussianDiffusion, spec: str | tuple) -> GaussianDiffus
                            rescale_timesteps=diffusion.rescale_timesteps)
 
 
-def sampling_diffusion(diffusion: GaussianDiffusion, sampler: str, steps: int | str | None,
+def sampling_diffusion(diffusion: GaussianDiffusion, sampler: str,
+                       steps: int | str | Sequence[int] | None,
                        timesteps: str | None = None) -> GaussianDiffusion:
     """The diffusion `sample` runs `sampler` on (see its `steps` and `timesteps`): `diffusion`
-    itself (steps None), its original chain respaced by a spec string, or by an int N spaced as
+    itself (steps None), its original chain kept at a sequence of its timesteps, respaced by a
+    spec string, or by an int N spaced as
     `timesteps` says: "uniform" (the reference's "N": evenly strided, first and last step
     kept), "logsnr" (`logsnr_timesteps`: nearest to uniform in log-SNR, deduplicated, so
     possibly fewer than N, from λ = `LOGSNR_MIN`), or None for the sampler's default
@@ -299,6 +301,15 @@ def sampling_diffusion(diffusion: GaussianDiffusion, sampler: str, steps: int | 
     if timesteps is not None and timesteps not in TIMESTEP_SPACINGS:
         raise ValueError(f"timesteps={timesteps!r}: expected one of {TIMESTEP_SPACINGS} "
                          "(or None for the sampler's default)")
+    if isinstance(steps, (list, tuple, np.ndarray)):
+        kept = sorted({int(t) for t in steps})
+        if not kept or kept[0] < 0 or kept[-1] >= len(diffusion.base_betas):
+            raise ValueError(f"steps: timesteps {kept[:3]}...{kept[-3:]} are not within the "
+                             f"chain's 0..{len(diffusion.base_betas) - 1}")
+        if timesteps is not None:
+            raise ValueError(f"timesteps={timesteps!r} spaces an int number of steps; got "
+                             "explicit timesteps")
+        return _respaced(diffusion, tuple(kept))
     if steps is None or isinstance(steps, str):
         if timesteps is not None:
             raise ValueError(f"timesteps={timesteps!r} spaces an int number of steps; got "
@@ -424,7 +435,8 @@ def sample(
         the names are `SAMPLERS`' keys.
     :param steps: respace the diffusion's original chain for this call: an int N is N model
         calls at timesteps spaced as `timesteps` says; a string is any respacing ("250",
-        "10,10,10", "ddim25"). None samples `diffusion` as it is.
+        "10,10,10", "ddim25"); a sequence is the original chain's timesteps to keep (e.g.
+        `logsnr_timesteps(..., lambda_min=...)`). None samples `diffusion` as it is.
     :param timesteps: how an int `steps` is spaced: "uniform" (evenly strided in t, first and
         last step kept: the respacing "N"), "logsnr" (the chain's timesteps nearest to uniform
         in log-SNR from λ = −5.1 (`LOGSNR_MIN`); duplicates dropped, so possibly fewer calls
