@@ -135,6 +135,8 @@ def _artifact_dir(tmp_path: Path) -> Path:
 
 
 def test_page_generates_in_headless_chromium(page_url, tmp_path):
+    assert Path(CHROMIUM).is_file(), (
+        "Debian's `chromium` is not installed: `apt-get install chromium` (.ci/run does it)")
     browser = Chromium(tmp_path / "profile", tmp_path / "chromium.log")
     try:
         browser.open(page_url + "/")
