@@ -246,6 +246,12 @@ def test_bad_settings_fail_before_any_work(nets, tmp_path, capsys):
               {**CLASSIFIER, "image_size": 16}, 4)
     assert "classifier: it reads 16px" in _bad(nets, tmp_path, capsys, "--model", m,
                                                "--classifier", str(big / "model.pt"))
+    five = root / "clf5"
+    if not five.exists():
+        export_random(five, openai.create_classifier({**CLASSIFIER, "num_classes": 5}),
+                      {**CLASSIFIER, "num_classes": 5}, 4)
+    assert "classifier: it has 5 classes; the base model has 10" in _bad(
+        nets, tmp_path, capsys, "--model", m, "--classifier", str(five / "model.pt"))
     msg = _bad(nets, tmp_path, capsys, "--model", m, "--model-preset", "64x64_diffusion")
     assert msg.startswith("error: model:") and "does not fit" in msg  # the preset's flags
     up4 = root / "up4"

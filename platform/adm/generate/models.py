@@ -141,3 +141,21 @@ def image_size(spec: ModelSpec) -> int:
 def small_size(spec: ModelSpec) -> int:
     """An upsampler's input side."""
     return int(spec.flags.get("small_size", openai.SUPERRES_DEFAULTS["small_size"]))
+
+
+def check_chain(base: ModelSpec, classifier: ModelSpec | None,
+                upsampler: ModelSpec | None) -> None:
+    """Refuse networks that cannot work together, naming the one at fault: a classifier that
+    reads another image size than the base model makes, or has other classes than a
+    class-conditional base; an upsampler whose input size is not the base's output size."""
+    size = image_size(base)
+    if classifier is not None:
+        if image_size(classifier) != size:
+            raise ConfigError(f"classifier: it reads {image_size(classifier)}px images; the base "
+                              f"model makes {size}px")
+        if is_class_cond(base) and num_classes(classifier) != num_classes(base):
+            raise ConfigError(f"classifier: it has {num_classes(classifier)} classes; the base "
+                              f"model has {num_classes(base)}")
+    if upsampler is not None and small_size(upsampler) != size:
+        raise ConfigError(f"upsampler: its small_size is {small_size(upsampler)}; the base model "
+                          f"makes {size}px images")

@@ -103,19 +103,13 @@ def make_plan(cfg: SampleConfig) -> Plan:
     if cfg.classifier:
         classifier = models.resolve("classifier", cfg.classifier, cfg.classifier_preset,
                                     "classifier")
-        if models.image_size(classifier) != models.image_size(base):
-            raise ConfigError(f"classifier: it reads {models.image_size(classifier)}px images; "
-                              f"the model makes {models.image_size(base)}px")
+        models.check_chain(base, classifier, None)
         readme_scale = sampling.classifier_scale if sampling and sampling.classifier else None
         scale = cfg.classifier_scale if cfg.classifier_scale is not None else (
             readme_scale if readme_scale is not None else 1.0)
 
     guide = classifier if classifier is not None else base
     num_classes = models.num_classes(guide)
-    if models.is_class_cond(base) and classifier is not None and \
-            models.num_classes(classifier) != models.num_classes(base):
-        raise ConfigError(f"classifier: it has {models.num_classes(classifier)} classes; the "
-                          f"model has {models.num_classes(base)}")
     classes = parse_classes(cfg.classes, num_classes, base.classes or
                             (classifier.classes if classifier else None))
 
@@ -124,9 +118,7 @@ def make_plan(cfg: SampleConfig) -> Plan:
     stage2 = None
     if cfg.upsampler:
         up = models.resolve("upsampler", cfg.upsampler, cfg.upsampler_preset, "upsampler")
-        if models.small_size(up) != models.image_size(base):
-            raise ConfigError(f"upsampler: its small_size is {models.small_size(up)}; the base "
-                              f"model makes {models.image_size(base)}px images")
+        models.check_chain(base, None, up)
         up_sampler, up_default, _ = _stage_defaults(up, cfg.upsampler_sampler)
         up_steps = up_default if cfg.upsampler_steps is None else cfg.upsampler_steps
         _check_steps("upsampler_steps", up, up_sampler, up_steps, None)

@@ -239,20 +239,12 @@ def load_settings(settings: ServeSettings) -> Loaded:
     if settings.classifier:
         classifier = _resolve("classifier", settings.classifier, settings.classifier_preset,
                               "classifier", hint)
-        if models.image_size(classifier) != models.image_size(base):
-            raise ConfigError(f"classifier: it reads {models.image_size(classifier)}px images; "
-                              f"the base model makes {models.image_size(base)}px")
-        if models.is_class_cond(base) and models.num_classes(classifier) != \
-                models.num_classes(base):
-            raise ConfigError(f"classifier: it has {models.num_classes(classifier)} classes; "
-                              f"the base model has {models.num_classes(base)}")
+        models.check_chain(base, classifier, None)
     up_sampler, up_steps = None, ""
     if settings.upsampler:
         upsampler = _resolve("upsampler", settings.upsampler, settings.upsampler_preset,
                              "upsampler", hint)
-        if models.small_size(upsampler) != models.image_size(base):
-            raise ConfigError(f"upsampler: its small_size is {models.small_size(upsampler)}; "
-                              f"the base model makes {models.image_size(base)}px images")
+        models.check_chain(base, None, upsampler)
         readme = preset(upsampler.preset).sampling if upsampler.preset else None
         up_sampler = settings.upsampler_sampler or (
             "ddim" if readme is not None and readme.use_ddim else "ddpm")
