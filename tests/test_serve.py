@@ -296,6 +296,42 @@ def test_api_key(url, nets):
         serve.delete("keyed")
 
 
+def test_a_full_queue_answers_503_at_once_and_keeps_serving(url, nets):
+    """An application whose ingress takes 1 request with 1 queued: of 8 concurrent requests
+    the overflow gets Serve's 503 at once (no other 5xx, no wait for the queue), the rest
+    200; afterwards it serves again. The configs bound the queue the same way."""
+    from ray import serve
+
+    args = {"max_images": "1", "default_steps": "20", "batch_rows": "1"}
+    options = {"GuidedSampler": {"ray_actor_options": {"num_cpus": 0.1}},
+               "Ingress": {"ray_actor_options": {"num_cpus": 0.1}, "max_ongoing_requests": 1,
+                           "max_queued_requests": 1}}
+    loaded = load_settings(ServeSettings.from_args({"base": nets["base"], **args}))
+    serve.run(build(loaded, options), name="tight", route_prefix="/tight", blocking=False)
+    tight = url.replace(PREFIX, "/tight")
+    wait_healthy(tight)
+    try:
+        def one(i: int):
+            t = time.monotonic()
+            r = generate(tight, {"class_id": i % 10, "seed": i}, timeout=120)
+            return r.status_code, time.monotonic() - t
+
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(one, range(8)))
+        codes = sorted(c for c, _ in results)
+        assert set(codes) == {200, 503} and codes.count(200) >= 2, codes
+        served = max(t for c, t in results if c == 200)
+        assert all(t < served for c, t in results if c == 503), results  # refused at once
+        assert generate(tight, {"class_id": 1, "seed": 1}).status_code == 200
+    finally:
+        serve.delete("tight")
+    for name in ("local", "imagenet256", "imagenet512"):
+        config = yaml.safe_load((ROOT / "serve_configs" / f"{name}.yaml").read_text())
+        ingress = next(d for d in config["applications"][0]["deployments"]
+                       if d["name"] == "Ingress")
+        assert 0 < ingress["max_queued_requests"] <= 256, (name, ingress)
+
+
 def test_api_key_comes_from_the_environment_and_can_be_required():
     assert api_key_from({"K": "s3cret"}, "K", required=True) == "s3cret"
     assert api_key_from({"K": ""}, "K", required=False) is None

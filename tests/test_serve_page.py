@@ -140,7 +140,8 @@ def test_page_generates_in_headless_chromium(page_url, tmp_path):
     browser = Chromium(tmp_path / "profile", tmp_path / "chromium.log")
     try:
         browser.open(page_url + "/")
-        browser.wait_for("document.body.dataset.state === 'ready'")
+        # (no <body> yet while the page is still loading: not ready, not an error)
+        browser.wait_for("document.body?.dataset.state === 'ready'")
         options = browser.js("[...document.querySelectorAll('#cls option')].map(o => o.text)")
         assert options[:3] == ["tench", "goldfish", "great white shark"]
         browser.js("document.getElementById('cls').value = 'stingray'")

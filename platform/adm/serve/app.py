@@ -72,7 +72,10 @@ def batch_info(out: Output) -> dict:
 api = FastAPI(title="adm.serve", docs_url=None, redoc_url=None)
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=64)
+# A bounded queue: past max_ongoing_requests + max_queued_requests per replica, Serve's proxy
+# answers 503 at once (clients back off) instead of holding requests without limit.
+@serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=64,
+                  max_queued_requests=64)
 @serve.ingress(api)
 class Ingress:
     """Checks requests, then base samples -> (upsampler) -> PNG or JSON."""
