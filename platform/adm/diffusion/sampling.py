@@ -162,7 +162,7 @@ def log_snr(alphas_cumprod: np.ndarray) -> np.ndarray:
 # (diffusers' `lambda_min_clipped`, used by DeepFloyd IF). ADM's cosine chain caps β at 0.999,
 # so its last steps fall to λ = −6.5 and −9.9 (ᾱ ~ 1e−8), where nothing of the image forms yet;
 # a grid over the whole chain spends a third of its calls there (at 10 steps, 4 of its 9 calls
-# below λ = −3; quickstart judge FID 5.55 unclipped vs 4.84 clipped, DDIM-25 4.50: see
+# below λ = −3; quickstart judge FID 5.55 unclipped vs 4.88 clipped, DDIM-25 4.50: see
 # benchmarks/sampling.py). A linear chain ends at λ = −5.06, inside it.
 LOGSNR_MIN = -5.1
 
@@ -440,8 +440,9 @@ def sample(
     :param timesteps: how an int `steps` is spaced: "uniform" (evenly strided in t, first and
         last step kept: the respacing "N"), "logsnr" (the chain's timesteps nearest to uniform
         in log-SNR from λ = −5.1 (`LOGSNR_MIN`); duplicates dropped, so possibly fewer calls
-        than N: see `logsnr_timesteps`), or None: the sampler's default, "ddimN" for DDIM (the DDIM paper's
-        stride, the README's DDIM-25), "uniform" for DDPM, "logsnr" for DPM-Solver++.
+        than N: see `logsnr_timesteps`), or None: the sampler's default, "ddimN" for DDIM
+        (the DDIM paper's stride, the README's DDIM-25), "uniform" for DDPM, "logsnr" for
+        DPM-Solver++.
     :param classifier: a noisy-image classifier ``classifier(x, t)`` for guidance, with
         `classifier_scale` the paper's s; needs `y`.
     :param cfg_scale: classifier-free guidance weight w (1 = off: the model is called as is).
