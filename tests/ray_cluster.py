@@ -251,7 +251,7 @@ class LocalCluster:
         for node in [*reversed(self.workers), *([self.head] if self.head else [])]:
             if node.proc.poll() is None:
                 node.kill()
-            node._log.close()
+            node.stop()  # (the node is gone: this only closes its log)
 
     def cleanup(self) -> None:
         for node in self.nodes():

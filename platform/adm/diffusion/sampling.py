@@ -301,19 +301,17 @@ def sampling_diffusion(diffusion: GaussianDiffusion, sampler: str,
     if timesteps is not None and timesteps not in TIMESTEP_SPACINGS:
         raise ValueError(f"timesteps={timesteps!r}: expected one of {TIMESTEP_SPACINGS} "
                          "(or None for the sampler's default)")
-    if isinstance(steps, (list, tuple, np.ndarray)):
+    explicit = isinstance(steps, (list, tuple, np.ndarray))
+    if timesteps is not None and (steps is None or isinstance(steps, str) or explicit):
+        raise ValueError(f"timesteps={timesteps!r} spaces an int number of steps; got "
+                         f"steps={steps!r}")
+    if explicit:
         kept = sorted({int(t) for t in steps})
         if not kept or kept[0] < 0 or kept[-1] >= len(diffusion.base_betas):
             raise ValueError(f"steps: timesteps {kept[:3]}...{kept[-3:]} are not within the "
                              f"chain's 0..{len(diffusion.base_betas) - 1}")
-        if timesteps is not None:
-            raise ValueError(f"timesteps={timesteps!r} spaces an int number of steps; got "
-                             "explicit timesteps")
         return _respaced(diffusion, tuple(kept))
     if steps is None or isinstance(steps, str):
-        if timesteps is not None:
-            raise ValueError(f"timesteps={timesteps!r} spaces an int number of steps; got "
-                             f"steps={steps!r}")
         return diffusion if steps is None else _respaced(diffusion, steps)
     spacing = timesteps or DEFAULT_SPACING[sampler]
     if spacing == "ddim":
@@ -480,9 +478,9 @@ def sample(
         raise ValueError(f"eta={eta} is a DDIM parameter; the ddpm sampler takes none")
     if sampler == "dpmpp_2m" and eta != 0.0:
         raise ValueError(f"eta={eta}: dpmpp_2m is the deterministic ODE solver (eta must be 0)")
-    shape = tuple(int(s) for s in shape)
     diffusion = sampling_diffusion(diffusion, sampler, steps, timesteps)
     null_label = _check_cfg(model, cfg_scale, y)
+    shape = tuple(int(s) for s in shape)
     device = _device_of(model, noise, generator, device)
     if seeds is not None and generator is not None:
         raise ValueError("seeds and generator exclude each other: seeds gives each row its own")

@@ -39,6 +39,15 @@ def from_uint8(images: np.ndarray, device) -> torch.Tensor:
     return x.permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
+def index_ranges(ids: np.ndarray, b: int) -> list[np.ndarray]:
+    """Positions in `ids` [n] grouped by index range [k·b, (k+1)·b), ranges ascending and
+    positions in order within each: the rows a stage computes in one model call."""
+    ranges = ids // b
+    order = np.argsort(ranges, kind="stable")
+    groups = np.split(order, np.flatnonzero(np.diff(ranges[order])) + 1)
+    return [g for g in groups if len(g)]
+
+
 class StageSampler:
     """A Ray Data actor for one stage: `__call__` maps a batch {"id", "label"[, "image"]} to
     the stage's images. With an input "image" (stage 2) the upsampler is conditioned on it,
@@ -85,9 +94,7 @@ class StageSampler:
             base = np.stack(base) if len(base) else np.zeros((0, 1, 1, 3), np.uint8)
         low = from_uint8(base, self.device) if base is not None else None
         images = np.zeros((len(ids), self.size, self.size, 3), np.uint8)
-        ranges = ids // self.stage.batch_size
-        for r in np.unique(ranges):  # one model call per index range present
-            sel = np.flatnonzero(ranges == r)
+        for sel in index_ranges(ids, self.stage.batch_size):  # one model call per range
             images[sel] = to_uint8(self._run(ids[sel], labels[sel],
                                              low[sel] if low is not None else None))
         result = {"id": ids, "label": labels, "image": images}
@@ -125,10 +132,8 @@ def build_dataset(plan: Plan, skip: set[int]):
     ids = ids[~np.isin(ids // cfg.shard_size, np.array(sorted(skip), dtype=np.int64))]
     classes = plan.classes if isinstance(plan.classes, str) else list(plan.classes)
     labels = labels_for(ids, cfg.seed, classes, plan.num_classes)
-    b = plan.base.batch_size
-    ranges = np.split(np.arange(len(ids)), np.flatnonzero(np.diff(ids // b)) + 1)
-    ds = ray.data.from_arrow([pa.table({"id": ids[r], "label": labels[r]})  # [k·b, (k+1)·b)
-                              for r in ranges if len(r)])
+    ds = ray.data.from_arrow([pa.table({"id": ids[r], "label": labels[r]})
+                              for r in index_ranges(ids, plan.base.batch_size)])
     ds = _map_stage(ds, plan.base, plan)
     if plan.upsampler is not None:
         ds = _map_stage(ds, plan.upsampler, plan)
