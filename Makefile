@@ -1,13 +1,14 @@
 # `make test` is the one command a fresh clone needs: it creates .venv, installs the CPU build of
-# torch first (an unpinned torch would pull a multi-GB CUDA build), then the project, then runs
-# pytest. Set PYTHON to pick another interpreter (3.10+), PYTEST_ARGS to pass pytest flags.
+# torch first (an unpinned torch would pull a multi-GB CUDA build), then the project, then
+# Debian's chromium for the page test (when missing and apt-get can), then runs pytest. Set
+# PYTHON to pick another interpreter (3.10+), PYTEST_ARGS to pass pytest flags.
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.adm-installed
 
-.PHONY: install test quickstart clean
+.PHONY: install browser test test-fast quickstart clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -20,8 +21,16 @@ $(STAMP): $(PY) pyproject.toml
 
 install: $(STAMP)
 
-test: $(STAMP)
+# Debian's headless chromium, for the page test: apt-get when it can, else one line saying how.
+browser:
+	@sh tests/install_browser.sh
+
+test: $(STAMP) browser
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The edit loop: the tests that need no Ray cluster and are not end to end (a few minutes).
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not cluster and not slow" $(PYTEST_ARGS)
 
 # The embedded default, end to end: local Ray, local files, CPU, the scikit-learn digits (shipped
 # in its wheel): prepare, train four models on Ray Train, sample at five classifier scales,

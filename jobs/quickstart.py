@@ -94,6 +94,15 @@ class Quickstart:
     def _ray(self) -> list[str]:
         return ["--address", self.address] if self.address else []
 
+    def _stage(self, title: str) -> float:
+        """A stage that has work to do: its header, and Ray (started or joined once, for every
+        stage; a rerun whose stages are all done starts none)."""
+        from adm.runtime import init_ray
+
+        start = _stage(title)
+        init_ray(self.address)
+        return start
+
     def model(self, role: str) -> str:
         return str(self.models / role / "model.pt")
 
@@ -112,7 +121,7 @@ class Quickstart:
             return
         from adm.train.cli import main as train_main
 
-        start = _stage(f"training the {role} ({KINDS[role]}) on Ray Train, "
+        start = self._stage(f"training the {role} ({KINDS[role]}) on Ray Train, "
                        f"{self.cfg.train_workers} workers")
         config = HERE / "configs" / "quickstart" / self.cfg.trainings[role]
         argv = ["--config", str(config), "--data", str(self.data), "--storage",
@@ -149,7 +158,8 @@ class Quickstart:
         out = self.samples_dir(scale)
         if (out / "samples.npz").exists():
             return
-        start = _stage(f"sampling {self.cfg.num_samples} digits at classifier scale {scale:g}")
+        start = self._stage(f"sampling {self.cfg.num_samples} digits at classifier scale "
+                            f"{scale:g}")
         argv = ["--model", self.model("diffusion"), "--sampler", self.cfg.sampler,
                 "--steps", str(self.cfg.steps), "--num-samples", str(self.cfg.num_samples),
                 "--batch-size", str(self.cfg.batch_size), "--classes", "balanced",
@@ -162,7 +172,7 @@ class Quickstart:
     def upsample(self) -> Path:
         out = self.out / "samples" / "upsampled"
         if not (out / "samples.npz").exists():
-            start = _stage(f"{self.cfg.upsample_samples} samples at scale "
+            start = self._stage(f"{self.cfg.upsample_samples} samples at scale "
                            f"{self.cfg.upsample_scale:g}, upsampled to "
                            f"{self.cfg.image_size} px")
             argv = ["--model", self.model("diffusion"), "--classifier",
@@ -180,7 +190,7 @@ class Quickstart:
     def evaluate(self, scale: float) -> dict:
         result = self.out / "eval" / f"scale_{scale:g}.json"
         if not result.exists():
-            start = _stage(f"evaluating scale {scale:g} with the judge's features")
+            start = self._stage(f"evaluating scale {scale:g} with the judge's features")
             result.parent.mkdir(parents=True, exist_ok=True)
             _check(_job("evaluate")([str(self.data), str(self.samples_dir(scale)),
                                      "--features", f"classifier:{self.model('judge')}",
@@ -194,7 +204,8 @@ class Quickstart:
         image = self.out / "served.png"
         if image.exists():
             return image
-        start = _stage("serving serve_configs/local.yaml and requesting an upsampled image")
+        start = self._stage("serving serve_configs/local.yaml and requesting an upsampled "
+                            "image")
         from adm.serve.local import run_config_app
 
         with run_config_app(ROOT / "serve_configs" / "local.yaml",
@@ -242,11 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--address", help="Ray cluster address (default: a local Ray)")
     args = p.parse_args(argv)
     cfg = load_config(args.config, args.quick, args.out)
-    from adm.runtime import init_ray
-
     q = Quickstart(cfg, args.address)
     q.prepare()
-    init_ray(args.address)
     for role in ROLES:
         q.train(role)
     for scale in cfg.scales:

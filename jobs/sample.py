@@ -4,7 +4,7 @@ ADM evaluator's `samples.npz`:
     python jobs/sample.py --model URI [--model-preset NAME]
         [--classifier URI [--classifier-preset NAME] --classifier-scale S]
         [--upsampler URI [--upsampler-preset NAME] [--upsampler-steps N]]
-        [--sampler ddim|ddpm|dpmpp_2m] [--steps N] [--timesteps uniform|logsnr]
+        [--sampler ddim|ddpm|dpmpp_2m] [--steps N] [--timesteps uniform|logsnr] [--lambda-min L]
         [--cfg-scale W] [--num-samples N] [--batch-size B]
         [--classes uniform|balanced|3,7,9] [--seed S] [--out URI]
         [--num-workers N] [--gpus] [--config YAML] [--address ADDR] [key=value ...]
@@ -37,6 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--steps", help="stage 1 steps (int) or respacing ('250', 'ddim25')")
     add("--timesteps", choices=("uniform", "logsnr"),
         help="how an int --steps is spaced (default: the sampler's own)")
+    add("--lambda-min", type=float, help="log-SNR where a logsnr grid (dpmpp_2m's default) "
+        "starts: the noisiest step with lambda >= it (default -5.1; -inf: the whole chain)")
     add("--cfg-scale", type=float, help="classifier-free guidance w (1 = off; a model "
         "trained with label dropout)")
     add("--num-samples", type=int, help="N")
@@ -74,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             classifier_scale=args.classifier_scale, upsampler=args.upsampler,
             upsampler_preset=args.upsampler_preset, upsampler_steps=_steps(args.upsampler_steps),
             sampler=args.sampler, steps=_steps(args.steps), timesteps=args.timesteps,
-            cfg_scale=args.cfg_scale, num_samples=args.num_samples,
+            lambda_min=args.lambda_min, cfg_scale=args.cfg_scale, num_samples=args.num_samples,
             batch_size=args.batch_size, classes=args.classes, seed=args.seed, out=args.out,
             num_workers=args.num_workers, gpus=args.gpus)
         plan = make_plan(cfg)  # every file read and checked: before Ray starts

@@ -3,10 +3,22 @@ import os
 # Local Ray in tests: no auth token, no usage stats, quiet Ray Data.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Ray Train's controller polls its workers every 2 s by default, so each of the suite's ~25
+# training runs waits up to 2 s to see its workers start, report and finish; 0.5 s cuts that
+# (Train hands the variable from the driver to the controller).
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 import pytest
 
 from s3_server import s3_server  # noqa: F401 - the session's S3 server, for every test module
+
+
+def pytest_collection_modifyitems(items):
+    """Mark the tests that use the session's Ray (directly or through a fixture) `cluster`, so
+    that `make test-fast` (-m "not cluster and not slow") can leave them out."""
+    for item in items:
+        if "ray_session" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.cluster)
 
 
 @pytest.fixture(scope="session")
@@ -28,3 +40,25 @@ def ray_session(s3_server):
     ctx.print_on_execution_start = False
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def other_ray(tmp_path_factory):
+    """A second Ray on the machine, as a user may have one (a `ray start --head` left over,
+    another user's job): a one-CPU head with its own temp dir and ports. Yields a function
+    that asserts it is untouched (alive, and no job ever connected to it)."""
+    from ray._raylet import GcsClient
+
+    from ray_cluster import local_cluster
+
+    with local_cluster(tmp_path_factory.mktemp("other-ray")) as cluster:
+        head = cluster.start_head(num_cpus=1)
+        gcs = GcsClient(address=f"127.0.0.1:{cluster.gcs_port}")
+        jobs_before = len(gcs.get_all_job_info(timeout=30))
+
+        def untouched() -> None:
+            assert head.proc.poll() is None, f"the other Ray died:\n{head.log()}"
+            jobs = gcs.get_all_job_info(timeout=30)
+            assert len(jobs) == jobs_before, f"jobs connected to the other Ray: {jobs}"
+
+        yield untouched

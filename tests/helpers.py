@@ -90,3 +90,25 @@ def export_random(folder: Path, net: torch.nn.Module, flags: dict, seed: int) ->
     torch.save(net.state_dict(), folder / "model.pt")
     (folder / "flags.json").write_text(json.dumps(flags))
     return str(folder / "model.pt")
+
+
+# Lines of Ray's internals that reached the terminal before (issue 8, item 11), and the error
+# of Ray's state API when it cannot tell which of two local Rays is the job's.
+RAY_NOISE = ["PlacementGroupCleaner", "Failed to query Ray Train", "TrainingReport(",
+             "DeprecationWarning", "tqdm is not installed", "Running Dataset",
+             "Started a local Ray instance", "Started training worker group",
+             "Setting up process group", "Attempting to start training worker group",
+             "Progress bars disabled", "multiple active Ray instances"]
+
+
+def assert_clean_terminal(out: str, max_lines: int) -> None:
+    """A job's captured output (not a terminal) as a log file should read: no escape codes
+    (colours, cursor moves), no carriage returns (bars redrawn in place), none of Ray's
+    internals, and a bounded number of lines."""
+    escapes = [line for line in out.splitlines() if "\x1b" in line]
+    assert not escapes, f"{len(escapes)} lines with escape codes, e.g. {escapes[:3]!r}"
+    assert "\r" not in out, f"carriage returns: {out[max(0, out.index(chr(13)) - 200):][:400]!r}"
+    found = [n for n in RAY_NOISE if n in out]
+    assert not found, f"Ray internals in the output: {found}\n{out[-4000:]}"
+    lines = out.splitlines()
+    assert len(lines) <= max_lines, f"{len(lines)} lines (at most {max_lines}):\n{out[-6000:]}"

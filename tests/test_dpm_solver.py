@@ -160,6 +160,16 @@ def test_logsnr_grid_and_step_options():
     assert np.ptp(gaps) < 0.15 * abs(gaps.mean()), lam[kept]
     whole = logsnr_timesteps(ac, 10, lambda_min=-np.inf)
     assert whole[-1] == 999 and len(whole) == 9 and sum(lam[whole] < -3) == 4, whole
+    # sample()'s lambda_min moves the start (the jobs, configs and the Serve API pass it on).
+    assert sampling_diffusion(base, "dpmpp_2m", 10, lambda_min=-np.inf).timestep_map == whole
+    later = sampling_diffusion(base, "dpmpp_2m", 10, "logsnr", lambda_min=-3.0).timestep_map
+    assert lam[later[-1]] >= -3.0 > lam[later[-1] + 1] and later[-1] < start, later
+    assert sampling_diffusion(base, "dpmpp_2m", 10, lambda_min=LOGSNR_MIN).timestep_map == kept
+    for sampler, timesteps in (("ddim", None), ("dpmpp_2m", "uniform")):
+        with pytest.raises(ValueError, match="lambda_min=-3.0 sets where a log-SNR grid starts"):
+            sampling_diffusion(base, sampler, 10, timesteps, lambda_min=-3.0)
+    with pytest.raises(ValueError, match="lambda_min=nan"):
+        sampling_diffusion(base, "dpmpp_2m", 10, lambda_min=float("nan"))
     linear = create_gaussian_diffusion(steps=1000, noise_schedule="linear")
     assert sampling_diffusion(linear, "dpmpp_2m", 10).timestep_map[-1] == 999
     # Explicit timesteps of the original chain (any order, duplicates once).

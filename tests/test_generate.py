@@ -279,6 +279,26 @@ def test_bad_settings_fail_before_any_work(nets, tmp_path, capsys):
                                                        "timesteps=cosine")
     assert "steps: timesteps='logsnr' spaces an int" in _bad(
         nets, tmp_path, capsys, "--model", m, "--steps", "ddim4", "--timesteps", "logsnr")
+    assert "steps: lambda_min=-3.0 sets where a log-SNR grid starts" in _bad(
+        nets, tmp_path, capsys, "--model", m, "--sampler", "ddim", "--steps", "4",
+        "--lambda-min", "-3")
+    assert "lambda_min: a log-SNR of at most 20" in _bad(
+        nets, tmp_path, capsys, "--model", m, "--sampler", "dpmpp_2m", "--lambda-min", "nan")
+
+
+def test_lambda_min_reaches_the_plan_and_the_run_settings(nets, tmp_path):
+    """DPM-Solver++'s grid start, as jobs/sample.py and the configs give it: part of the
+    stage's plan (what the actors sample with) and of the settings a resume compares."""
+    plan = make_plan(settings(nets, tmp_path / "l", sampler="dpmpp_2m", steps=4,
+                              lambda_min=-3.0))
+    assert plan.base.lambda_min == -3.0
+    assert plan.decisive()["settings"]["lambda_min"] == -3.0
+    assert plan.decisive()["base"]["lambda_min"] == -3.0
+    whole = make_plan(settings(nets, tmp_path / "w", sampler="dpmpp_2m", steps=4,
+                               lambda_min=float("-inf")))
+    assert whole.base.lambda_min == float("-inf")
+    assert make_plan(settings(nets, tmp_path / "d", sampler="dpmpp_2m",
+                              steps=4)).base.lambda_min is None
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "jobs" / "configs" / "sample").glob("*.yaml")),

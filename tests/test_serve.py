@@ -6,11 +6,15 @@ bounded load test that batches and autoscales, and the config files."""
 from __future__ import annotations
 
 import base64
+import http.client
 import io
 import json
 import socket
 import threading
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -150,6 +154,7 @@ def test_chain_returns_upsampled_images(url):
     assert out["seed"] == 5 and out["image_size"] == 16 and out["base_size"] == 8
     assert out["settings"] == {"class_id": 1, "class_name": "goldfish", "num_images": 2,
                                "guidance_scale": 1.0, "cfg_scale": 1.0, "sampler": "ddim",
+                               "lambda_min": None,
                                "steps": 10, "seed": 5, "upsample": True}
     # response "png" (the default): one PNG, the images side by side; seed in a header
     r = generate(url, {"class_id": 3, "num_images": 2, "seed": 1})
@@ -260,6 +265,96 @@ def test_bad_requests_get_4xx_naming_the_field(url):
     assert decode(r.json()["images"][0]).shape == (16, 16, 3)
 
 
+# ---------------------------------------------------------------- over-limit bodies
+
+MiB = 2**20
+
+
+def _json_detail(status: int, payload: bytes) -> tuple[int, str]:
+    """(status, the JSON error's detail); "" for a success's PNG."""
+    return status, json.loads(payload).get("detail", "") if status >= 400 else ""
+
+
+def post_slowly(url: str, size: int, content_type: str = "application/json",
+                headers: dict | None = None, chunk: int = 256 * 1024) -> tuple[int, str]:
+    """POST `size` bytes with Content-Length, a chunk at a time with a pause between, and read
+    the answer only after the last byte (as requests and urllib do). A server that answers and
+    closes before the body is in makes this client's next send fail with a reset, every time:
+    the race of a fast client, made certain."""
+    parts = urllib.parse.urlsplit(url)
+
+    def body():
+        for start in range(0, size, chunk):
+            time.sleep(0.005)
+            yield b" " * min(chunk, size - start)
+
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=120)
+    try:
+        conn.request("POST", f"{parts.path}/v1/generate", body=body(), headers={
+            "Content-Length": str(size), "Content-Type": content_type, **(headers or {})})
+        r = conn.getresponse()
+        return _json_detail(r.status, r.read())
+    finally:
+        conn.close()
+
+
+def post_urllib(url: str, data: bytes, headers: dict | None = None) -> tuple[int, str]:
+    """Plain urllib.request (no Expect: 100-continue; its default form content type)."""
+    request = urllib.request.Request(f"{url}/v1/generate", data=data, method="POST",
+                                     headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as r:
+            return _json_detail(r.status, r.read())
+    except urllib.error.HTTPError as e:
+        return _json_detail(e.code, e.read())
+
+
+def test_over_limit_bodies_get_their_413_from_any_client(url):
+    """Bodies past max_body_bytes (8 KiB here) are read to their end and answered 413 naming
+    the limit, whichever client sends them; the server keeps serving."""
+    failures = []
+    for size in (20 * 1024, 8 * MiB, 40 * MiB):
+        data = b" " * size
+        r = requests.post(f"{url}/v1/generate", data=data, timeout=120,
+                          headers={"Content-Type": "application/json"})
+        results = {"requests": (r.status_code, r.json().get("detail", "")),
+                   "urllib": post_urllib(url, data),
+                   "slow sender": post_slowly(url, size)}
+        for client, (status, detail) in results.items():
+            if status != 413 or "max_body_bytes (8192)" not in detail or str(size) not in detail:
+                failures.append(f"{client}, {size} bytes: {status} {detail[:200]}")
+    assert not failures, "\n".join(failures)
+    # Past the drain cap the 413 goes out at once, from the declared length alone.
+    conn = http.client.HTTPConnection("127.0.0.1", urllib.parse.urlsplit(url).port, timeout=30)
+    conn.putrequest("POST", f"{PREFIX}/v1/generate")
+    conn.putheader("Content-Length", str(65 * MiB))
+    conn.endheaders()
+    r = conn.getresponse()
+    assert r.status == 413 and "max_body_bytes" in json.loads(r.read())["detail"]
+    conn.close()
+    r = generate(url, {"class_name": "hen", "seed": 2, "upsample": False})
+    assert r.status_code == 200, r.text
+
+
+def test_a_body_that_is_not_json_gets_415(url):
+    for content_type in ("text/plain", "application/x-www-form-urlencoded",
+                         "multipart/form-data; boundary=x"):
+        status, detail = post_urllib(url, b'{"class_id": 1}', {"Content-Type": content_type})
+        assert status == 415 and detail.startswith("content-type: expected application/json")
+        assert content_type.split(";")[0] in detail
+    # Sent slowly, the body is read to its end before the answer.
+    status, detail = post_slowly(url, 6000, content_type="text/plain", chunk=1000)
+    assert status == 415 and "text/plain" in detail
+    # Over max_body_bytes as well: the size is refused first.
+    status, detail = post_slowly(url, 4 * MiB, content_type="text/plain")
+    assert status == 413 and "max_body_bytes" in detail
+    for content_type in ("application/json", "application/json; charset=utf-8",
+                         "application/vnd.api+json"):
+        status, _ = post_urllib(url, b'{"class_id": 1, "upsample": false}',
+                                {"Content-Type": content_type})
+        assert status == 200, content_type
+
+
 # ---------------------------------------------------------------- API key
 
 
@@ -287,6 +382,9 @@ def test_api_key(url, nets):
         assert requests.get(f"{keyed}/v1/models", timeout=10).status_code == 401
         # the key is checked before the body: a bad body without it is still a 401
         assert generate(keyed, b"{", {"Authorization": "Bearer no"}).status_code == 401
+        # ... and so is a large one, sent in full before the client reads (no reset)
+        status, detail = post_slowly(keyed, 8 * MiB)
+        assert status == 401 and "authorization" in detail
         r = generate(keyed, body, {"Authorization": f"Bearer {KEY}"})
         assert r.status_code == 200 and Image.open(io.BytesIO(r.content)).size == (8, 8)
         info = requests.get(f"{keyed}/v1/models", timeout=10,
@@ -434,8 +532,24 @@ def test_cfg_scale_and_dpm_solver_requests_are_checked():
                  default_steps=10, default_guidance_scale=0.0)
     req = parse_generate(b'{"class_id": 2, "cfg_scale": 3.0, "sampler": "dpmpp_2m", '
                          b'"steps": 7}', lim)
+    # dpmpp_2m's grid starts at λ = -5.1 unless lambda_min says otherwise (a batching key too)
     assert req.sample_args() == {"classifier_scale": 0.0, "cfg_scale": 3.0,
-                                 "sampler": "dpmpp_2m", "steps": 7}
+                                 "sampler": "dpmpp_2m", "steps": 7, "lambda_min": -5.1}
+    req = parse_generate(b'{"class_id": 2, "sampler": "dpmpp_2m", "lambda_min": -3.5}', lim)
+    assert req.sample_args()["lambda_min"] == -3.5 and req.settings()["lambda_min"] == -3.5
+    for body, text in ((b'{"class_id": 2, "lambda_min": -3.0}', "lambda_min: sets where "
+                        "dpmpp_2m's log-SNR grid starts; the ddim sampler takes none"),
+                       (b'{"class_id": 2, "sampler": "dpmpp_2m", "lambda_min": -21}',
+                        "lambda_min: Input should be greater than or equal to -20"),
+                       (b'{"class_id": 2, "sampler": "dpmpp_2m", "lambda_min": 0.5}',
+                        "lambda_min: Input should be less than or equal to 0"),
+                       (b'{"class_id": 2, "sampler": "dpmpp_2m", "lambda_min": NaN}',
+                        "lambda_min: Input should be a finite number"),
+                       (b'{"class_id": 2, "sampler": "dpmpp_2m", "lambda_min": "-3"}',
+                        "lambda_min: Input should be a valid number")):
+        with pytest.raises(RequestError) as e:
+            parse_generate(body, lim)
+        assert e.value.status == 422 and text in str(e.value), (body, str(e.value))
     with pytest.raises(RequestError, match="cfg_scale: at most 5.0"):
         parse_generate(b'{"class_id": 2, "cfg_scale": 6.0}', lim)
     with pytest.raises(RequestError, match="steps: 30 does not respace"):

@@ -1,20 +1,18 @@
 """What a user sees in the terminal when a job runs: its own lines, not Ray's internals."""
+import io
 import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import assert_clean_terminal
 
-# Lines of Ray's internals that reached the terminal before (issue 8, item 11).
-NOISE = ["PlacementGroupCleaner", "Failed to query Ray Train", "TrainingReport(",
-         "DeprecationWarning", "tqdm is not installed", "Running Dataset",
-         "Started a local Ray instance", "Started training worker group",
-         "Setting up process group", "Attempting to start training worker group"]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -28,31 +26,32 @@ def digits16(ray_session, tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-def test_training_job_shows_a_bar_and_one_line_per_interval(digits16, tmp_path):
+def test_training_job_shows_a_bar_and_one_line_per_interval(digits16, other_ray, tmp_path):
+    """A training job on its own local Ray, beside the test session's Ray and another one
+    (`other_ray`), its output captured as in a log file: Ray Train's internal state lookups
+    find the job's cluster (no "multiple active Ray instances"), the other Ray is untouched,
+    and the log has the bar as plain lines, one line per log interval, nothing else."""
     cfg = yaml.safe_load((ROOT / "jobs/configs/quickstart/diffusion.yaml").read_text())
     cfg["model"]["flags"].update(image_size=16, channel_mult="1,2", diffusion_steps=100)
     config = tmp_path / "d.yaml"
     config.write_text(yaml.safe_dump(cfg))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    # In a PID namespace of its own, as on a user's machine, the job's Ray is the only one it
-    # can see: Ray's state API (which Train's controller queries) refuses to pick among several
-    # local clusters, and the test session runs one already.
     proc = subprocess.run(
-        ["unshare", "--pid", "--fork", "--mount-proc",
-         sys.executable, str(ROOT / "jobs/train_diffusion.py"), "--config", str(config),
+        [sys.executable, str(ROOT / "jobs/train_diffusion.py"), "--config", str(config),
          "--data", digits16, "--storage", str(tmp_path / "runs"), "--max-steps", "4",
          "optim.batch_size=8", "run.log_interval=2"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=380)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
-    found = [n for n in NOISE if n in out]
-    assert not found, f"Ray internals in the terminal: {found}\n{out[-4000:]}"
+    assert_clean_terminal(out, max_lines=15)
     steps = re.findall(r"\[diffusion\] step (\d+)/4 loss=", out)
     assert steps == ["2", "4"], out[-4000:]  # one line per log interval, each once
-    assert re.search(r"\[diffusion\] train: 100%.*4(\.0+)?/4(\.0+)?.*step", out), out[-4000:]
+    bars = [line for line in out.splitlines() if line.startswith("[diffusion] train:")]
+    assert bars and re.search(r"100%.*\b4/4\b", bars[-1]), out[-4000:]  # closed at 4 of 4
     assert "[diffusion] done:" in proc.stdout
     noisy = [line for line in out.splitlines() if " INFO " in line]
     assert not noisy, noisy[:5]
+    other_ray()
 
 
 def test_training_job_with_missing_data_fails_in_one_line_before_ray(tmp_path):
@@ -70,3 +69,40 @@ def test_training_job_with_missing_data_fails_in_one_line_before_ray(tmp_path):
                                                    "/nonexistent/digits"), proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "ray").exists()  # Ray never started
+
+
+class _Stream(io.StringIO):
+    def __init__(self, tty: bool):
+        super().__init__()
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+
+def test_progress_bars_draw_live_on_a_terminal_and_as_plain_lines_elsewhere():
+    from adm.progress import progress_bar
+
+    log = _Stream(tty=False)
+    with progress_bar(total=1000, desc="[x] stage", unit="step", stream=log,
+                      log_interval_s=0.05) as outer:
+        with progress_bar(total=10, desc="[x] inner", stream=log) as inner:  # a second bar
+            for _ in range(10):
+                inner.update(1)
+        for _ in range(1000):
+            outer.update(1)
+            if outer.n % 250 == 0:
+                time.sleep(0.06)  # past the interval: one line, at most, per 250 steps
+    text = log.getvalue()
+    assert "\x1b" not in text and "\r" not in text, repr(text)
+    lines = text.splitlines()
+    stage = [line for line in lines if line.startswith("[x] stage:")]
+    inner_lines = [line for line in lines if line.startswith("[x] inner:")]
+    assert 2 <= len(stage) <= 6 and "1000/1000" in stage[-1] and "100%" in stage[-1], lines
+    assert len(inner_lines) == 2 and "10/10" in inner_lines[-1], lines  # its start and its end
+    assert len(lines) == len(stage) + len(inner_lines)
+
+    tty = _Stream(tty=True)
+    with progress_bar(total=3, desc="[x] live", stream=tty) as bar:
+        bar.update(3)
+    assert "\r" in tty.getvalue() and "3/3" in tty.getvalue()  # redrawn in place

@@ -37,6 +37,7 @@ from adm import storage
 from adm.data.manifest import CLASSES, FORMAT, MANIFEST, shard_name
 from adm.data.preprocess import BadImageError, check_image, read_info
 from adm.data.sources import InputError, ScanResult, Skipped, SourceItem, read_items
+from adm.progress import progress_bar
 from adm.storage import S3Options
 
 Log = Callable[[str], None]
@@ -60,8 +61,8 @@ class ShardWriterConfig:
     Ray task asks for. ``max_in_flight``: tasks submitted at once (default: twice the cluster's
     CPUs over ``num_cpus_per_task``) - bounds driver memory. ``row_group_size``: Parquet rows
     per row group, small so readers can stream a shard. ``progress_interval_s``: least seconds
-    between two updates of a progress bar (tqdm's ``mininterval``; the bars go to stderr, where
-    a Ray job's log keeps every update, so the default is slow)."""
+    between two lines of a progress bar when stderr is not a terminal (a Ray job's log, CI),
+    where every update would stay in the log."""
 
     images_per_shard: int = 1000
     shuffle_seed: int = 0
@@ -182,10 +183,10 @@ def _verify_shard(uri: str, items: Sequence[SourceItem], s3: S3Options | None) -
 # ----------------------------------------------------------------------------- driver
 
 
-def _progress_bar(what: str, total: int, unit: str, config: ShardWriterConfig) -> tqdm:
+def _progress_bar(what: str, total: int, unit: str, config: ShardWriterConfig):
     """A tqdm bar on stderr (count, rate, ETA) for one phase of the writer."""
-    return tqdm(total=total, desc=f"[prepare] {what}", unit=unit, file=sys.stderr,
-                mininterval=config.progress_interval_s)
+    return progress_bar(total=total, desc=f"[prepare] {what}", unit=unit,
+                        log_interval_s=config.progress_interval_s)
 
 
 def _result(ref: ray.ObjectRef) -> Any:

@@ -26,8 +26,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from ..progress import progress_bar
 from .losses import discretized_gaussian_log_likelihood, mean_flat, normal_kl
 
 Model = Callable[..., torch.Tensor]  # model(x [N,C,H,W], t [N], **model_kwargs) -> [N,C or 2C,H,W]
@@ -70,7 +70,7 @@ class LossType(enum.Enum):
 
 def _progress(indices: list[int], enabled: bool):
     """The indices, wrapped in a tqdm progress bar (on stderr) when `enabled`."""
-    return tqdm(indices) if enabled else indices
+    return progress_bar(indices) if enabled else indices
 
 
 class GaussianDiffusion:

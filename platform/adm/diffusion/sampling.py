@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from typing import Callable, Sequence
 
 import numpy as np
@@ -289,7 +290,8 @@ def _respaced(diffusion: GaussianDiffusion, spec: str | tuple) -> GaussianDiffus
 
 def sampling_diffusion(diffusion: GaussianDiffusion, sampler: str,
                        steps: int | str | Sequence[int] | None,
-                       timesteps: str | None = None) -> GaussianDiffusion:
+                       timesteps: str | None = None,
+                       lambda_min: float | None = None) -> GaussianDiffusion:
     """The diffusion `sample` runs `sampler` on (see its `steps` and `timesteps`): `diffusion`
     itself (steps None), its original chain kept at a sequence of its timesteps, respaced by a
     spec string, or by an int N spaced as
@@ -297,7 +299,8 @@ def sampling_diffusion(diffusion: GaussianDiffusion, sampler: str,
     kept), "logsnr" (`logsnr_timesteps`: nearest to uniform in log-SNR, deduplicated, so
     possibly fewer than N, from λ = `LOGSNR_MIN`), or None for the sampler's default
     (DEFAULT_SPACING: "ddimN" for DDIM, the DDIM paper's stride and the reference's DDIM-25;
-    "uniform" for DDPM; "logsnr" for DPM-Solver++)."""
+    "uniform" for DDPM; "logsnr" for DPM-Solver++). `lambda_min` moves a "logsnr" grid's
+    noisy end (None: `LOGSNR_MIN`; -inf: the chain's last step); it is refused elsewhere."""
     if timesteps is not None and timesteps not in TIMESTEP_SPACINGS:
         raise ValueError(f"timesteps={timesteps!r}: expected one of {TIMESTEP_SPACINGS} "
                          "(or None for the sampler's default)")
@@ -305,6 +308,12 @@ def sampling_diffusion(diffusion: GaussianDiffusion, sampler: str,
     if timesteps is not None and (steps is None or isinstance(steps, str) or explicit):
         raise ValueError(f"timesteps={timesteps!r} spaces an int number of steps; got "
                          f"steps={steps!r}")
+    spacing = timesteps or DEFAULT_SPACING[sampler]
+    if lambda_min is not None and (spacing != "logsnr" or math.isnan(lambda_min) or explicit
+                                   or steps is None or isinstance(steps, str)):
+        raise ValueError(f"lambda_min={lambda_min!r} sets where a log-SNR grid starts: it needs "
+                         f"a number and an int steps spaced 'logsnr' (timesteps='logsnr', or "
+                         f"dpmpp_2m's default); here steps={steps!r} with {spacing!r} spacing")
     if explicit:
         kept = sorted({int(t) for t in steps})
         if not kept or kept[0] < 0 or kept[-1] >= len(diffusion.base_betas):
@@ -313,13 +322,13 @@ def sampling_diffusion(diffusion: GaussianDiffusion, sampler: str,
         return _respaced(diffusion, tuple(kept))
     if steps is None or isinstance(steps, str):
         return diffusion if steps is None else _respaced(diffusion, steps)
-    spacing = timesteps or DEFAULT_SPACING[sampler]
     if spacing == "ddim":
         return _respaced(diffusion, f"ddim{int(steps)}")
     if spacing == "uniform":
         return _respaced(diffusion, str(int(steps)))
     base_alphas_cumprod = np.cumprod(1.0 - np.asarray(diffusion.base_betas, dtype=np.float64))
-    return _respaced(diffusion, tuple(logsnr_timesteps(base_alphas_cumprod, int(steps))))
+    start = LOGSNR_MIN if lambda_min is None else lambda_min
+    return _respaced(diffusion, tuple(logsnr_timesteps(base_alphas_cumprod, int(steps), start)))
 
 
 def _device_of(model, noise, generator, device) -> torch.device:
@@ -407,6 +416,7 @@ def sample(
     sampler: str = "ddim",
     steps: int | str | None = None,
     timesteps: str | None = None,
+    lambda_min: float | None = None,
     classifier: nn.Module | None = None,
     classifier_scale: float = 1.0,
     cfg_scale: float = 1.0,
@@ -441,6 +451,9 @@ def sample(
         than N: see `logsnr_timesteps`), or None: the sampler's default, "ddimN" for DDIM
         (the DDIM paper's stride, the README's DDIM-25), "uniform" for DDPM, "logsnr" for
         DPM-Solver++.
+    :param lambda_min: where a "logsnr" grid starts, as a log-SNR λ = log(ᾱ/(1−ᾱ)): the
+        noisiest step with λ ≥ lambda_min (None: −5.1, `LOGSNR_MIN`; −inf: the chain's last
+        step). Only with a "logsnr" spacing.
     :param classifier: a noisy-image classifier ``classifier(x, t)`` for guidance, with
         `classifier_scale` the paper's s; needs `y`.
     :param cfg_scale: classifier-free guidance weight w (1 = off: the model is called as is).
@@ -478,7 +491,7 @@ def sample(
         raise ValueError(f"eta={eta} is a DDIM parameter; the ddpm sampler takes none")
     if sampler == "dpmpp_2m" and eta != 0.0:
         raise ValueError(f"eta={eta}: dpmpp_2m is the deterministic ODE solver (eta must be 0)")
-    diffusion = sampling_diffusion(diffusion, sampler, steps, timesteps)
+    diffusion = sampling_diffusion(diffusion, sampler, steps, timesteps, lambda_min)
     null_label = _check_cfg(model, cfg_scale, y)
     shape = tuple(int(s) for s in shape)
     device = _device_of(model, noise, generator, device)

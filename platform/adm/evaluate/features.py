@@ -17,9 +17,9 @@ import sys
 from dataclasses import dataclass
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from .. import storage
+from ..progress import progress_bar
 from .metrics import fid_statistics
 from .networks import FeatureExtractor, FeatureNetwork
 from .sources import Chunk, ImageSource, cache_uri, read_rows
@@ -137,8 +137,7 @@ def run_feature_job(sources: list[ImageSource], net: FeatureNetwork, *, batch_si
     outs: list[dict[str, np.ndarray]] = [{} for _ in sources]
     seen = [np.zeros(s.num_images, dtype=bool) for s in sources]
     total = sum(s.num_images for s in sources)
-    with tqdm(total=total, unit="image", disable=not progress, file=sys.stderr,
-              desc="features", dynamic_ncols=True) as bar:
+    with progress_bar(total=total, unit="image", disable=not progress, desc="features") as bar:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             index, which = batch.pop("index"), batch.pop("source")
             for i in np.unique(which):

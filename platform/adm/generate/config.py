@@ -8,6 +8,7 @@ sample's randomness comes from (seed, index) alone (`adm.diffusion.sampling.inde
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields, replace
 from typing import Any, Sequence
 
@@ -32,6 +33,7 @@ class SampleConfig:
     steps: int | str | None = None  # stage 1: 25 (spaced per `timesteps`), "250", "ddim25"
     timesteps: str | None = None  # how an int `steps` is spaced: "uniform", "logsnr" or
     #                               None (the sampler's own: ddimN, N, log-SNR for dpmpp_2m)
+    lambda_min: float | None = None  # where a log-SNR grid starts (None: -5.1; -inf: step T)
     cfg_scale: float = 1.0  # classifier-free guidance w of stage 1 (1 = off)
     eta: float = 0.0  # DDIM's eta, for the stages that sample with DDIM
     num_samples: int = 10000
@@ -51,7 +53,7 @@ class SampleConfig:
 
 DECISIVE = ("model", "model_preset", "classifier", "classifier_preset", "classifier_scale",
             "upsampler", "upsampler_preset", "upsampler_steps", "upsampler_sampler", "sampler",
-            "steps", "timesteps", "cfg_scale", "eta", "num_samples", "classes", "seed",
+            "steps", "timesteps", "lambda_min", "cfg_scale", "eta", "num_samples", "classes", "seed",
             "precision", "clip_denoised", "shard_size")
 PRECISIONS = ("fp32", "bf16", "fp16")
 SAMPLERS = tuple(sorted(LIBRARY_SAMPLERS))
@@ -91,6 +93,8 @@ def check_numbers(cfg: SampleConfig) -> None:
     if cfg.timesteps not in (None, *TIMESTEP_SPACINGS):
         raise ConfigError(f"timesteps: {cfg.timesteps!r} is not one of "
                           f"{', '.join(TIMESTEP_SPACINGS)}")
+    if cfg.lambda_min is not None and (math.isnan(cfg.lambda_min) or cfg.lambda_min > 20):
+        raise ConfigError(f"lambda_min: a log-SNR of at most 20 (or -inf), got {cfg.lambda_min}")
     if not 0 <= cfg.cfg_scale < float("inf"):
         raise ConfigError(f"cfg_scale: must be finite and >= 0, got {cfg.cfg_scale}")
     if cfg.classifier_scale is not None and not cfg.classifier and not cfg.classifier_preset:

@@ -11,13 +11,11 @@ sample's arithmetic does not depend on how Ray Data happened to cut the stream e
 """
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .. import storage
+from ..progress import progress_bar
 from ..compat import openai
 from ..diffusion import sample
 from ..diffusion.sampling import index_seeds
@@ -79,7 +77,8 @@ class StageSampler:
         kwargs = {"low_res": low_res[rows]} if low_res is not None else None
         x = sample(self.net, self.diffusion, (b, 3, self.size, self.size),
                    sampler=self.stage.sampler, steps=self.stage.steps or None,
-                   timesteps=self.stage.timesteps, cfg_scale=self.stage.cfg_scale,
+                   timesteps=self.stage.timesteps, lambda_min=self.stage.lambda_min,
+                   cfg_scale=self.stage.cfg_scale,
                    classifier=self.classifier, classifier_scale=self.stage.classifier_scale,
                    y=torch.from_numpy(labels[rows]).to(self.device), model_kwargs=kwargs,
                    seeds=index_seeds(self.seed, ids[rows], self.stage.stream), eta=self.eta,
@@ -200,8 +199,8 @@ def generate(plan: Plan, progress: bool = True, log=print) -> str:
         log(f"resuming: {len(skip)} finished shard(s), {done} of {cfg.num_samples} samples")
     writer = ShardWriter(plan, skip)
     if writer.missing:
-        with tqdm(total=cfg.num_samples, initial=done, unit="sample", disable=not progress,
-                  file=sys.stderr, dynamic_ncols=True) as bar:
+        with progress_bar(total=cfg.num_samples, initial=done, unit="sample",
+                          desc="samples", disable=not progress) as bar:
             for batch in build_dataset(plan, skip).iter_batches(batch_size=None,
                                                                 batch_format="numpy"):
                 writer.add(batch)

@@ -32,10 +32,12 @@ class StagePlan:
     classifier_scale: float = 0.0
     timesteps: str | None = None
     cfg_scale: float = 1.0
+    lambda_min: float | None = None
 
     def settings(self) -> dict:
         return {"net": self.net.settings(), "sampler": self.sampler, "steps": self.steps,
-                "timesteps": self.timesteps, "stream": self.stream,
+                "timesteps": self.timesteps, "lambda_min": self.lambda_min,
+                "stream": self.stream,
                 "classifier": self.classifier.settings() if self.classifier else None,
                 "classifier_scale": self.classifier_scale, "cfg_scale": self.cfg_scale}
 
@@ -65,13 +67,13 @@ class Plan:
 
 
 def _check_steps(name: str, net: models.ModelSpec, sampler: str, steps: int | str,
-                 timesteps: str | None) -> None:
+                 timesteps: str | None, lambda_min: float | None = None) -> None:
     """Refuse steps the sampler cannot space over `net`'s chain, naming the setting."""
-    if steps == "":
+    if steps == "" and lambda_min is None:  # the whole chain, as the flags respace it
         return
     try:
         sampling_diffusion(openai.create_diffusion({**net.flags, "timestep_respacing": ""}),
-                           sampler, steps, timesteps)
+                           sampler, steps, timesteps, lambda_min)
     except (ValueError, openai.FlagError) as e:
         raise ConfigError(f"{name}: {e}") from None
 
@@ -94,7 +96,7 @@ def make_plan(cfg: SampleConfig) -> Plan:
     base = models.resolve("model", cfg.model, cfg.model_preset, "diffusion")
     sampler, default_steps, sampling = _stage_defaults(base, cfg.sampler)
     steps = default_steps if cfg.steps is None else cfg.steps
-    _check_steps("steps", base, sampler, steps, cfg.timesteps)
+    _check_steps("steps", base, sampler, steps, cfg.timesteps, cfg.lambda_min)
     if cfg.cfg_scale != 1.0 and not float(base.flags.get("class_dropout_prob", 0.0)) > 0:
         raise ConfigError(f"cfg_scale: {cfg.cfg_scale} needs a model trained with label "
                           f"dropout (class_dropout_prob > 0); {cfg.model} was not")
@@ -114,7 +116,7 @@ def make_plan(cfg: SampleConfig) -> Plan:
                             (classifier.classes if classifier else None))
 
     stage1 = StagePlan(base, sampler, steps, "base", cfg.batch_size, cfg.num_workers,
-                       classifier, scale, cfg.timesteps, cfg.cfg_scale)
+                       classifier, scale, cfg.timesteps, cfg.cfg_scale, cfg.lambda_min)
     stage2 = None
     if cfg.upsampler:
         up = models.resolve("upsampler", cfg.upsampler, cfg.upsampler_preset, "upsampler")

@@ -20,10 +20,14 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, \
     field_validator, model_validator
 
-from ..diffusion import create_gaussian_diffusion, sampling_diffusion
+from ..diffusion import LOGSNR_MIN, create_gaussian_diffusion, sampling_diffusion
+from ..diffusion.sampling import DEFAULT_SPACING
 
 SAMPLE_ARG = "sample_arg"  # field metadata key: the `adm.diffusion.sample` keyword it feeds
 MAX_SEED = 2**53 - 1  # exact in a JavaScript number, so the page can show and resend it
+# lambda_min's bounds: -20 is below the last step of any ADM chain (cosine: -9.9 at t = 999,
+# linear: -5.1), so it means the whole chain; above 0 nothing of the image would be left to form.
+LAMBDA_MIN_RANGE = (-20.0, 0.0)
 
 
 @dataclass(frozen=True)
@@ -102,6 +106,10 @@ class GenerateRequest(BaseModel):
                                 json_schema_extra={SAMPLE_ARG: "sampler"})
     steps: int | None = Field(None, ge=1, description="base sampling steps",
                               json_schema_extra={SAMPLE_ARG: "steps"})
+    lambda_min: float | None = Field(
+        None, ge=LAMBDA_MIN_RANGE[0], le=LAMBDA_MIN_RANGE[1], allow_inf_nan=False,
+        description="dpmpp_2m: the log-SNR where its grid starts (default -5.1)",
+        json_schema_extra={SAMPLE_ARG: "lambda_min"})
     seed: int | None = Field(None, ge=0, le=MAX_SEED,
                              description="same seed and settings give the same images")
     upsample: bool | None = Field(None, description="run the upsampler on the base images")
@@ -191,6 +199,11 @@ class GenerateRequest(BaseModel):
             self.guidance_scale = lim.default_guidance_scale
         if self.upsample is None:
             self.upsample = lim.has_upsampler
+        if DEFAULT_SPACING[self.sampler] == "logsnr":
+            self.lambda_min = LOGSNR_MIN if self.lambda_min is None else self.lambda_min
+        elif self.lambda_min is not None:
+            raise ValueError(f"lambda_min: sets where dpmpp_2m's log-SNR grid starts; the "
+                             f"{self.sampler} sampler takes none")
         try:  # as sample() will space them (DPM-Solver++ picks any count, in log-SNR)
             sampling_diffusion(_chain(lim.diffusion_steps), self.sampler, self.steps)
         except ValueError as e:
@@ -248,9 +261,18 @@ def parse_generate(raw: bytes, limits: Limits) -> GenerateRequest:
         raise _describe(e.errors()) from None
 
 
-def body_too_large(size: int, limits: Limits) -> RequestError:
-    return RequestError(413, "body", f"{size} bytes exceed max_body_bytes "
+def body_too_large(size: int, limits: Limits, at_least: bool = False) -> RequestError:
+    size_text = f"{'at least ' if at_least else ''}{size} bytes"
+    return RequestError(413, "body", f"{size_text} exceed max_body_bytes "
                                      f"({limits.max_body_bytes})")
+
+
+def check_content_type(header: str | None) -> None:
+    """A JSON body, or none declared: anything else is a 415 that names what came."""
+    media_type = (header or "").split(";", 1)[0].strip().lower()
+    if media_type and media_type != "application/json" and not media_type.endswith("+json"):
+        raise RequestError(415, "content-type", f"expected application/json, got "
+                                                f"{media_type[:100]!r}")
 
 
 def api_key_from(environ, name: str, required: bool) -> str | None:

@@ -32,7 +32,8 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from ..diffusion.sampling import index_seeds
-from .api import Limits, RequestError, api_key_from, authorized, body_too_large, parse_generate
+from .api import Limits, RequestError, api_key_from, authorized, body_too_large, \
+    check_content_type, parse_generate
 from .batching import Job, Output
 from .deployments import GuidedSampler, Upsampler
 from .page import PAGE
@@ -40,6 +41,9 @@ from .settings import Loaded, ServeSettings, load_settings
 
 logger = logging.getLogger("ray.serve")
 HEALTH_TIMEOUT_S = 5.0
+# An over-limit body is read and dropped up to this size so that the client gets its 413
+# (see Ingress._read_body); a larger one is refused at once and its connection closed.
+MAX_DRAIN_BYTES = 64 * 2**20
 
 
 # Module-level helpers sit above the ingress class: Serve's ingress wrapper needs them defined
@@ -122,24 +126,37 @@ class Ingress:
             return error_response(e)
         return JSONResponse({**self.info, "auth_required": bool(self.key)})
 
-    async def _body(self, request: Request) -> bytes:
-        """The body, refused (413) past max_body_bytes before reading it all."""
+    async def _read_body(self, request: Request) -> tuple[bytes, int]:
+        """(the body's first max_body_bytes + 1 bytes, its whole size).
+
+        An over-limit body is still read to its end, and dropped, up to MAX_DRAIN_BYTES: most
+        HTTP clients (requests, urllib, browsers) send the whole body before they read the
+        answer, and a server that answers and closes while they send makes them see a
+        connection reset instead of the 413. Past the cap, or when Content-Length declares
+        more, the 413 goes out at once and the connection closes."""
         limit = self.limits.max_body_bytes
         declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
+        if declared.isdigit() and int(declared) > MAX_DRAIN_BYTES:
             raise body_too_large(int(declared), self.limits)
-        body = bytearray()
+        body, size = bytearray(), 0
         async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise body_too_large(len(body), self.limits)
-        return bytes(body)
+            size += len(chunk)
+            if len(body) <= limit:
+                body += chunk[:limit + 1 - len(body)]
+            if size > MAX_DRAIN_BYTES:
+                raise body_too_large(size, self.limits, at_least=True)
+        return bytes(body), size
 
     @api.post("/v1/generate")
     async def generate(self, request: Request) -> Response:
         try:
+            # The body first, whatever the answer: every refusal must reach the client.
+            raw, size = await self._read_body(request)
             self._check_auth(request)
-            req = parse_generate(await self._body(request), self.limits)
+            if size > self.limits.max_body_bytes:
+                raise body_too_large(size, self.limits)
+            check_content_type(request.headers.get("content-type"))
+            req = parse_generate(raw, self.limits)
         except RequestError as e:
             return error_response(e)
         start = time.perf_counter()

@@ -33,6 +33,7 @@ from .ema import ema_multi_avg_fn
 from .config import TrainConfig, build_model, validate
 from .metrics import MetricAccumulator, TensorBoardLog
 from .objectives import make_objective
+from .progress import StepReporter
 
 
 log = logging.getLogger("adm.train")
@@ -216,15 +217,9 @@ def save_and_report(w: Worker, metrics: dict, save: bool) -> None:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
-def _progress_bar(w: Worker):
-    """Rank 0's progress bar (steps, rate, ETA), drawn on the driver by Ray."""
-    if w.rank != 0:
-        return None
-    from ray.experimental.tqdm_ray import tqdm
-
-    bar = tqdm(total=w.cfg.optim.max_steps, desc=f"[{w.cfg.kind}] train", unit="step")
-    bar.update(w.step)
-    return bar
+def _step_reporter(w: Worker, counter_name: str | None) -> StepReporter | None:
+    """Rank 0 feeds the driver's progress bar (`adm.train.progress`), when the driver has one."""
+    return StepReporter(counter_name, w.step) if w.rank == 0 and counter_name else None
 
 
 def _use_s3_settings(endpoint_url: str | None = None, region: str | None = None) -> None:
@@ -267,7 +262,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     val_shard = ray.train.get_dataset_shard("val") if cfg.data.val_uri else None
     acc = MetricAccumulator(w.device, w.objective.num_timesteps)
     tb = TensorBoardLog(cfg) if w.rank == 0 else None
-    bar = _progress_bar(w)
+    bar = _step_reporter(w, loop_config.get("progress"))
     nonfinite_in_row = skipped = epoch = 0
     wait_s = busy_s = 0.0
     interval_start = time.perf_counter()
@@ -287,7 +282,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 skipped += 1
             busy_s += time.perf_counter() - t_start
             if bar is not None:
-                bar.update(1)
+                bar.update(w.step)
             if nonfinite_in_row > o.max_nonfinite_in_row:
                 raise NonFiniteError(
                     f"step {w.step}: non-finite loss or gradient in {nonfinite_in_row} steps in "
@@ -325,6 +320,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
                              f"{cfg.per_worker_batch} images per worker; the data set is smaller "
                              "than the global batch")
     if bar is not None:
-        bar.close()
+        bar.close(w.step)
     if tb is not None:
         tb.close()

@@ -26,6 +26,7 @@ from ..data.manifest import CLASSES, load_split
 from .checkpoint import export_run
 from .config import TrainConfig
 from .loop import train_loop_per_worker
+from .progress import driver_bar
 
 
 def run_uri(cfg: TrainConfig) -> str:
@@ -132,7 +133,8 @@ def fit(cfg: TrainConfig, callbacks: Sequence[ray.train.UserCallback] = (),
     checkpoint to `<run>/export`. `callbacks` are Ray Train's, run on the Train controller;
     `log_level` is that of Ray Train's own messages in the terminal (all go to its log files)."""
     cfg = resolve_paths(cfg)
-    result = make_trainer(cfg, callbacks, log_level=log_level).fit()
+    with driver_bar(cfg.kind, cfg.optim.max_steps) as progress:
+        result = make_trainer(cfg, callbacks, log_level=log_level, progress=progress).fit()
     if result.error is not None:
         raise result.error
     run = run_uri(cfg)
@@ -142,9 +144,10 @@ def fit(cfg: TrainConfig, callbacks: Sequence[ray.train.UserCallback] = (),
 
 def make_trainer(cfg: TrainConfig, callbacks: Sequence[ray.train.UserCallback] = (),
                  train_loop: Callable[[dict], None] = train_loop_per_worker,
-                 log_level: str = "WARNING") -> TorchTrainer:
+                 log_level: str = "WARNING", progress: str | None = None) -> TorchTrainer:
     """The `TorchTrainer` of a run (paths already absolute): its data checked, its config and
-    classes recorded in the run folder. `train_loop` wraps or replaces the per-worker loop."""
+    classes recorded in the run folder. `train_loop` wraps or replaces the per-worker loop;
+    `progress` names the step counter of the driver's bar (`adm.train.progress`)."""
     check_data(cfg)
     warn_local_paths_on_a_cluster(cfg)
     if cfg.kind == "classifier" and not cfg.data.val_uri:
@@ -162,7 +165,7 @@ def make_trainer(cfg: TrainConfig, callbacks: Sequence[ray.train.UserCallback] =
     s3 = storage.default_s3_options()
     return TorchTrainer(
         train_loop,
-        train_loop_config={"config": to_dict(cfg), "log_level": log_level,
+        train_loop_config={"config": to_dict(cfg), "log_level": log_level, "progress": progress,
                            "s3": {"endpoint_url": s3.endpoint_url, "region": s3.region}},
         scaling_config=ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
                                      resources_per_worker={"CPU": cfg.run.cpus_per_worker},
