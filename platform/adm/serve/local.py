@@ -11,6 +11,7 @@ request bounds are the file's own.
 from __future__ import annotations
 
 import contextlib
+import logging
 import socket
 import time
 import urllib.error
@@ -46,10 +47,12 @@ def wait_healthy(url: str, timeout_s: float = 300.0) -> None:
 
 @contextlib.contextmanager
 def run_config_app(config: str, overrides: dict | None = None, host: str = "127.0.0.1",
-                   port: int | None = None) -> Iterator[str]:
+                   port: int | None = None, log_level: str = "WARNING") -> Iterator[str]:
     """Serve the first application of the Serve config file `config`, with its `args`
     updated by `overrides`, on http://host:port (a free port by default); yields that URL once
-    /healthz answers, and deletes the application and stops Serve afterwards."""
+    /healthz answers, and deletes the application and stops Serve afterwards. `log_level` is
+    that of Serve's controller, proxy and replicas on the console (a job's terminal shows
+    warnings; every line still goes to Serve's log files)."""
     from ray import serve
 
     with open(config) as f:
@@ -59,9 +62,12 @@ def run_config_app(config: str, overrides: dict | None = None, host: str = "127.
                for d in spec.get("deployments") or []}
     app = build(load_settings(ServeSettings.from_args(args)), options)
     port = port or _free_port(host)
-    serve.start(http_options={"host": host, "port": port})
+    logging_config = {"log_level": log_level}
+    serve.start(http_options={"host": host, "port": port}, logging_config=logging_config)
+    logging.getLogger("ray.serve").setLevel(log_level)  # this process's (Serve set it up)
     try:
-        serve.run(app, name=spec["name"], route_prefix=spec.get("route_prefix", "/"))
+        serve.run(app, name=spec["name"], route_prefix=spec.get("route_prefix", "/"),
+                  logging_config=logging_config)
         url = f"http://{host}:{port}"
         wait_healthy(url)
         yield url
