@@ -241,15 +241,15 @@ def quality_table(models_dir: str, reference: str, device: torch.device, n: int,
     from adm.evaluate import fid_statistics, frechet_distance
     from adm.evaluate.networks import FeatureExtractor, resolve_network
     from adm.evaluate.sources import open_source, read_rows
-    from adm.generate import models
-    from adm.generate.pipeline import to_uint8
+    from adm import checkpoints
+    from adm.checkpoints import to_uint8
 
-    specs = {role: models.resolve(role, f"{models_dir}/{role}/model.pt", None, kind)
+    specs = {role: checkpoints.resolve(role, f"{models_dir}/{role}/model.pt", None, kind)
              for role, kind in (("diffusion", "diffusion"), ("classifier", "classifier"))}
-    net = models.load(specs["diffusion"], device)
-    classifier = models.load(specs["classifier"], device)
+    net = checkpoints.load(specs["diffusion"], device)
+    classifier = checkpoints.load(specs["classifier"], device)
     diffusion = openai.create_diffusion({**specs["diffusion"].flags, "timestep_respacing": ""})
-    size = models.image_size(specs["diffusion"])
+    size = checkpoints.image_size(specs["diffusion"])
     judge = FeatureExtractor(resolve_network(f"classifier:{models_dir}/judge/model.pt"),
                              batch_size=500, device=str(device))
     real = open_source(reference, size)

@@ -23,7 +23,7 @@ from adm.config import ConfigError
 from adm.diffusion import sample
 from adm.diffusion.sampling import index_seeds
 from adm.generate import generate, labels_for, load_sample_config, make_plan
-from adm.generate.pipeline import to_uint8
+from adm.checkpoints import to_uint8
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = TINY_UNET_FLAGS

@@ -30,7 +30,7 @@ from adm.compat import openai
 from adm.config import ConfigError
 from adm.diffusion import SAMPLERS, sample
 from adm.diffusion.sampling import index_seeds
-from adm.generate.pipeline import to_uint8
+from adm.checkpoints import to_uint8
 from adm.serve import ServeSettings, build, build_app, load_settings
 from adm.serve.api import api_key_from, authorized
 from adm.serve.batching import Job, run_batch

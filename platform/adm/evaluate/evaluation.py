@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import ConfigError
-from ..generate import models
+from .. import checkpoints
 from . import inception
 from .features import Features, has_cache, load_cache, run_feature_job, summarize
 from .metrics import frechet_distance, inception_score, precision_recall, softmax, split_sizes
@@ -76,7 +76,7 @@ def _check_source(source: ImageSource, role: str, network: FeatureNetwork, k: in
     if source.stats is not None and network.kind == "inception":
         _check_stats(source)
     if source.labels is not None and network.kind == "classifier" and len(source.labels):
-        n = models.num_classes(network.spec)
+        n = checkpoints.num_classes(network.spec)
         lo, hi = int(source.labels.min()), int(source.labels.max())
         if lo < 0 or hi >= n:
             raise InputError(f"{role} {source.uri}: labels {lo}..{hi} do not index the "

@@ -8,7 +8,7 @@ driver (``resolve_network``), and built on a worker (``FeatureExtractor``).
   attention pool's query token before its output projection (``attention``), the MLP's hidden
   layer (``spatial``, ``spatial_v2``) -- and ``logits`` its output. It has no spatial feature,
   so no sFID. The file and its flags are found and checked as the sampling job does
-  (``adm.generate.models``: ``flags.json`` beside the file).
+  (``adm.checkpoints``: ``flags.json`` beside the file).
 
 Without ``--features``, the Inception weights are looked for at ``$ADM_INCEPTION_WEIGHTS``,
 else ``./pt_inception-2015-12-05-6726825d.pth``.
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from .. import storage
 from ..config import ConfigError
-from ..generate import models
+from .. import checkpoints
 from . import inception
 
 KINDS = ("inception", "classifier")
@@ -35,12 +35,12 @@ WEIGHTS_ENV = "ADM_INCEPTION_WEIGHTS"
 @dataclass(frozen=True)
 class FeatureNetwork:
     """A checked feature network: ``kind``, the weights' ``uri`` and ``sha256``, and for a
-    classifier its ``spec`` (flags) from ``adm.generate.models.resolve``."""
+    classifier its ``spec`` (flags) from ``adm.checkpoints.resolve``."""
 
     kind: str
     uri: str
     sha256: str
-    spec: models.ModelSpec | None = None
+    spec: checkpoints.ModelSpec | None = None
 
     @property
     def key(self) -> str:
@@ -79,7 +79,7 @@ def resolve_network(text: str | None) -> FeatureNetwork:
     """Read and check the network's file (keys and shapes), before any image is touched."""
     kind, uri = parse_features(text)
     if kind == "classifier":
-        spec = models.resolve("classifier", uri, None, "classifier")
+        spec = checkpoints.resolve("classifier", uri, None, "classifier")
         return FeatureNetwork(kind, uri, spec.sha256, spec)
     if not storage.is_file(uri):
         raise inception.InceptionWeightsError(inception.missing_weights_message(uri))
@@ -128,8 +128,8 @@ def build_network(net: FeatureNetwork, device: torch.device) -> nn.Module:
     if net.kind == "inception":
         raw = storage.read_bytes(net.uri)
         return inception.load_inception(inception.read_weights(raw, net.uri), device)
-    classifier = models.load(net.spec, device)
-    return ClassifierFeatures(classifier, models.image_size(net.spec)).to(device)
+    classifier = checkpoints.load(net.spec, device)
+    return ClassifierFeatures(classifier, checkpoints.image_size(net.spec)).to(device)
 
 
 class FeatureExtractor:

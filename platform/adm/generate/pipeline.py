@@ -14,28 +14,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .. import storage
-from ..progress import progress_bar
+from .. import checkpoints, storage
+from ..checkpoints import AUTOCAST, from_uint8, to_uint8
 from ..compat import openai
 from ..diffusion import sample
 from ..diffusion.sampling import index_seeds
-from . import models, output
+from ..progress import progress_bar
+from . import output
 from .labels import labels_for
 from .plan import Plan, StagePlan
-
-AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """[N, C, H, W] in [-1, 1] -> [N, H, W, C] uint8, as the reference's sample scripts do."""
-    return ((x + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
-def from_uint8(images: np.ndarray, device) -> torch.Tensor:
-    """[N, H, W, C] uint8 -> [N, C, H, W] float32 in [-1, 1] (the reference's base samples)."""
-    x = torch.from_numpy(np.array(images)).to(device)  # a writable copy (Ray blocks are not)
-    return x.permute(0, 3, 1, 2).float() / 127.5 - 1
-
 
 def index_ranges(ids: np.ndarray, b: int) -> list[np.ndarray]:
     """Positions in `ids` [n] grouped by index range [k·b, (k+1)·b), ranges ascending and
@@ -57,11 +44,11 @@ class StageSampler:
         self.eta = eta if stage.sampler == "ddim" else 0.0  # eta is DDIM's: a DDPM stage has none
         self.device = torch.device("cuda" if gpus and torch.cuda.is_available() else "cpu")
         self.autocast = AUTOCAST[precision]
-        self.net = models.load(stage.net, self.device)
-        self.classifier = (models.load(stage.classifier, self.device)
+        self.net = checkpoints.load(stage.net, self.device)
+        self.classifier = (checkpoints.load(stage.classifier, self.device)
                            if stage.classifier else None)
         self.diffusion = openai.create_diffusion({**stage.net.flags, "timestep_respacing": ""})
-        self.size = models.image_size(stage.net)
+        self.size = checkpoints.image_size(stage.net)
 
     def _run(self, ids: np.ndarray, labels: np.ndarray, low_res: torch.Tensor | None
              ) -> torch.Tensor:

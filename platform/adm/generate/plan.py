@@ -9,7 +9,8 @@ from .. import storage
 from ..compat import openai
 from ..config import ConfigError
 from ..diffusion import sampling_diffusion
-from . import models, output
+from .. import checkpoints
+from . import output
 from .config import SampleConfig, check_numbers, decisive
 from .labels import parse_classes
 
@@ -22,13 +23,13 @@ class StagePlan:
     given and classifier-free at `cfg_scale`; `batch_size` rows per model call, `workers`
     actors; noise from the sample's `stream` (see index_seeds)."""
 
-    net: models.ModelSpec
+    net: checkpoints.ModelSpec
     sampler: str
     steps: int | str
     stream: str
     batch_size: int
     workers: int
-    classifier: models.ModelSpec | None = None
+    classifier: checkpoints.ModelSpec | None = None
     classifier_scale: float = 0.0
     timesteps: str | None = None
     cfg_scale: float = 1.0
@@ -66,7 +67,7 @@ class Plan:
         return {k: v for k, v in asdict(self.cfg).items() if k not in decisive(self.cfg)}
 
 
-def _check_steps(name: str, net: models.ModelSpec, sampler: str, steps: int | str,
+def _check_steps(name: str, net: checkpoints.ModelSpec, sampler: str, steps: int | str,
                  timesteps: str | None, lambda_min: float | None = None) -> None:
     """Refuse steps the sampler cannot space over `net`'s chain, naming the setting."""
     if steps == "" and lambda_min is None:  # the whole chain, as the flags respace it
@@ -78,7 +79,7 @@ def _check_steps(name: str, net: models.ModelSpec, sampler: str, steps: int | st
         raise ConfigError(f"{name}: {e}") from None
 
 
-def _stage_defaults(net: models.ModelSpec, sampler: str | None):
+def _stage_defaults(net: checkpoints.ModelSpec, sampler: str | None):
     """The README's sampler and respacing for a preset, else DDPM over the flags' respacing."""
     from ..presets import preset
 
@@ -93,7 +94,7 @@ def _stage_defaults(net: models.ModelSpec, sampler: str | None):
 def make_plan(cfg: SampleConfig) -> Plan:
     """Check every setting and resolve the run; a ConfigError names the first bad one."""
     check_numbers(cfg)
-    base = models.resolve("model", cfg.model, cfg.model_preset, "diffusion")
+    base = checkpoints.resolve("model", cfg.model, cfg.model_preset, "diffusion")
     sampler, default_steps, sampling = _stage_defaults(base, cfg.sampler)
     steps = default_steps if cfg.steps is None else cfg.steps
     _check_steps("steps", base, sampler, steps, cfg.timesteps, cfg.lambda_min)
@@ -103,15 +104,15 @@ def make_plan(cfg: SampleConfig) -> Plan:
 
     classifier, scale = None, 0.0
     if cfg.classifier:
-        classifier = models.resolve("classifier", cfg.classifier, cfg.classifier_preset,
+        classifier = checkpoints.resolve("classifier", cfg.classifier, cfg.classifier_preset,
                                     "classifier")
-        models.check_chain(base, classifier, None)
+        checkpoints.check_chain(base, classifier, None)
         readme_scale = sampling.classifier_scale if sampling and sampling.classifier else None
         scale = cfg.classifier_scale if cfg.classifier_scale is not None else (
             readme_scale if readme_scale is not None else 1.0)
 
     guide = classifier if classifier is not None else base
-    num_classes = models.num_classes(guide)
+    num_classes = checkpoints.num_classes(guide)
     classes = parse_classes(cfg.classes, num_classes, base.classes or
                             (classifier.classes if classifier else None))
 
@@ -119,8 +120,8 @@ def make_plan(cfg: SampleConfig) -> Plan:
                        classifier, scale, cfg.timesteps, cfg.cfg_scale, cfg.lambda_min)
     stage2 = None
     if cfg.upsampler:
-        up = models.resolve("upsampler", cfg.upsampler, cfg.upsampler_preset, "upsampler")
-        models.check_chain(base, None, up)
+        up = checkpoints.resolve("upsampler", cfg.upsampler, cfg.upsampler_preset, "upsampler")
+        checkpoints.check_chain(base, None, up)
         up_sampler, up_default, _ = _stage_defaults(up, cfg.upsampler_sampler)
         up_steps = up_default if cfg.upsampler_steps is None else cfg.upsampler_steps
         _check_steps("upsampler_steps", up, up_sampler, up_steps, None)

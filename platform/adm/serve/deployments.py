@@ -1,5 +1,5 @@
 """The two model deployments: `GuidedSampler` (base model + optional classifier) and
-`Upsampler`. Each replica loads its networks once (`adm.generate.models.load`: the same
+`Upsampler`. Each replica loads its networks once (`adm.checkpoints.load`: the same
 weights_only loading and the same `adm.diffusion.sample` call as the sampling job's
 `StageSampler`), then serves `@serve.batch`ed calls: concurrent requests are collected for up
 to `batch_wait_s`, grouped by settings and run as fixed-size model calls
@@ -18,8 +18,8 @@ from ray import serve
 
 from ..compat import openai
 from ..diffusion import sample
-from ..generate import models
-from ..generate.pipeline import AUTOCAST, from_uint8, to_uint8
+from .. import checkpoints
+from ..checkpoints import AUTOCAST, from_uint8, to_uint8
 from .batching import Job, Output, run_batch
 
 logger = logging.getLogger("ray.serve")
@@ -35,13 +35,13 @@ class _Stage:
 
     role = "stage"
 
-    def _setup(self, spec: models.ModelSpec, precision: str, max_batch_requests: int,
+    def _setup(self, spec: checkpoints.ModelSpec, precision: str, max_batch_requests: int,
                batch_wait_s: float, batch_rows: int) -> None:
         self.device = pick_device()
         self.autocast = AUTOCAST[precision]
-        self.net = models.load(spec, self.device)
+        self.net = checkpoints.load(spec, self.device)
         self.diffusion = openai.create_diffusion({**spec.flags, "timestep_respacing": ""})
-        self.size = models.image_size(spec)
+        self.size = checkpoints.image_size(spec)
         self.rows = batch_rows
         self.run.set_max_batch_size(max_batch_requests)
         self.run.set_batch_wait_timeout_s(batch_wait_s)
@@ -75,11 +75,11 @@ class GuidedSampler(_Stage):
 
     role = "GuidedSampler"
 
-    def __init__(self, base: models.ModelSpec, classifier: models.ModelSpec | None,
+    def __init__(self, base: checkpoints.ModelSpec, classifier: checkpoints.ModelSpec | None,
                  precision: str = "fp32", max_batch_requests: int = 8, batch_wait_s: float = 0.05,
                  batch_rows: int = 8):
         self._setup(base, precision, max_batch_requests, batch_wait_s, batch_rows)
-        self.classifier = models.load(classifier, self.device) if classifier else None
+        self.classifier = checkpoints.load(classifier, self.device) if classifier else None
 
     def _call(self, args: dict, labels: np.ndarray, seeds: list, low_res) -> np.ndarray:
         """[rows, H, W, 3] uint8 base samples of `labels` [rows], row i from seeds[i]."""
@@ -100,7 +100,7 @@ class Upsampler(_Stage):
 
     role = "Upsampler"
 
-    def __init__(self, upsampler: models.ModelSpec, precision: str = "fp32",
+    def __init__(self, upsampler: checkpoints.ModelSpec, precision: str = "fp32",
                  max_batch_requests: int = 8, batch_wait_s: float = 0.05, batch_rows: int = 8):
         self._setup(upsampler, precision, max_batch_requests, batch_wait_s, batch_rows)
 

@@ -18,7 +18,7 @@ from .. import storage
 from ..compat import openai
 from ..config import ConfigError
 from ..diffusion import SAMPLERS, space_timesteps
-from ..generate import models
+from .. import checkpoints
 from ..presets import preset
 
 # Where guided-diffusion's README links its released checkpoints.
@@ -155,9 +155,9 @@ class Loaded:
     """The resolved networks and the stage settings the server fills in."""
 
     settings: ServeSettings
-    base: models.ModelSpec
-    classifier: models.ModelSpec | None
-    upsampler: models.ModelSpec | None
+    base: checkpoints.ModelSpec
+    classifier: checkpoints.ModelSpec | None
+    upsampler: checkpoints.ModelSpec | None
     guidance_scale: float  # the default of a request that gives none
     upsampler_sampler: str | None
     upsampler_steps: str  # respacing spec of the upsampler stage ("" = its whole chain)
@@ -165,7 +165,7 @@ class Loaded:
 
     @property
     def num_classes(self) -> int:
-        return models.num_classes(self.classifier or self.base)
+        return checkpoints.num_classes(self.classifier or self.base)
 
     @property
     def diffusion_steps(self) -> int:
@@ -177,15 +177,15 @@ class Loaded:
         """What GET /v1/models reports (JSON-ready)."""
         s = self.settings
         out = {
-            "base": {"image_size": models.image_size(self.base), "preset": self.base.preset,
-                     "sha256": self.base.sha256, "class_cond": models.is_class_cond(self.base),
+            "base": {"image_size": checkpoints.image_size(self.base), "preset": self.base.preset,
+                     "sha256": self.base.sha256, "class_cond": checkpoints.is_class_cond(self.base),
                      "diffusion_steps": self.diffusion_steps},
             "classifier": None if self.classifier is None else {
-                "image_size": models.image_size(self.classifier),
+                "image_size": checkpoints.image_size(self.classifier),
                 "preset": self.classifier.preset, "sha256": self.classifier.sha256},
             "upsampler": None if self.upsampler is None else {
-                "image_size": models.image_size(self.upsampler),
-                "small_size": models.small_size(self.upsampler),
+                "image_size": checkpoints.image_size(self.upsampler),
+                "small_size": checkpoints.small_size(self.upsampler),
                 "preset": self.upsampler.preset, "sha256": self.upsampler.sha256,
                 "sampler": self.upsampler_sampler, "steps": self.upsampler_steps},
             "num_classes": self.num_classes,
@@ -212,15 +212,15 @@ def _how_to_get(role: str, uri: str, preset_name: str | None, hint: str | None) 
 
 
 def _resolve(role: str, uri: str, preset_name: str | None, kind: str,
-             hint: str | None) -> models.ModelSpec:
-    """models.resolve, with a missing file named with how to get it."""
+             hint: str | None) -> checkpoints.ModelSpec:
+    """checkpoints.resolve, with a missing file named with how to get it."""
     if not storage.is_s3(uri) and not os.path.isfile(uri):
         raise ConfigError(f"{role}: model file {os.path.abspath(uri)} does not exist; "
                           f"{_how_to_get(role, uri, preset_name, hint)}")
     if storage.is_s3(uri) and not storage.is_file(uri):
         raise ConfigError(f"{role}: model file {uri} does not exist; "
                           f"{_how_to_get(role, uri, preset_name, hint)}")
-    return models.resolve(role, uri, preset_name, kind)
+    return checkpoints.resolve(role, uri, preset_name, kind)
 
 
 def _check_respacing(name: str, steps: str, total: int) -> None:
@@ -239,12 +239,12 @@ def load_settings(settings: ServeSettings) -> Loaded:
     if settings.classifier:
         classifier = _resolve("classifier", settings.classifier, settings.classifier_preset,
                               "classifier", hint)
-        models.check_chain(base, classifier, None)
+        checkpoints.check_chain(base, classifier, None)
     up_sampler, up_steps = None, ""
     if settings.upsampler:
         upsampler = _resolve("upsampler", settings.upsampler, settings.upsampler_preset,
                              "upsampler", hint)
-        models.check_chain(base, None, upsampler)
+        checkpoints.check_chain(base, None, upsampler)
         readme = preset(upsampler.preset).sampling if upsampler.preset else None
         up_sampler = settings.upsampler_sampler or (
             "ddim" if readme is not None and readme.use_ddim else "ddpm")

@@ -1,5 +1,6 @@
-"""The networks of a sampling run: where their flags come from, whether the file fits them, and
-building them on a worker.
+"""Loading any checkpoint (released or exported) the way generation, serving and evaluation
+all do: where its flags come from, whether the file fits them, building it on a worker, and the
+conversions between the networks' [-1, 1] tensors and uint8 images.
 
 A model URI is a state-dict file (local or s3://). Its flags come from the `flags.json` in the
 same folder (what training exports, see `adm.train.checkpoint`), or from a released file's
@@ -13,13 +14,17 @@ import io
 import os
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn as nn
 
-from .. import storage
-from ..compat import openai
-from ..config import ConfigError
-from ..presets import Preset, preset
+from . import storage
+from .compat import openai
+from .config import ConfigError
+from .presets import Preset, preset
+
+# Precision setting -> the dtype the networks run under autocast (None: float32 throughout).
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 BUILDERS = {"diffusion": openai.create_model, "upsampler": openai.create_superres_model,
             "classifier": openai.create_classifier}
@@ -159,3 +164,14 @@ def check_chain(base: ModelSpec, classifier: ModelSpec | None,
     if upsampler is not None and small_size(upsampler) != size:
         raise ConfigError(f"upsampler: its small_size is {small_size(upsampler)}; the base model "
                           f"makes {size}px images")
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """[N, C, H, W] in [-1, 1] -> [N, H, W, C] uint8, as the reference's sample scripts do."""
+    return ((x + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def from_uint8(images: np.ndarray, device) -> torch.Tensor:
+    """[N, H, W, C] uint8 -> [N, C, H, W] float32 in [-1, 1] (the reference's base samples)."""
+    x = torch.from_numpy(np.array(images)).to(device)  # a writable copy (Ray blocks are not)
+    return x.permute(0, 3, 1, 2).float() / 127.5 - 1
