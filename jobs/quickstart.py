@@ -94,7 +94,7 @@ class Quickstart:
     def _ray(self) -> list[str]:
         return ["--address", self.address] if self.address else []
 
-    def _stage(self, title: str) -> float:
+    def _begin(self, title: str) -> float:
         """A stage that has work to do: its header, and Ray (started or joined once, for every
         stage; a rerun whose stages are all done starts none)."""
         from adm.runtime import init_ray
@@ -121,7 +121,7 @@ class Quickstart:
             return
         from adm.train.cli import main as train_main
 
-        start = self._stage(f"training the {role} ({KINDS[role]}) on Ray Train, "
+        start = self._begin(f"training the {role} ({KINDS[role]}) on Ray Train, "
                        f"{self.cfg.train_workers} workers")
         config = HERE / "configs" / "quickstart" / self.cfg.trainings[role]
         argv = ["--config", str(config), "--data", str(self.data), "--storage",
@@ -158,7 +158,7 @@ class Quickstart:
         out = self.samples_dir(scale)
         if (out / "samples.npz").exists():
             return
-        start = self._stage(f"sampling {self.cfg.num_samples} digits at classifier scale "
+        start = self._begin(f"sampling {self.cfg.num_samples} digits at classifier scale "
                             f"{scale:g}")
         argv = ["--model", self.model("diffusion"), "--sampler", self.cfg.sampler,
                 "--steps", str(self.cfg.steps), "--num-samples", str(self.cfg.num_samples),
@@ -172,7 +172,7 @@ class Quickstart:
     def upsample(self) -> Path:
         out = self.out / "samples" / "upsampled"
         if not (out / "samples.npz").exists():
-            start = self._stage(f"{self.cfg.upsample_samples} samples at scale "
+            start = self._begin(f"{self.cfg.upsample_samples} samples at scale "
                            f"{self.cfg.upsample_scale:g}, upsampled to "
                            f"{self.cfg.image_size} px")
             argv = ["--model", self.model("diffusion"), "--classifier",
@@ -190,7 +190,7 @@ class Quickstart:
     def evaluate(self, scale: float) -> dict:
         result = self.out / "eval" / f"scale_{scale:g}.json"
         if not result.exists():
-            start = self._stage(f"evaluating scale {scale:g} with the judge's features")
+            start = self._begin(f"evaluating scale {scale:g} with the judge's features")
             result.parent.mkdir(parents=True, exist_ok=True)
             _check(_job("evaluate")([str(self.data), str(self.samples_dir(scale)),
                                      "--features", f"classifier:{self.model('judge')}",
@@ -204,7 +204,7 @@ class Quickstart:
         image = self.out / "served.png"
         if image.exists():
             return image
-        start = self._stage("serving serve_configs/local.yaml and requesting an upsampled "
+        start = self._begin("serving serve_configs/local.yaml and requesting an upsampled "
                             "image")
         from adm.serve.local import run_config_app
 

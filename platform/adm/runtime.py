@@ -62,9 +62,10 @@ def configure_output(verbose: bool = False) -> None:
 _started_address: str | None = None  # RAY_ADDRESS of the local Ray this process started
 
 
-def _free_port() -> int:
+def free_port(host: str = "") -> int:
+    """A TCP port free on `host` now (all interfaces by default)."""
     with socket.socket() as s:
-        s.bind(("", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
@@ -79,7 +80,7 @@ def _start_local_ray(options: dict) -> None:
     import ray
     from ray._private.services import get_node_ip_address
 
-    port = _free_port()
+    port = free_port()
     os.environ["RAY_GCS_SERVER_PORT"] = str(port)
     os.environ["RAY_ADDRESS"] = f"{get_node_ip_address()}:{port}"
     try:

@@ -53,7 +53,8 @@ class SampleConfig:
 
 DECISIVE = ("model", "model_preset", "classifier", "classifier_preset", "classifier_scale",
             "upsampler", "upsampler_preset", "upsampler_steps", "upsampler_sampler", "sampler",
-            "steps", "timesteps", "lambda_min", "cfg_scale", "eta", "num_samples", "classes", "seed",
+            "steps", "timesteps", "lambda_min", "cfg_scale", "eta", "num_samples", "classes",
+            "seed",
             "precision", "clip_denoised", "shard_size")
 PRECISIONS = ("fp32", "bf16", "fp16")
 SAMPLERS = tuple(sorted(LIBRARY_SAMPLERS))

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import socket
 import time
 import urllib.error
 import urllib.request
@@ -20,14 +19,9 @@ from typing import Iterator
 
 import yaml
 
+from ..runtime import free_port
 from .app import build
 from .settings import ServeSettings, load_settings
-
-
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def wait_healthy(url: str, timeout_s: float = 300.0) -> None:
@@ -61,7 +55,7 @@ def run_config_app(config: str, overrides: dict | None = None, host: str = "127.
     options = {d["name"]: {k: v for k, v in d.items() if k != "name"}
                for d in spec.get("deployments") or []}
     app = build(load_settings(ServeSettings.from_args(args)), options)
-    port = port or _free_port(host)
+    port = port or free_port(host)
     logging_config = {"log_level": log_level}
     serve.start(http_options={"host": host, "port": port}, logging_config=logging_config)
     logging.getLogger("ray.serve").setLevel(log_level)  # this process's (Serve set it up)
