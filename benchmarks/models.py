@@ -1,4 +1,4 @@
-"""Forward time of the ADM U-Net: SDPA vs plain attention, float32 vs bf16 autocast, eager vs
+"""Forward time of the ADM U-Net: fused SDPA kernels vs the unfused MATH form, float32 vs bf16 autocast, eager vs
 torch.compile (and channels_last), measured in one run.
 
     python benchmarks/models.py                       # 64x64 ADM preset, batch 8, CPU
@@ -13,13 +13,14 @@ configuration alike.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils import benchmark
 from torch.utils.flop_counter import FlopCounterMode
 
-from adm.models import set_attention_impl
 from adm.presets import preset
 
 CONFIGS = {  # name: (use_sdpa, autocast dtype, compile, channels_last)
@@ -81,19 +82,21 @@ def main() -> None:
     runners = {}
     for name in names:
         use_sdpa, dtype, compiled, channels_last = CONFIGS[name]
-        # Each configuration gets its own copy of the weights: the attention switch is a module
-        # attribute, and a compiled module specialises on it.
+        # Each configuration gets its own copy of the weights: a compiled module specialises on
+        # its memory format.
         model = openai.create_model(flags).to(dev).eval()
         model.load_state_dict(base.state_dict())
-        set_attention_impl(model, use_sdpa)
+        # "plain" attention: SDPA restricted to its unfused matmul/softmax (MATH) kernel.
+        backends = None if use_sdpa else [SDPBackend.MATH]
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         model = model.to(memory_format=fmt)
         fn = torch.compile(model) if compiled else model
         xin = x.contiguous(memory_format=fmt)
 
-        def call(fn=fn, dtype=dtype, xin=xin):
-            with torch.inference_mode(), torch.autocast(dev.type, dtype=dtype or torch.float32,
-                                                        enabled=dtype is not None):
+        def call(fn=fn, dtype=dtype, xin=xin, backends=backends):
+            kernels = sdpa_kernel(backends) if backends else contextlib.nullcontext()
+            with torch.inference_mode(), kernels, torch.autocast(
+                    dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 return fn(xin, t, y)
 
         runners[name] = call

@@ -20,14 +20,15 @@ import torch.nn as nn
 
 from . import storage
 from .compat import openai
+from . import factory
 from .config import ConfigError
 from .presets import Preset, preset
 
 # Precision setting -> the dtype the networks run under autocast (None: float32 throughout).
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-BUILDERS = {"diffusion": openai.create_model, "upsampler": openai.create_superres_model,
-            "classifier": openai.create_classifier}
+BUILDERS = {"diffusion": factory.create_model, "upsampler": factory.create_superres_model,
+            "classifier": factory.create_classifier}
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,7 @@ def build(kind: str, flags: dict, role: str = "model") -> nn.Module:
     """The network of `flags` (random weights), a ConfigError naming `role` on bad flags."""
     try:
         return BUILDERS[kind](flags)
-    except (openai.FlagError, ValueError, TypeError) as e:
+    except (factory.FlagError, ValueError, TypeError) as e:
         raise ConfigError(f"{role}: its flags do not build a {kind} model: {e}") from None
 
 
@@ -129,7 +130,7 @@ def load(spec: ModelSpec, device: torch.device) -> nn.Module:
 
 def num_classes(spec: ModelSpec) -> int:
     """The number of classes of a (possibly unconditional) model or classifier's flags."""
-    return int(spec.flags.get("num_classes", openai.MODEL_DEFAULTS["num_classes"]))
+    return int(spec.flags.get("num_classes", factory.MODEL_DEFAULTS["num_classes"]))
 
 
 def is_class_cond(spec: ModelSpec) -> bool:
@@ -139,13 +140,13 @@ def is_class_cond(spec: ModelSpec) -> bool:
 def image_size(spec: ModelSpec) -> int:
     """The side of the images the network makes (upsampler: large_size) or reads."""
     if spec.kind == "upsampler":
-        return int(spec.flags.get("large_size", openai.SUPERRES_DEFAULTS["large_size"]))
-    return int(spec.flags.get("image_size", openai.MODEL_DEFAULTS["image_size"]))
+        return int(spec.flags.get("large_size", factory.SUPERRES_DEFAULTS["large_size"]))
+    return int(spec.flags.get("image_size", factory.MODEL_DEFAULTS["image_size"]))
 
 
 def small_size(spec: ModelSpec) -> int:
     """An upsampler's input side."""
-    return int(spec.flags.get("small_size", openai.SUPERRES_DEFAULTS["small_size"]))
+    return int(spec.flags.get("small_size", factory.SUPERRES_DEFAULTS["small_size"]))
 
 
 def check_chain(base: ModelSpec, classifier: ModelSpec | None,

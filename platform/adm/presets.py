@@ -5,7 +5,7 @@ README gives for each.
     from adm.presets import preset
     p = preset("128x128_diffusion")
     model = openai.load_checkpoint(p.build(), "models/128x128_diffusion.pt")
-    diffusion = openai.create_diffusion({**p.model_flags, "timestep_respacing": p.sampling.timestep_respacing})
+    diffusion = factory.create_diffusion({**p.model_flags, "timestep_respacing": p.sampling.timestep_respacing})
 
 `model_flags` holds every flag of the preset's builder, reference defaults filled in (diffusion
 flags included for diffusion models and upsamplers, as the README's flag strings do).
@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch.nn as nn
 
 from .compat import openai
+from . import factory
 
 _BASE = ("--attention_resolutions 32,16,8 --diffusion_steps 1000 --learn_sigma True "
          "--noise_schedule linear --num_res_blocks 2 --resblock_updown True "
@@ -59,10 +60,10 @@ _README_FLAGS = {
 }
 
 _BUILDERS = {
-    "diffusion": (openai.create_model, openai.MODEL_DEFAULTS, openai.DIFFUSION_DEFAULTS),
-    "upsampler": (openai.create_superres_model, openai.MODEL_DEFAULTS,
-                  openai.DIFFUSION_DEFAULTS, openai.SUPERRES_DEFAULTS),
-    "classifier": (openai.create_classifier, openai.CLASSIFIER_DEFAULTS),
+    "diffusion": (factory.create_model, factory.MODEL_DEFAULTS, factory.DIFFUSION_DEFAULTS),
+    "upsampler": (factory.create_superres_model, factory.MODEL_DEFAULTS,
+                  factory.DIFFUSION_DEFAULTS, factory.SUPERRES_DEFAULTS),
+    "classifier": (factory.create_classifier, factory.CLASSIFIER_DEFAULTS),
 }
 
 
@@ -93,7 +94,7 @@ class Preset:
     @property
     def model_flags(self) -> dict:
         """Every flag of this preset's builder, reference defaults filled in."""
-        flags = openai.parse_flags(self.readme_flags)
+        flags = factory.parse_flags(self.readme_flags)
         keys = set().union(*_BUILDERS[self.kind][1:])
         if self.kind == "upsampler":
             keys -= {"image_size", "channel_mult", "use_new_attention_order"}

@@ -29,6 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..compat.openai import state_dict_mismatch
+
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_SOURCE = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                   + WEIGHTS_FILE)
@@ -248,16 +250,11 @@ def read_weights(raw: bytes, path: str) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict):
         raise InceptionWeightsError(f"{path} does not hold a state dict; expected {WEIGHTS_FILE}")
     with torch.device("meta"):
-        want = {k: v.shape for k, v in FIDInceptionV3().state_dict().items()
-                if not k.endswith("num_batches_tracked")}
-    got = {k: tuple(v.shape) for k, v in state.items() if not k.endswith("num_batches_tracked")}
-    missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
-    bad = [k for k in want if k in got and tuple(want[k]) != got[k]]
-    if missing or extra or bad:
+        problems = state_dict_mismatch(FIDInceptionV3(), state,
+                                       skip=lambda key: key.endswith("num_batches_tracked"))
+    if problems:
         raise InceptionWeightsError(
-            f"{path} is not the FID Inception's state dict ({WEIGHTS_FILE}): "
-            f"{len(missing)} missing keys {missing[:3]}, {len(extra)} unexpected {extra[:3]}, "
-            f"{len(bad)} of another shape {bad[:3]}")
+            f"{path} is not the FID Inception's state dict ({WEIGHTS_FILE}): {problems}")
     return state
 
 

@@ -16,7 +16,7 @@ import torch
 
 from .. import checkpoints, storage
 from ..checkpoints import AUTOCAST, from_uint8, to_uint8
-from ..compat import openai
+from .. import factory
 from ..diffusion import sample
 from ..diffusion.sampling import index_seeds
 from ..progress import progress_bar
@@ -47,7 +47,7 @@ class StageSampler:
         self.net = checkpoints.load(stage.net, self.device)
         self.classifier = (checkpoints.load(stage.classifier, self.device)
                            if stage.classifier else None)
-        self.diffusion = openai.create_diffusion({**stage.net.flags, "timestep_respacing": ""})
+        self.diffusion = factory.create_diffusion({**stage.net.flags, "timestep_respacing": ""})
         self.size = checkpoints.image_size(stage.net)
 
     def _run(self, ids: np.ndarray, labels: np.ndarray, low_res: torch.Tensor | None

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from .. import storage
-from ..compat import openai
+from .. import factory
 from ..config import ConfigError
 from ..diffusion import sampling_diffusion
 from .. import checkpoints
@@ -73,9 +73,9 @@ def _check_steps(name: str, net: checkpoints.ModelSpec, sampler: str, steps: int
     if steps == "" and lambda_min is None:  # the whole chain, as the flags respace it
         return
     try:
-        sampling_diffusion(openai.create_diffusion({**net.flags, "timestep_respacing": ""}),
+        sampling_diffusion(factory.create_diffusion({**net.flags, "timestep_respacing": ""}),
                            sampler, steps, timesteps, lambda_min)
-    except (ValueError, openai.FlagError) as e:
+    except (ValueError, factory.FlagError) as e:
         raise ConfigError(f"{name}: {e}") from None
 
 

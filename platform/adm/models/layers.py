@@ -194,17 +194,11 @@ def split_qkv(qkv: torch.Tensor, num_heads: int, legacy_order: bool):
     return q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, use_sdpa: bool = True):
-    """Softmax attention over [N, H, T, C] tensors -> [N, H*C, T].
-
-    `use_sdpa=False` is the plain matmul/softmax form of the same math (softmax in float32 like
-    the reference), kept as the baseline that `benchmarks/models.py` measures SDPA against."""
-    if use_sdpa:
-        a = F.scaled_dot_product_attention(q, k, v)
-    else:
-        scale = q.shape[-1] ** -0.25  # scaling q and k each is steadier in fp16
-        w = torch.matmul(q * scale, (k * scale).transpose(-1, -2))
-        a = torch.matmul(torch.softmax(w.float(), dim=-1).to(v.dtype), v)
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Softmax attention over [N, H, T, C] tensors -> [N, H*C, T], by PyTorch's fused
+    `scaled_dot_product_attention` (which kernel runs is `torch.nn.attention.sdpa_kernel`'s
+    choice; benchmarks/models.py compares it with the unfused MATH form)."""
+    a = F.scaled_dot_product_attention(q, k, v)
     n, h, t, c = a.shape
     return a.transpose(-1, -2).reshape(n, h * c, t)
 
@@ -236,7 +230,6 @@ class AttentionBlock(nn.Module):
         self.num_heads = heads_for(channels, num_heads, num_head_channels)
         self.legacy_order = not use_new_attention_order
         self.use_checkpoint = use_checkpoint
-        self.use_sdpa = True
         self.norm = normalization(channels)
         self.qkv = nn.Conv1d(channels, channels * 3, 1)
         self.proj_out = zero_module(nn.Conv1d(channels, channels, 1))
@@ -249,7 +242,7 @@ class AttentionBlock(nn.Module):
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, hgt, wid = x.shape
         qkv = self.qkv(self.norm(x).reshape(b, c, hgt * wid))
-        h = attention(*split_qkv(qkv, self.num_heads, self.legacy_order), self.use_sdpa)
+        h = attention(*split_qkv(qkv, self.num_heads, self.legacy_order))
         return x + self.proj_out(h).reshape(b, c, hgt, wid)
 
 
@@ -265,7 +258,6 @@ class AttentionPool2d(nn.Module):
         self.qkv_proj = nn.Conv1d(embed_dim, 3 * embed_dim, 1)
         self.c_proj = nn.Conv1d(embed_dim, output_dim, 1)
         self.num_heads = heads_for(embed_dim, 1, num_head_channels)
-        self.use_sdpa = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c = x.shape[:2]
@@ -273,64 +265,5 @@ class AttentionPool2d(nn.Module):
         x = torch.cat([x.mean(dim=-1, keepdim=True), x], dim=-1)
         x = x + self.positional_embedding[None].to(x.dtype)
         qkv = self.qkv_proj(x)
-        h = attention(*split_qkv(qkv, self.num_heads, legacy_order=False), self.use_sdpa)
+        h = attention(*split_qkv(qkv, self.num_heads, legacy_order=False))
         return self.c_proj(h)[:, :, 0]
-
-
-def set_attention_impl(model: nn.Module, use_sdpa: bool) -> nn.Module:
-    """Switch every attention layer of `model` between SDPA and the plain matmul/softmax form."""
-    for m in model.modules():
-        if isinstance(m, (AttentionBlock, AttentionPool2d)):
-            m.use_sdpa = use_sdpa
-    return model
-
-
-def parse_channel_mult(channel_mult: str | tuple, image_size: int, flag: str = "channel_mult"):
-    """Per-level channel multipliers: a comma string ("1,2,2"), a tuple, or "" for the
-    reference's choice by image size."""
-    if isinstance(channel_mult, (tuple, list)):
-        return tuple(channel_mult)
-    if channel_mult == "":
-        by_size = {
-            512: (0.5, 1, 1, 2, 2, 4, 4),
-            256: (1, 1, 2, 2, 4, 4),
-            128: (1, 1, 2, 3, 4),
-            64: (1, 2, 3, 4),
-        }
-        if image_size not in by_size:
-            raise ValueError(
-                f"{flag}='' picks the multipliers by image size, which the reference defines only "
-                f"for {sorted(by_size)}; image size {image_size} needs an explicit {flag} "
-                "(e.g. '1,2,2')"
-            )
-        return by_size[image_size]
-    try:
-        mult = tuple(float(m) if "." in m else int(m) for m in str(channel_mult).split(","))
-    except ValueError:
-        raise ValueError(f"{flag}={channel_mult!r} is not a comma-separated list of numbers")
-    if not mult or any(m <= 0 for m in mult):
-        raise ValueError(f"{flag}={channel_mult!r} must list positive multipliers")
-    if image_size % 2 ** (len(mult) - 1):
-        raise ValueError(
-            f"{flag}={channel_mult!r} has {len(mult)} levels, so image size {image_size} must be "
-            f"divisible by {2 ** (len(mult) - 1)}"
-        )
-    return mult
-
-
-def attention_downsample_rates(attention_resolutions: str | tuple, image_size: int, flag: str):
-    """Turn the flag's resolutions ("32,16,8") into the downsample rates the blocks use."""
-    if isinstance(attention_resolutions, (tuple, list)):
-        return tuple(attention_resolutions)
-    rates = []
-    for res in str(attention_resolutions).split(","):
-        res = res.strip()
-        if not res:
-            continue
-        if not res.isdigit() or int(res) == 0 or image_size % int(res):
-            raise ValueError(
-                f"{flag}={attention_resolutions!r}: {res!r} is not a resolution that divides "
-                f"image size {image_size}"
-            )
-        rates.append(image_size // int(res))
-    return tuple(rates)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from ray import serve
 
-from ..compat import openai
+from .. import factory
 from ..diffusion import sample
 from .. import checkpoints
 from ..checkpoints import AUTOCAST, from_uint8, to_uint8
@@ -40,7 +40,7 @@ class _Stage:
         self.device = pick_device()
         self.autocast = AUTOCAST[precision]
         self.net = checkpoints.load(spec, self.device)
-        self.diffusion = openai.create_diffusion({**spec.flags, "timestep_respacing": ""})
+        self.diffusion = factory.create_diffusion({**spec.flags, "timestep_respacing": ""})
         self.size = checkpoints.image_size(spec)
         self.rows = batch_rows
         self.run.set_max_batch_size(max_batch_requests)

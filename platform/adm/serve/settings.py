@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from .. import storage
-from ..compat import openai
+from .. import factory
 from ..config import ConfigError
 from ..diffusion import SAMPLERS, space_timesteps
 from .. import checkpoints
@@ -171,7 +171,7 @@ class Loaded:
     def diffusion_steps(self) -> int:
         """T of the base model's chain (the bound of any respacing)."""
         return int(self.base.flags.get("diffusion_steps",
-                                       openai.DIFFUSION_DEFAULTS["diffusion_steps"]))
+                                       factory.DIFFUSION_DEFAULTS["diffusion_steps"]))
 
     def info(self) -> dict:
         """What GET /v1/models reports (JSON-ready)."""
@@ -254,7 +254,7 @@ def load_settings(settings: ServeSettings) -> Loaded:
         up_steps = steps if isinstance(steps, str) else (
             f"ddim{steps}" if up_sampler == "ddim" else str(steps))
         total = int(upsampler.flags.get("diffusion_steps",
-                                        openai.DIFFUSION_DEFAULTS["diffusion_steps"]))
+                                        factory.DIFFUSION_DEFAULTS["diffusion_steps"]))
         _check_respacing("upsampler_steps", up_steps, total)
     scale = settings.default_guidance_scale
     if scale is None:
@@ -266,7 +266,7 @@ def load_settings(settings: ServeSettings) -> Loaded:
     if not 0 <= scale <= settings.max_guidance_scale:
         raise ConfigError(f"default_guidance_scale: {scale} is outside 0..max_guidance_scale "
                           f"({settings.max_guidance_scale})")
-    total = int(base.flags.get("diffusion_steps", openai.DIFFUSION_DEFAULTS["diffusion_steps"]))
+    total = int(base.flags.get("diffusion_steps", factory.DIFFUSION_DEFAULTS["diffusion_steps"]))
     default = settings.default_steps
     _check_respacing("default_steps", f"ddim{default}" if settings.default_sampler == "ddim"
                      else str(default), total)

@@ -4,7 +4,7 @@ A checkpoint directory holds `state.pt` (model, EMA averages, optimizer, grad sc
 timestep-sampler state, all tensors and plain values, so it loads with `weights_only=True`)
 and `meta.json` (step, kind, flags, config). The export writes what the reference writes:
 `model%06d.pt`, `ema_<rate>_%06d.pt` (plain state dicts), `flags.json` (the model and
-diffusion flags that build the model with `adm.compat.openai` or the reference's scripts, and
+diffusion flags that build the model with `adm.factory` or the reference's scripts, and
 nothing else) and the training data's `classes.json`.
 """
 from __future__ import annotations

@@ -6,7 +6,7 @@
     optim: {batch_size: 256, lr: 1.0e-4, ema_rate: [0.9999], precision: bf16}
     run: {name: adm128, storage: s3://bucket/runs, num_workers: 8, use_gpu: true}
 
-Model flags are guided-diffusion's (`adm.compat.openai`); a preset supplies the released
+Model flags are guided-diffusion's (`adm.factory`); a preset supplies the released
 model's flags and `flags` overrides them, so the ImageNet configs never type a model twice.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..compat import openai
+from .. import factory
 from ..config import ConfigError, apply_overrides, from_dict, load_yaml
 from ..data.config import DataConfig
 
@@ -24,10 +24,10 @@ KINDS = ("diffusion", "classifier", "upsampler")
 # The flags each kind's model and diffusion are built from (the reference's
 # `*_and_diffusion_defaults`, plus adm's extensions); `model.flags` takes these only.
 FLAG_NAMES = {
-    "diffusion": frozenset(openai.MODEL_DEFAULTS) | frozenset(openai.DIFFUSION_DEFAULTS),
-    "upsampler": (frozenset(openai.MODEL_DEFAULTS) - {"image_size"})
-    | frozenset(openai.SUPERRES_DEFAULTS) | frozenset(openai.DIFFUSION_DEFAULTS),
-    "classifier": frozenset(openai.CLASSIFIER_DEFAULTS) | frozenset(openai.DIFFUSION_DEFAULTS),
+    "diffusion": frozenset(factory.MODEL_DEFAULTS) | frozenset(factory.DIFFUSION_DEFAULTS),
+    "upsampler": (frozenset(factory.MODEL_DEFAULTS) - {"image_size"})
+    | frozenset(factory.SUPERRES_DEFAULTS) | frozenset(factory.DIFFUSION_DEFAULTS),
+    "classifier": frozenset(factory.CLASSIFIER_DEFAULTS) | frozenset(factory.DIFFUSION_DEFAULTS),
 }
 # Where a training flag of the reference's scripts lives in this config.
 TRAINING_FLAG_KEYS = {"lr": "optim.lr", "weight_decay": "optim.weight_decay",
@@ -104,7 +104,7 @@ class TrainConfig:
             from ..presets import preset
 
             base = {k: v for k, v in preset(self.model.preset).model_flags.items() if k in names}
-        return {k: v for k, v in openai.parse_flags({**base, **self.model.flags}).items()
+        return {k: v for k, v in factory.parse_flags({**base, **self.model.flags}).items()
                 if k in names}
 
     @property
@@ -169,7 +169,7 @@ def _check_flags(cfg: TrainConfig) -> None:
                           f"model{hint}")
     try:
         flags = cfg.model_flags
-    except ValueError as e:  # openai.FlagError
+    except ValueError as e:  # factory.FlagError
         raise ConfigError(f"model.flags: {e}") from None
     fp16_flag = "classifier_use_fp16" if cfg.kind == "classifier" else "use_fp16"
     if flags[fp16_flag] and cfg.optim.precision != "fp16":
@@ -181,8 +181,8 @@ def _check_flags(cfg: TrainConfig) -> None:
             f"set optim.precision: fp16, or model.flags.{fp16_flag}: false")
 
 
-BUILDERS = {"diffusion": openai.create_model, "classifier": openai.create_classifier,
-            "upsampler": openai.create_superres_model}
+BUILDERS = {"diffusion": factory.create_model, "classifier": factory.create_classifier,
+            "upsampler": factory.create_superres_model}
 
 
 def build_model(cfg: TrainConfig) -> torch.nn.Module:

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch.optim.swa_utils import AveragedModel
 
 from ..compat import openai
+from .. import factory
 from ..config import from_dict, to_dict
 from .checkpoint import load_state, save_state
 from .ema import ema_multi_avg_fn

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..compat import openai
+from .. import factory
 from ..diffusion import LossSecondMomentResampler, create_named_schedule_sampler
 from .config import TrainConfig
 
@@ -26,7 +26,7 @@ class DiffusionObjective:
 
     def __init__(self, cfg: TrainConfig, device: torch.device):
         flags = cfg.model_flags
-        self.diffusion = openai.create_diffusion({**flags, "timestep_respacing": ""})
+        self.diffusion = factory.create_diffusion({**flags, "timestep_respacing": ""})
         self.sampler = create_named_schedule_sampler(cfg.optim.schedule_sampler, self.diffusion)
         self.num_timesteps = self.diffusion.num_timesteps
         self.class_cond = flags.get("class_cond", False)  # classifiers have no such flag
