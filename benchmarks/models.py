@@ -1,5 +1,5 @@
-"""Forward time of the ADM U-Net: fused SDPA kernels vs the unfused MATH form, float32 vs bf16 autocast, eager vs
-torch.compile (and channels_last), measured in one run.
+"""Forward time of the ADM U-Net: fused SDPA kernels vs the unfused MATH form, float32 vs bf16
+autocast, eager vs torch.compile (and channels_last), measured in one run.
 
     python benchmarks/models.py                       # 64x64 ADM preset, batch 8, CPU
     python benchmarks/models.py --device cuda --batch 32

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+
+from adm.runtime import run_job
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,33 +40,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+@run_job
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from adm import storage
-    from adm.config import ConfigError
-    from adm.evaluate.evaluation import format_table, make_plan, needs_features, run
-    from adm.evaluate.sources import InputError
+    from adm.evaluate.evaluation import FeatureJob, format_table, make_plan, needs_features, run
     from adm.runtime import configure_output, init_ray
 
     configure_output(args.verbose)
-    try:
-        if args.batch_size < 1 or args.num_workers < 1 or args.cpus_per_worker <= 0:
-            raise ConfigError("--batch-size and --num-workers must be >= 1, "
-                              "--cpus-per-worker > 0")
-        plan = make_plan(args.reference, args.samples, args.features,
-                         image_size=args.image_size)  # every input checked: before Ray
-    except (ValueError, FileNotFoundError) as e:  # ConfigError, InputError, a bad manifest,
-        print(f"error: {e}", file=sys.stderr)     # InceptionWeightsError (FileNotFoundError)
-        return 2
+    FeatureJob(args.batch_size, args.num_workers, args.cpus_per_worker, args.gpus)  # checked
+    plan = make_plan(args.reference, args.samples, args.features,
+                     image_size=args.image_size)  # every input checked: before Ray
     if needs_features(plan):  # both sets cached: no Ray at all
         init_ray(args.address, args.verbose)
-    try:
-        report = run(plan, batch_size=args.batch_size, num_workers=args.num_workers,
-                     gpus=args.gpus, cpus_per_worker=args.cpus_per_worker,
-                     progress=not args.no_progress)
-    except InputError as e:  # an image that does not decode, found by a worker
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    # An image that does not decode, found by a worker, is an InputError too.
+    report = run(plan, batch_size=args.batch_size, num_workers=args.num_workers,
+                 gpus=args.gpus, cpus_per_worker=args.cpus_per_worker,
+                 progress=not args.no_progress)
     print(format_table(report))
     if args.out:
         storage.write_bytes(args.out, json.dumps(report, indent=1).encode())

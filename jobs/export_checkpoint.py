@@ -8,15 +8,10 @@ missing run, a run without checkpoints or an OUT_DIR that cannot be written ends
 `error: ...` line on stderr and exit status 2.
 """
 import argparse
-import sys
 
 from adm import storage
-
-
-def fail(message: str) -> int:
-    """Report a problem with the inputs in one line (no traceback); the exit status."""
-    print(f"error: {' '.join(message.split())}", file=sys.stderr)
-    return 2
+from adm.config import UserError
+from adm.runtime import run_job
 
 
 def check_inputs(run: str, out: str) -> str | None:
@@ -31,23 +26,22 @@ def check_inputs(run: str, out: str) -> str | None:
     return f"OUT_DIR {out} cannot be written: {why}" if why else None
 
 
-def main(argv=None) -> int:
+@run_job
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run", metavar="RUN_URI", help="the run folder: <storage>/<name>")
     p.add_argument("out", metavar="OUT_DIR", help="folder (or s3:// URI) to write to")
     args = p.parse_args(argv)
     problem = check_inputs(args.run, args.out)
     if problem:
-        return fail(problem)
+        raise UserError(problem)
     from adm.train.checkpoint import export_run  # imports torch: only once the inputs are fine
 
-    try:
+    try:  # (no checkpoint in the run folder: a FileNotFoundError, reported as it is)
         for uri in export_run(args.run, args.out):
             print(uri)
-    except FileNotFoundError as e:  # no checkpoint in the run folder
-        return fail(str(e))
     except ValueError as e:  # a checkpoint whose meta.json is not JSON
-        return fail(f"the latest checkpoint of {args.run} cannot be read: {e}")
+        raise UserError(f"the latest checkpoint of {args.run} cannot be read: {e}") from None
     return 0
 
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 import argparse
 
 from adm.data.digits import DIGITS_IMAGE_SIZE, check_image_size, prepare_digits
-from adm.data.prepare import check_output, report_input_error
+from adm.data.prepare import check_output
 from adm.data.shards import ShardWriterConfig
-from adm.data.sources import InputError
-from adm.runtime import init_ray
+from adm.runtime import init_ray, run_job
 from adm.storage import S3Options
 
 
+@run_job
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="dataset root to write (path or s3:// URI)")
@@ -28,18 +28,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--verbose", action="store_true", help="let Ray's own logs through")
     args = p.parse_args(argv)
     s3 = S3Options.from_env(endpoint_url=args.s3_endpoint)
-    try:  # before Ray starts
-        check_image_size(args.image_size)
-        config = ShardWriterConfig(images_per_shard=args.images_per_shard,
-                                   num_cpus_per_task=0.5, progress_interval_s=5.0)
-        check_output(args.out, "--out", s3)
-    except InputError as e:
-        return report_input_error(e)
+    check_image_size(args.image_size)  # before Ray starts
+    config = ShardWriterConfig(images_per_shard=args.images_per_shard,
+                               num_cpus_per_task=0.5, progress_interval_s=5.0)
+    check_output(args.out, "--out", s3)
     init_ray(args.address, args.verbose)
-    try:
-        prepare_digits(args.out, image_size=args.image_size, config=config, s3=s3)
-    except InputError as e:  # e.g. --out already holds another dataset
-        return report_input_error(e)
+    prepare_digits(args.out, image_size=args.image_size, config=config, s3=s3)
     return 0
 
 

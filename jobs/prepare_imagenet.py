@@ -4,7 +4,7 @@
     python jobs/prepare_imagenet.py --src train/ --val val/ --val-labels LOC_val_solution.csv \
         --out /data/imagenet-shards [--images-per-shard 1000] [--address ray://...]
 
-Writes OUT/train (and OUT/val) with shard-*.parquet, classes.json and manifest.json (contract 7).
+Writes OUT/train (and OUT/val) with shard-*.parquet, classes.json and manifest.json.
 Bad images are skipped, logged and listed in the manifest; rerunning after an interruption
 finishes the job without rewriting finished shards. See adm.data.shards for the details.
 The inputs are checked before Ray starts; a problem with them (here or later, e.g. no usable
@@ -14,14 +14,9 @@ from __future__ import annotations
 
 import argparse
 
-from adm.data.prepare import (
-    check_prepare_inputs,
-    prepare_imagenet,
-    report_input_error,
-)
+from adm.data.prepare import check_prepare_inputs, prepare_imagenet
 from adm.data.shards import ShardWriterConfig
-from adm.data.sources import InputError
-from adm.runtime import init_ray
+from adm.runtime import init_ray, run_job
 from adm.storage import S3Options
 
 
@@ -48,24 +43,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+@run_job
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     s3 = S3Options.from_env(endpoint_url=args.s3_endpoint)
-    try:  # everything that can be checked cheaply, before Ray starts
-        config = ShardWriterConfig(images_per_shard=args.images_per_shard, shuffle_seed=args.seed,
-                                   num_cpus_per_task=args.num_cpus_per_task,
-                                   max_in_flight=args.max_in_flight,
-                                   progress_interval_s=args.progress_interval)
-        check_prepare_inputs(args.out, src=args.src, val=args.val, val_labels=args.val_labels,
-                             s3=s3)
-    except InputError as e:
-        return report_input_error(e)
+    # Everything that can be checked cheaply, before Ray starts.
+    config = ShardWriterConfig(images_per_shard=args.images_per_shard, shuffle_seed=args.seed,
+                               num_cpus_per_task=args.num_cpus_per_task,
+                               max_in_flight=args.max_in_flight,
+                               progress_interval_s=args.progress_interval)
+    check_prepare_inputs(args.out, src=args.src, val=args.val, val_labels=args.val_labels, s3=s3)
     init_ray(args.address, args.verbose)
-    try:
-        prepare_imagenet(args.out, src=args.src, val=args.val, val_labels=args.val_labels,
-                         config=config, s3=s3)
-    except InputError as e:  # found while running: no usable images, a foreign --out, ...
-        return report_input_error(e)
+    # InputErrors found while running: no usable images, a foreign --out, ...
+    prepare_imagenet(args.out, src=args.src, val=args.val, val_labels=args.val_labels,
+                     config=config, s3=s3)
     return 0
 
 

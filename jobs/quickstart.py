@@ -21,8 +21,11 @@ import shutil
 import sys
 import time
 import urllib.request
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import field, fields, replace
 from pathlib import Path
+
+from adm.config import ConfigError, config_class, from_dict, load_yaml
+from adm.runtime import run_job
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -31,7 +34,7 @@ KINDS = {"diffusion": "diffusion", "classifier": "classifier", "judge": "classif
          "upsampler": "upsampler"}
 
 
-@dataclass(frozen=True)
+@config_class(frozen=True)
 class QuickstartConfig:
     """The pipeline's settings (jobs/configs/quickstart/quickstart.yaml)."""
 
@@ -53,14 +56,12 @@ class QuickstartConfig:
 
 
 def load_config(path: str, quick: bool, out: str | None) -> QuickstartConfig:
-    from adm.config import from_dict, load_yaml
-
     cfg = from_dict(QuickstartConfig, load_yaml(path))
     if quick:
         known = {f.name for f in fields(cfg)} - {"quick"}
         unknown = set(cfg.quick) - known
         if unknown:
-            raise ValueError(f"quick: unknown setting(s) {sorted(unknown)}")
+            raise ConfigError(f"quick: unknown setting(s) {sorted(unknown)}")
         cfg = replace(cfg, out=cfg.out + "-quick", **cfg.quick)
     return replace(cfg, out=out) if out else cfg
 
@@ -244,6 +245,7 @@ def summarize(q: Quickstart, results: dict, upsampled: Path, served: Path) -> di
     return summary
 
 
+@run_job
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=str(HERE / "configs" / "quickstart" / "quickstart.yaml"))

@@ -17,7 +17,8 @@ command again resumes the run; a finished run is left as it is.
 from __future__ import annotations
 
 import argparse
-import sys
+
+from adm.runtime import run_job
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -60,18 +61,17 @@ def _steps(value: str | None):
     return int(value) if value is not None and value.isdigit() else value
 
 
+@run_job
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from adm.config import ConfigError
     from adm.generate import generate, load_sample_config, make_plan
     from adm.generate.output import is_finished
     from adm.generate.pipeline import finished_message
     from adm.runtime import configure_output, init_ray
 
     configure_output(args.verbose)
-    try:
-        cfg = load_sample_config(
-            args.config, args.overrides, model=args.model, model_preset=args.model_preset,
+    cfg = load_sample_config(
+        args.config, args.overrides, model=args.model, model_preset=args.model_preset,
             classifier=args.classifier, classifier_preset=args.classifier_preset,
             classifier_scale=args.classifier_scale, upsampler=args.upsampler,
             upsampler_preset=args.upsampler_preset, upsampler_steps=_steps(args.upsampler_steps),
@@ -79,10 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             lambda_min=args.lambda_min, cfg_scale=args.cfg_scale, num_samples=args.num_samples,
             batch_size=args.batch_size, classes=args.classes, seed=args.seed, out=args.out,
             num_workers=args.num_workers, gpus=args.gpus)
-        plan = make_plan(cfg)  # every file read and checked: before Ray starts
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    plan = make_plan(cfg)  # every file read and checked: before Ray starts
 
     if is_finished(plan.cfg.out):  # nothing to do: no Ray either
         print(finished_message(plan))

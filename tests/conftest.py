@@ -26,10 +26,10 @@ def ray_session(s3_server):
     """One local Ray instance for the whole test session (starting Ray costs ~5 s).
 
     4 logical CPUs on the 2-core CI machine so that 2 Train workers and Ray Data's read/map
-    tasks can run at once (see the Ray notes on the 2-core hang). Its workers reach the
-    session's S3 server (moto's dummy credentials) through the job's runtime env, one of the
-    standard ways the library expects workers to get credentials; the test process's own
-    environment stays as it was."""
+    tasks can run at once (on 2 CPUs the workers would hold both and the tasks would hang).
+    Its workers reach the session's S3 server (moto's dummy credentials) through the job's
+    runtime env, one of the standard ways the library expects workers to get credentials; the
+    test process's own environment stays as it was."""
     import ray
 
     # address="local": always a fresh cluster of our own, never one `ray start` left behind.

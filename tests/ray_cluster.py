@@ -28,10 +28,18 @@ ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(n: int) -> list[int]:
+    """`n` distinct free ports: all held open while they are picked, since the OS may hand a
+    port just closed out again (two of a node's ports once came out equal and `ray start`
+    refused them: "trying to use a port number ... used by other components")."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def _descendants(pid: int) -> list[int]:
@@ -144,13 +152,14 @@ class RayNode:
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
-def _agent_ports() -> list[str]:
-    """Free ports for a node's agents: the defaults (e.g. 52365) may be held by the test
-    session's Ray, and then the job agent never comes up ("No available agent")."""
-    return [f"--dashboard-agent-listen-port={free_port()}",
-            f"--dashboard-agent-grpc-port={free_port()}",
-            f"--runtime-env-agent-port={free_port()}",
-            f"--metrics-export-port={free_port()}"]
+def _agent_ports(*more: str) -> list[str]:
+    """Free ports for a node's agents (and for the options in `more`, e.g.
+    "--ray-client-server-port"), all distinct: the defaults (e.g. 52365) may be held by the
+    test session's Ray, and then the job agent never comes up ("No available agent")."""
+    listen, grpc, runtime_env, metrics, *extra = free_ports(4 + len(more))
+    return [*(f"{option}={port}" for option, port in zip(more, extra)),
+            f"--dashboard-agent-listen-port={listen}", f"--dashboard-agent-grpc-port={grpc}",
+            f"--runtime-env-agent-port={runtime_env}", f"--metrics-export-port={metrics}"]
 
 
 class LocalCluster:
@@ -161,7 +170,7 @@ class LocalCluster:
         self.env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
                     **(env or {})}
         self.env.pop("RAY_ADDRESS", None)
-        self.gcs_port, self.dashboard_port = free_port(), free_port()
+        self.gcs_port, self.dashboard_port = free_ports(2)
         self.address = f"http://127.0.0.1:{self.dashboard_port}"  # dashboard, jobs, state API
         self.head: RayNode | None = None
         self.workers: list[RayNode] = []
@@ -172,8 +181,8 @@ class LocalCluster:
                 "--head", f"--port={self.gcs_port}", f"--num-cpus={num_cpus}",
                 "--include-dashboard=true", "--dashboard-host=127.0.0.1",
                 f"--dashboard-port={self.dashboard_port}", "--node-ip-address=127.0.0.1",
-                "--disable-usage-stats", f"--ray-client-server-port={free_port()}",
-                "--object-store-memory=500000000", *_agent_ports()], self.env, self.workdir)
+                "--disable-usage-stats", "--object-store-memory=500000000",
+                *_agent_ports("--ray-client-server-port")], self.env, self.workdir)
 
         def ready(node: RayNode) -> bool:
             return subprocess.run([RAY, "job", "list", "--address", self.address],
@@ -212,7 +221,9 @@ class LocalCluster:
                     pass
                 time.sleep(1)
             node.stop()
-            if "timed out during startup" not in node.log() or attempt == attempts - 1:
+            retry = ("timed out during startup" in node.log()
+                     or "used by other components" in node.log())  # a port taken meanwhile
+            if not retry or attempt == attempts - 1:
                 raise AssertionError(f"{node.name} did not come up:\n{node.log()}")
             node.cleanup()
         raise AssertionError("unreachable")

@@ -20,13 +20,10 @@ from dataclasses import dataclass
 
 import pytest
 
+from adm.runtime import free_port
 from adm.storage import S3Options, s3_client
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -49,7 +46,7 @@ class S3Server:
 @contextlib.contextmanager
 def running_s3_server():
     """A moto server process on a free loopback port, for the duration of the block."""
-    port = _free_port()
+    port = free_port("127.0.0.1")
     endpoint = f"http://127.0.0.1:{port}"
     env = {
         "AWS_ENDPOINT_URL": endpoint,

@@ -15,6 +15,7 @@ import yaml
 from adm.compat import openai
 from adm.diffusion import (classifier_free_guidance, create_gaussian_diffusion, ddim,
                            index_seeds, sample, sampling_diffusion)
+from adm.data import DataConfig
 from adm.train.config import ModelSection, TrainConfig, load_config
 from adm.train.loop import step_seed
 from adm.train.objectives import DiffusionObjective
@@ -198,7 +199,7 @@ def dropped_labels(p: float, steps: int = 12, batch: int = 64, seed: int = 0):
     """The labels the diffusion objective trains a tiny model on for `steps` steps, each step
     reseeded as the training loop reseeds it; returns (labels given, labels seen, model)."""
     cfg = TrainConfig(kind="diffusion", model=ModelSection(
-        flags={**TINY_UNET_FLAGS, "class_dropout_prob": p}))
+        flags={**TINY_UNET_FLAGS, "class_dropout_prob": p}), data=DataConfig(uri="unread"))
     objective = DiffusionObjective(cfg, torch.device("cpu"))
     net = RecordsLabels(openai.create_model(cfg.model_flags))
     given = torch.arange(steps * batch).view(steps, batch) % 10

@@ -1,4 +1,4 @@
-"""Preprocessing against the reference fixtures (contract 6) and decoding of ImageNet's oddities.
+"""Preprocessing against the reference fixtures and decoding of ImageNet's oddities.
 
 Tolerances (tests/fixtures/adm_reference/README.md): crops exact (uint8 equality; the fixtures
 were made with Pillow 13.0.0, the version pinned in this venv), upsampler inputs 1e-6."""

@@ -100,7 +100,7 @@ class Recorder(torch.nn.Module):
 @pytest.mark.parametrize("rescale", [False, True])
 def test_model_and_guidance_see_original_timesteps(rescale):
     """For respaced index i the model, the training loss and cond_fn all get timestep_map[i]
-    (as a 0..1000 float with rescale_timesteps), contract 2."""
+    (as a 0..1000 float with rescale_timesteps)."""
     for entry in FX["space_timesteps"]:
         steps, spec = entry["num_timesteps"], entry["section_counts"]
         if steps < 20:  # the linear schedule needs 20 steps; the cosine one any number

@@ -103,28 +103,42 @@ def test_same_bytes_for_any_actor_count_and_batch_size(ray_session, nets, tmp_pa
     assert shards == ["shard-000000.npz", "shard-000001.npz", "shard-000002.npz"]
 
 
-def test_a_sample_is_computed_at_its_own_row_whatever_came_with_it(nets, tmp_path):
+def test_a_sample_is_computed_at_its_own_row_whatever_came_with_it(nets, tmp_path,
+                                                                    monkeypatch):
     """A stage computes index i at row i mod batch_size of a full-size call, so the rows that
     arrive with it (stage 2 gets stage 1's batches in any order) cannot change its bits, even
     where the CPU's GEMM rounds a row by its position (MKL's sgemm on an AVX-512 EPYC)."""
+    import adm.stage
     from adm.generate.pipeline import StageSampler
 
     plan = make_plan(settings(nets, tmp_path / "x", batch_size=5, sampler="ddim"))
     stage = StageSampler(plan.base, seed=3, precision="fp32", clip_denoised=True, eta=0.0,
                          gpus=False)
     labels = labels_for(np.arange(10), 3, "uniform", 10)
+    calls = []  # the float32 output [5, C, H, W] of each model call
+
+    def recorded(*args, **kwargs):
+        calls.append(sample(*args, **kwargs))
+        return calls[-1]
+
+    monkeypatch.setattr(adm.stage, "sample", recorded)
 
     def run(ids):
-        ids = np.asarray(ids)
-        return stage._run(ids, labels[ids], None)
+        calls.clear()
+        stage({"id": np.asarray(ids), "label": labels[ids]})
+        return calls
 
-    whole = run([5, 6, 7, 8, 9])
-    assert torch.equal(run([9, 6]), whole[[4, 1]])
-    assert torch.equal(run([8]), whole[[3]])
+    (whole,) = run([5, 6, 7, 8, 9])
+    assert torch.equal(run([9, 6])[0][[4, 1]], whole[[4, 1]])
+    assert torch.equal(run([8])[0][[3]], whole[[3]])
+    (first,) = run([0, 1, 2, 3, 4])
     # __call__ splits a batch that spans ranges into one call per range, rows in input order.
+    calls.clear()
     mixed = stage({"id": np.array([9, 2, 6]), "label": labels[[9, 2, 6]]})["image"]
+    assert [c.shape[0] for c in calls] == [5, 5]
+    assert torch.equal(calls[0][[2]], first[[2]]) and torch.equal(calls[1][[4, 1]], whole[[4, 1]])
     assert np.array_equal(mixed[[0, 2]], to_uint8(whole[[4, 1]]))
-    assert np.array_equal(mixed[[1]], to_uint8(run([0, 1, 2, 3, 4])[[2]]))
+    assert np.array_equal(mixed[[1]], to_uint8(first[[2]]))
 
 
 def test_chained_run_upsamples_each_base_sample(ray_session, nets, tmp_path):

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from adm.compat import openai
-from adm.diffusion import sample
+from adm.diffusion import respace, sample
 from adm.diffusion.sampling import index_seeds
 from helpers import (TINY_CLASSIFIER_FLAGS, TINY_UNET_FLAGS, assert_within, fixture_network,
                      load_fixture)
@@ -215,11 +215,35 @@ def test_index_seeds_are_per_index_and_per_stream():
     assert set(a).isdisjoint(index_seeds(5, [0, 1, 2], "upsampler"))
 
 
+@pytest.mark.parametrize("loop,eta", [("p_sample_loop", None), ("ddim_sample_loop", 0.5),
+                                      ("ddim_sample_loop", 0.0)])
+def test_noise_fn_replaces_the_generator_in_the_steps(tiny, loop, eta):
+    """The loops' (and so the steps') `noise_fn` is called where they would draw from a
+    generator, in the same order, except for the last step's noise (multiplied by 0), which it
+    is not asked for; DDIM at eta = 0 asks for x_T alone."""
+    diffusion = respace(tiny["diffusion"], "4")
+    shape, kw = (2, 3, 8, 8), dict(model_kwargs={"y": torch.tensor([1, 7])})
+    if eta is not None:
+        kw["eta"] = eta
+    run = getattr(diffusion, loop)
+    want = run(tiny["model"], shape, generator=torch.Generator().manual_seed(3), **kw)
+    replay, calls = torch.Generator().manual_seed(3), []
+
+    def noise_fn() -> torch.Tensor:
+        calls.append(len(calls))
+        return torch.randn(shape, generator=replay)
+
+    assert torch.equal(run(tiny["model"], shape, noise_fn=noise_fn, **kw), want)
+    assert len(calls) == (1 if eta == 0.0 else 4)  # x_T, then steps 3, 2, 1 (not step 0)
+    other = run(tiny["model"], shape, generator=torch.Generator().manual_seed(4), **kw)
+    assert (other - want).abs().max() > 0.1
+
+
 @pytest.mark.parametrize("sampler,eta,guided", [("ddpm", 0.0, False), ("ddpm", 0.0, True),
                                                 ("ddim", 0.5, True)])
 def test_one_seeded_row_is_the_generator_loop(tiny, sampler, eta, guided):
     """A single row seeded with s draws exactly what a generator seeded with s draws in the
-    diffusion's own loop: the per-row loop computes the reference's steps."""
+    diffusion's own loop (the per-row streams are the loop's noise_fn)."""
     kw = dict(sampler=sampler, eta=eta, steps=5, y=torch.tensor([4]),
               classifier=tiny["classifier"] if guided else None, classifier_scale=3.0)
     got = sample(tiny["model"], tiny["diffusion"], (1, 3, 8, 8), seeds=[123], **kw)

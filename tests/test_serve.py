@@ -9,7 +9,6 @@ import base64
 import http.client
 import io
 import json
-import socket
 import threading
 import time
 import urllib.error
@@ -32,8 +31,9 @@ from adm.diffusion import SAMPLERS, sample
 from adm.diffusion.sampling import index_seeds
 from adm.checkpoints import to_uint8
 from adm.serve import ServeSettings, build, build_app, load_settings
+from adm.runtime import free_port
 from adm.serve.api import api_key_from, authorized
-from adm.serve.batching import Job, run_batch
+from adm.stage import Job, Stage, run_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 UPSAMPLER_FLAGS = {**{k: v for k, v in TINY_UNET_FLAGS.items() if k != "image_size"},
@@ -63,10 +63,6 @@ OPTIONS = {
 # ---------------------------------------------------------------- shared with test_serve_page
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def export_tiny_models(root: Path) -> dict:
@@ -102,7 +98,7 @@ def start_serve(nets: dict, args: dict, options: dict, name: str, prefix: str,
     returns its base URL once /healthz answers."""
     from ray import serve
 
-    port = port or free_port()
+    port = port or free_port("127.0.0.1")
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     loaded = load_settings(ServeSettings.from_args({**nets, **args}))
     serve.run(build(loaded, options), name=name, route_prefix=prefix, blocking=False)
@@ -127,7 +123,7 @@ def nets(tmp_path_factory):
 def url(ray_session, nets):
     from ray import serve
 
-    port = free_port()
+    port = free_port("127.0.0.1")
     try:
         yield start_serve(nets, ARGS, OPTIONS, APP, PREFIX, port)
     finally:
@@ -186,7 +182,7 @@ def test_served_images_are_the_library_samples(url, nets):
     base_net = openai.load_checkpoint(openai.create_model(TINY_UNET_FLAGS), nets["base"]).eval()
     clf = openai.load_checkpoint(openai.create_classifier(TINY_CLASSIFIER_FLAGS),
                                  nets["classifier"]).eval()
-    pad = [0, 1] + [1] * 6
+    pad = [0, 1] + [0] * 6  # free rows repeat the call's first input
     x = sample(base_net, openai.create_diffusion(TINY_UNET_FLAGS), (8, 3, 8, 8), sampler="ddpm",
                steps=6, classifier=clf, classifier_scale=2.0, y=torch.full((8,), 4),
                seeds=[index_seeds(seed, range(n))[i] for i in pad])
@@ -557,21 +553,26 @@ def test_cfg_scale_and_dpm_solver_requests_are_checked():
     assert parse_generate(b'{"class_id": 2, "sampler": "dpmpp_2m", "steps": 30}', lim).steps == 30
 
 
-def test_run_batch_groups_by_settings_and_pads():
-    """Each settings group runs in model calls of exactly `rows` rows; outputs go back to
-    their jobs in order; a job's rows do not depend on the other jobs."""
+def test_run_batch_groups_by_settings_and_pads(monkeypatch):
+    """Each settings group runs in model calls of exactly `rows` rows, the free rows repeating
+    the call's first input; outputs go back to their jobs in order; a job's rows do not depend
+    on the other jobs."""
+    import adm.stage
+
     calls = []
 
-    def call(args, labels, seeds, low):
-        calls.append((args["steps"], len(labels)))
+    def fake_sample(net, diffusion, shape, *, steps, y, seeds, **kwargs):
+        calls.append((steps, shape[0], list(seeds)))
         # a row's "image" is its seed and label: visible if rows were mixed up
-        return np.stack([np.full((1, 1, 3), s % 251 + lab, np.uint8)
-                         for s, lab in zip(seeds, labels)])
+        v = torch.tensor([s % 251 + int(lab) for s, lab in zip(seeds, y)], dtype=torch.float32)
+        return ((v + 0.5) / 127.5 - 1).view(-1, 1, 1, 1).expand(-1, 3, 1, 1)
 
+    monkeypatch.setattr(adm.stage, "sample", fake_sample)
     jobs = [Job.make({"steps": 10}, [1, 1], [5, 6]), Job.make({"steps": 20}, [2], [7]),
             Job.make({"steps": 10}, [3, 3, 3], [8, 9, 10])]
-    out = run_batch(jobs, call, rows=4)
-    assert calls == [(10, 4), (10, 4), (20, 4)]  # 5 rows of steps=10 -> two calls of 4
+    out = run_batch(Stage(net=None, diffusion=None, size=1, rows=4), jobs)
+    # 5 rows of steps=10 -> two calls of 4, the second padded with its first (only) row
+    assert calls == [(10, 4, [5, 6, 8, 9]), (10, 4, [10] * 4), (20, 4, [7] * 4)]
     for job, o in zip(jobs, out):
         want = [s % 251 + lab for s, lab in zip(job.seeds, job.labels)]
         assert o.images[:, 0, 0, 0].tolist() == want

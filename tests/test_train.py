@@ -501,7 +501,7 @@ def test_a_nonfinite_step_does_not_feed_the_loss_aware_sampler(digits, tmp_path)
     every later draw fails), and the run goes on and finishes. 10 diffusion steps warm the
     sampler up after 100 losses: 7 steps of 16."""
     from adm.train.checkpoint import latest_checkpoint, load_state
-    from adm.train.trainer import make_trainer, resolve_paths
+    from adm.train.trainer import make_trainer
 
     flags = {**TINY_DIFFUSION, "diffusion_steps": 10}
     path = write_config(tmp_path, flags=flags, data={"uri": digits},
@@ -509,7 +509,7 @@ def test_a_nonfinite_step_does_not_feed_the_loss_aware_sampler(digits, tmp_path)
                                "schedule_sampler": "loss-second-moment"},
                         run={"num_workers": 2, "storage": str(tmp_path / "runs"), "name": "nan1",
                              "log_interval": 4, "save_interval": 16, "max_failures": 0})
-    cfg = resolve_paths(load_config(path))
+    cfg = load_config(path)
     result = make_trainer(cfg, train_loop=nan_loss_at_step_3).fit()
     assert result.error is None, result.error
     assert result.metrics["step"] == 16 and result.metrics["skipped_nonfinite"] == 1

@@ -18,18 +18,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from . import storage
+from . import factory, storage
 from .compat import openai
-from . import factory
 from .config import ConfigError
 from .presets import Preset, preset
 
 # Precision setting -> the dtype the networks run under autocast (None: float32 throughout).
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-BUILDERS = {"diffusion": factory.create_model, "upsampler": factory.create_superres_model,
-            "classifier": factory.create_classifier}
-
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -93,7 +88,7 @@ def _read(role: str, uri: str) -> bytes:
 def build(kind: str, flags: dict, role: str = "model") -> nn.Module:
     """The network of `flags` (random weights), a ConfigError naming `role` on bad flags."""
     try:
-        return BUILDERS[kind](flags)
+        return factory.BUILDERS[kind](flags)
     except (factory.FlagError, ValueError, TypeError) as e:
         raise ConfigError(f"{role}: its flags do not build a {kind} model: {e}") from None
 

@@ -1,98 +1,122 @@
-"""Typed configs: dataclasses filled from YAML (or dicts), strictly.
+"""Typed configs: dataclasses filled from YAML, dicts or command-line strings, checked by pydantic.
 
-`from_dict(Cls, data)` builds a (nested) dataclass and fails, naming the dotted key, on an
-unknown key, a missing required key or a value of the wrong type — before any Ray worker
-starts. `apply_overrides(data, ["train.lr=3e-4", ...])` applies command-line `key=value`
-overrides (values parsed as YAML scalars) to the raw dict first.
+Every config of the platform (training, data, sampling, serving) is a `config_class`: a
+pydantic dataclass that refuses unknown keys and converts what YAML and command lines give
+("4" -> 4, "1e-4" -> 1e-4, "true" -> True). `from_dict(Cls, data)` builds one and turns
+pydantic's errors into one `ConfigError` naming the dotted key, before any Ray worker starts.
+`apply_overrides(data, ["optim.lr=3e-4", ...])` applies command-line `key=value` overrides
+(values parsed as YAML scalars) to the raw dict first.
 """
 from __future__ import annotations
 
 import dataclasses
-import types
+import functools
 import typing
-from typing import Any, Mapping, Sequence, TypeVar
+from typing import Annotated, Any, Literal, Mapping, Sequence, TypeVar
 
+import pydantic
 import yaml
+from pydantic.dataclasses import dataclass as _pydantic_dataclass
 
 T = TypeVar("T")
 
+# How the networks run: float32, or bfloat16 / float16 autocast (fp16 training adds a grad
+# scaler). The one definition every config uses.
+Precision = Literal["fp32", "bf16", "fp16"]
 
-class ConfigError(ValueError):
-    """A config key that is unknown, missing or of the wrong type."""
+
+def _absolute(uri: str) -> str:
+    from .storage import absolute
+
+    return absolute(uri)
 
 
-def _check(tp, value: Any, where: str) -> Any:
-    """`value` converted to the annotation `tp`, or a ConfigError naming `where`."""
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
+# A local path or s3:// URI that Ray workers read or write: made absolute where the config is
+# built (on the driver: workers run in other directories, on other nodes).
+Location = Annotated[str, pydantic.AfterValidator(_absolute)]
+# The same, optional: None or "" (what a command line can give) for none.
+OptionalLocation = Annotated[Location | None,
+                             pydantic.BeforeValidator(lambda v: None if v == "" else v)]
+
+
+class UserError(Exception):
+    """A problem with what the user gave a job (a config, a file, a flag): the jobs report it
+    in one ``error: ...`` line and exit with status 2 (`adm.runtime.run_job`), no traceback."""
+
+
+class ConfigError(UserError, ValueError):
+    """A config key that is unknown, missing, of the wrong type or out of range."""
+
+
+def config_class(cls: type[T] | None = None, *, frozen: bool = False):
+    """Decorator: `cls` as a pydantic dataclass that refuses unknown keys. Its
+    ``__post_init__`` holds the checks across fields (raise ConfigError naming the key).
+    Built directly (``Cls(...)``, ``dataclasses.replace``) it raises a ConfigError too."""
+    options = pydantic.ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    def wrap(c: type[T]) -> type[T]:
+        checked = _pydantic_dataclass(c, config=options, frozen=frozen)
+        init = checked.__init__
+
+        @functools.wraps(init)
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
             try:
-                return _check(arg, value, where)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if len(errors) == 1 else
-                          f"{where}: {value!r} matches none of {tp}")
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return from_dict(tp, value, where)
-    if origin in (list, tuple, Sequence):
-        (item,) = typing.get_args(tp)[:1] or (Any,)
-        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
-            value = [value]  # a single value where a list is expected: `ema_rate: 0.9999`
-        out = [_check(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
-        return tuple(out) if origin is tuple else out
-    if origin is dict:
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return dict(value)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML reads "1e-4" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    else:
-        return value
-    raise ConfigError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
+                init(self, *args, **kwargs)
+            except pydantic.ValidationError as e:
+                raise ConfigError(_message(checked, e, "")) from None
+
+        checked.__init__ = __init__
+        return checked
+
+    return wrap if cls is None else wrap(cls)
+
+
+# pydantic's error types -> the words a config error uses.
+_EXPECTED = {"int_parsing": "int", "int_type": "int", "int_from_float": "int",
+             "float_parsing": "float", "float_type": "float", "bool_parsing": "bool",
+             "bool_type": "bool", "string_type": "str", "dict_type": "a mapping",
+             "dataclass_type": "a mapping", "list_type": "a list", "tuple_type": "a list"}
+
+
+def _fields_at(cls: type, loc: tuple) -> list[str]:
+    """The field names of the (nested) dataclass at `loc` in `cls`."""
+    for part in loc:
+        hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
+        cls = hints.get(part, None)
+    return [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else []
+
+
+def _message(cls: type, e: pydantic.ValidationError, where: str) -> str:
+    """One line for the first error of `e` (unknown keys all together), keys dotted."""
+    errors = e.errors(include_url=False)
+    prefix = f"{where}." if where else ""
+    unknown = [err for err in errors if err["type"] in ("unexpected_keyword_argument",
+                                                        "extra_forbidden")]
+    if unknown:
+        keys = ", ".join(prefix + ".".join(map(str, err["loc"])) for err in unknown)
+        parent = unknown[0]["loc"][:-1]
+        known = ", ".join(_fields_at(cls, parent))
+        scope = ".".join([where, *map(str, parent)]).strip(".") or "the top level"
+        return f"unknown config key(s): {keys} (known in {scope}: {known})"
+    err = errors[0]
+    key = prefix + ".".join(str(p) for p in err["loc"])
+    if err["type"] == "missing_keyword_argument" or err["type"] == "missing":
+        return f"missing config key {key}"
+    if err["type"] == "value_error":  # a check of ours: its message names the key already
+        return str(err.get("ctx", {}).get("error", err["msg"]))
+    if err["type"] == "literal_error":
+        return f"{key}: {err['input']!r} is not one of {err['ctx']['expected']}"
+    what = _EXPECTED.get(err["type"])
+    detail = f"expected {what}" if what else err["msg"]
+    return f"{key}: {detail}, got {err['input']!r}"
 
 
 def from_dict(cls: type[T], data: Mapping[str, Any] | None, where: str = "") -> T:
-    """Build dataclass `cls` from `data`, strictly (see the module docstring)."""
-    data = dict(data or {})
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    prefix = f"{where}." if where else ""
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(f"unknown config key(s): {', '.join(prefix + k for k in unknown)} "
-                          f"(known in {where or 'the top level'}: {', '.join(fields)})")
-    kwargs = {}
-    for name, f in fields.items():
-        if name in data:
-            kwargs[name] = _check(hints[name], data[name], prefix + name)
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"missing config key {prefix + name}")
-    return cls(**kwargs)
+    """Build config class `cls` from `data` (see the module docstring), or a ConfigError."""
+    try:
+        return pydantic.TypeAdapter(cls).validate_python(dict(data or {}))
+    except pydantic.ValidationError as e:
+        raise ConfigError(_message(cls, e, where)) from None
 
 
 def to_dict(config: Any) -> dict:

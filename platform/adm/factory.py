@@ -28,8 +28,11 @@ from __future__ import annotations
 import argparse
 import functools
 import shlex
-from typing import Any, Mapping
+from typing import Annotated, Any, Mapping
 
+import pydantic
+
+from .config import UserError
 from .models import Classifier, SuperResUNet, UNet
 from .models.classifier import POOLS
 
@@ -63,48 +66,42 @@ ALL_DEFAULTS = {**SCRIPT_DEFAULTS, **SUPERRES_DEFAULTS, **CLASSIFIER_DEFAULTS,
                 **DIFFUSION_DEFAULTS, **MODEL_DEFAULTS}
 
 
-class FlagError(ValueError):
+class FlagError(UserError, ValueError):
     """A flag that is unknown or has a value its builder cannot use."""
 
 
-def _coerce(name: str, value: Any) -> Any:
-    """Convert a flag value to the type of its reference default, or fail naming the flag."""
-    default = ALL_DEFAULTS[name]
-    if isinstance(default, bool):
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("yes", "true", "t", "y", "1"):
-            return True
-        if isinstance(value, str) and value.lower() in ("no", "false", "f", "n", "0"):
-            return False
-    elif isinstance(default, int):
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-            return int(value)
-    elif isinstance(default, float):
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    else:  # string flags; YAML may give `timestep_respacing: 250` or a list of resolutions
-        if isinstance(value, str):
-            return value
-        if isinstance(value, int) and not isinstance(value, bool):
-            return str(value)
-        if isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) for v in value):
-            return ",".join(str(v) for v in value)
-    raise FlagError(f"flag {name}={value!r}: expected a {type(default).__name__} "
-                    f"(default {default!r})")
+def _not_bool(value: Any) -> Any:
+    if isinstance(value, bool):  # pydantic would read True as 1
+        raise ValueError("a bool is not a number")
+    return value
+
+
+def _flag_text(value: Any) -> Any:
+    """String flags as YAML may give them: `timestep_respacing: 250`, or resolutions as a list."""
+    if isinstance(value, (list, tuple)) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        return ",".join(str(v) for v in value)
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+# Each flag takes the type of its reference default; strings are read as the reference's
+# scripts read them ("64" -> 64, "True"/"yes"/"1" -> True, "1e-4" -> 1e-4).
+_FLAG_TYPES = {bool: bool, int: Annotated[int, pydantic.BeforeValidator(_not_bool)],
+               float: Annotated[float, pydantic.BeforeValidator(_not_bool)],
+               str: Annotated[str, pydantic.BeforeValidator(_flag_text)]}
+
+
+@functools.lru_cache(maxsize=1)
+def _typed_flags() -> type[pydantic.BaseModel]:
+    """A pydantic model of every known flag, typed by its reference default."""
+    return pydantic.create_model("Flags", **{name: (_FLAG_TYPES[type(default)], default)
+                                             for name, default in ALL_DEFAULTS.items()})
 
 
 @functools.lru_cache(maxsize=1)
 def _flag_parser() -> argparse.ArgumentParser:
     """An argparse parser of every known flag as ``--name VALUE`` (strings, typed later by
-    `_coerce`); flags not given stay absent. No abbreviations, no help, no exit on errors."""
+    `parse_flags`); flags not given stay absent. No abbreviations, no help, no exit on errors."""
     parser = argparse.ArgumentParser(prog="adm flags", add_help=False, allow_abbrev=False,
                                      exit_on_error=False)
     for name in ALL_DEFAULTS:
@@ -143,9 +140,14 @@ def parse_flags(flags: Mapping[str, Any] | str | None = None) -> dict:
     if unknown:
         raise FlagError(f"unknown flag(s): {', '.join(unknown)} (not a flag of guided-diffusion's "
                         "scripts or of adm's documented extensions)")
-    out = dict(ALL_DEFAULTS)
-    out.update({k: _coerce(k, v) for k, v in flags.items()})
-    return out
+    try:
+        return _typed_flags().model_validate(dict(flags)).model_dump()
+    except pydantic.ValidationError as e:
+        err = e.errors()[0]
+        name = err["loc"][0]
+        default = ALL_DEFAULTS[name]
+        raise FlagError(f"flag {name}={err['input']!r}: expected a {type(default).__name__} "
+                        f"(default {default!r})") from None
 
 
 def format_flags(flags: Mapping[str, Any]) -> str:
@@ -341,6 +343,11 @@ def create_classifier(flags: Mapping[str, Any] | str | None = None) -> Classifie
         resblock_updown=f["classifier_resblock_updown"],
         pool=f["classifier_pool"],
     )
+
+
+# What each kind of network is built by, from its flags.
+BUILDERS = {"diffusion": create_model, "upsampler": create_superres_model,
+            "classifier": create_classifier}
 
 
 @_flag_errors

@@ -1,11 +1,13 @@
 """The 15 released checkpoints of guided-diffusion, with the flags and sampling settings its
 README gives for each.
 
+    from adm import factory
     from adm.compat import openai
     from adm.presets import preset
     p = preset("128x128_diffusion")
     model = openai.load_checkpoint(p.build(), "models/128x128_diffusion.pt")
-    diffusion = factory.create_diffusion({**p.model_flags, "timestep_respacing": p.sampling.timestep_respacing})
+    diffusion = factory.create_diffusion(
+        {**p.model_flags, "timestep_respacing": p.sampling.timestep_respacing})
 
 `model_flags` holds every flag of the preset's builder, reference defaults filled in (diffusion
 flags included for diffusion models and upsamplers, as the README's flag strings do).
@@ -16,7 +18,6 @@ from dataclasses import dataclass, field
 
 import torch.nn as nn
 
-from .compat import openai
 from . import factory
 
 _BASE = ("--attention_resolutions 32,16,8 --diffusion_steps 1000 --learn_sigma True "
@@ -59,11 +60,11 @@ _README_FLAGS = {
     "lsun_horse_nodropout": ("diffusion", f"{_256} --class_cond False --dropout 0.0 --use_fp16 True"),
 }
 
-_BUILDERS = {
-    "diffusion": (factory.create_model, factory.MODEL_DEFAULTS, factory.DIFFUSION_DEFAULTS),
-    "upsampler": (factory.create_superres_model, factory.MODEL_DEFAULTS,
-                  factory.DIFFUSION_DEFAULTS, factory.SUPERRES_DEFAULTS),
-    "classifier": (factory.create_classifier, factory.CLASSIFIER_DEFAULTS),
+# The flag groups each kind's builder reads.
+_FLAG_GROUPS = {
+    "diffusion": (factory.MODEL_DEFAULTS, factory.DIFFUSION_DEFAULTS),
+    "upsampler": (factory.MODEL_DEFAULTS, factory.DIFFUSION_DEFAULTS, factory.SUPERRES_DEFAULTS),
+    "classifier": (factory.CLASSIFIER_DEFAULTS,),
 }
 
 
@@ -95,14 +96,14 @@ class Preset:
     def model_flags(self) -> dict:
         """Every flag of this preset's builder, reference defaults filled in."""
         flags = factory.parse_flags(self.readme_flags)
-        keys = set().union(*_BUILDERS[self.kind][1:])
+        keys = set().union(*_FLAG_GROUPS[self.kind])
         if self.kind == "upsampler":
             keys -= {"image_size", "channel_mult", "use_new_attention_order"}
         return {k: v for k, v in flags.items() if k in keys}
 
     def build(self) -> nn.Module:
         """The model of this preset with random weights (load the released file into it)."""
-        return _BUILDERS[self.kind][0](self.model_flags)
+        return factory.BUILDERS[self.kind](self.model_flags)
 
 
 _SAMPLING = {

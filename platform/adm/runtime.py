@@ -7,12 +7,14 @@ under Ray's temp dir). `verbose=True` lets everything through.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
 import sys
 import warnings
 from pathlib import Path
+from typing import Any, Callable
 
 # Ray Data says this once per process when its own bars are off, which the jobs do on purpose
 # (their bars are `adm.progress`'s).
@@ -129,3 +131,20 @@ def init_ray(address: str | None = None, verbose: bool = False) -> None:
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
+
+
+def run_job(main: Callable[..., int]) -> Callable[..., int]:
+    """Decorator for a job's ``main``, which returns the exit status: a problem with what the
+    user gave (a `UserError`: a config, a flag, an input file; or a named file that is not
+    there) ends the job with one ``error: ...`` line on stderr and status 2, no traceback."""
+    from .config import UserError
+
+    @functools.wraps(main)
+    def job(*args: Any, **kwargs: Any) -> int:
+        try:
+            return main(*args, **kwargs)
+        except (UserError, FileNotFoundError) as e:
+            print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+            return 2
+
+    return job

@@ -100,17 +100,32 @@ class S3Options:
             kwargs["scheme"] = parsed.scheme
         if self.effective_region:
             kwargs["region"] = self.effective_region
-        if self.access_key and self.secret_key:
-            kwargs["access_key"] = self.access_key
-            kwargs["secret_key"] = self.secret_key
-            if self.session_token:
-                kwargs["session_token"] = self.session_token
-        return kwargs
+        return {**kwargs, **self.credentials("access_key", "secret_key", "session_token")}
+
+    def credentials(self, key_id: str, secret: str, token: str) -> dict[str, str]:
+        """The explicit credentials under a client's argument names (key id, secret, session
+        token), or {} to leave them to the AWS default chain."""
+        if not (self.access_key and self.secret_key):
+            return {}
+        out = {key_id: self.access_key, secret: self.secret_key}
+        return {**out, token: self.session_token} if self.session_token else out
+
+
+# The endpoint and region this process was handed by its driver (`use_s3_settings`).
+_handed: dict[str, str] = {}
+
+
+def use_s3_settings(endpoint_url: str | None = None, region: str | None = None) -> None:
+    """Use this endpoint and region (over the environment's) whenever a function here is
+    called without ``s3=``: a Ray Train worker takes its driver's. Only these non-secret
+    settings travel this way; credentials stay with each node's environment or role."""
+    _handed.update({k: v for k, v in (("endpoint_url", endpoint_url), ("region", region)) if v})
 
 
 def default_s3_options() -> S3Options:
-    """The options used when a function here is called without ``s3=``: the environment's."""
-    return S3Options.from_env()
+    """The options used when a function here is called without ``s3=``: the environment's,
+    with what `use_s3_settings` handed this process on top."""
+    return S3Options.from_env(**_handed)
 
 
 def is_s3(uri: str) -> bool:
@@ -126,6 +141,12 @@ def _check_uri(uri: str) -> str:
     if scheme and scheme not in ("s3", "file") and len(scheme) > 1:  # len 1: a Windows drive
         raise ValueError(f"unsupported URI scheme {scheme!r} in {uri!r}; use a path or s3://")
     return uri
+
+
+def absolute(uri: str | None) -> str | None:
+    """A local path made absolute (and ~ expanded) where it is given: Ray workers and tasks run
+    in other working directories, on other nodes. s3:// URIs and empty values pass unchanged."""
+    return uri if not uri or is_s3(uri) else os.path.abspath(os.path.expanduser(uri))
 
 
 def join(base: str, *parts: str) -> str:
@@ -421,11 +442,8 @@ def _boto3_client(options: S3Options):
         kwargs["endpoint_url"] = options.endpoint_url
     if options.effective_region:
         kwargs["region_name"] = options.effective_region
-    if options.access_key and options.secret_key:
-        kwargs["aws_access_key_id"] = options.access_key
-        kwargs["aws_secret_access_key"] = options.secret_key
-        if options.session_token:
-            kwargs["aws_session_token"] = options.session_token
+    kwargs.update(options.credentials("aws_access_key_id", "aws_secret_access_key",
+                                      "aws_session_token"))
     return boto3.session.Session().client("s3", **kwargs)
 
 

@@ -14,13 +14,14 @@ from typing import Callable, Mapping
 import torch
 import torch.nn as nn
 
+from ..config import UserError
 from ..factory import (  # noqa: F401 - the guided-diffusion-shaped API, re-exported
     ALL_DEFAULTS, CLASSIFIER_DEFAULTS, DIFFUSION_DEFAULTS, MODEL_DEFAULTS, SCRIPT_DEFAULTS,
     SUPERRES_DEFAULTS, FlagError, create_classifier, create_diffusion, create_model,
     create_superres_model, format_flags, parse_flags)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that is refused or does not fit the model."""
 
 

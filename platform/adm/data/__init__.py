@@ -1,7 +1,7 @@
 """Data: shard writing, Ray Data pipelines and the reference's preprocessing.
 
-The names users know from guided-diffusion (contract 6) are here: ``center_crop_arr``,
-``random_crop_arr``, ``superres_low_res``; plus the dataset builders ``image_dataset`` and
+The names users know from guided-diffusion's image_datasets.py are here, with its
+signatures: ``center_crop_arr``, ``random_crop_arr``, ``superres_low_res``; plus the dataset builders ``image_dataset`` and
 ``superres_dataset`` and their ``DataConfig``. Importing this package does not import Ray Data;
 the builders load it on first use.
 """

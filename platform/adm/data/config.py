@@ -6,15 +6,15 @@ the driver before Ray starts.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Literal
 
-from adm.config import ConfigError
+from adm.config import ConfigError, Location, OptionalLocation, config_class
 
 ShuffleMode = Literal["shards", "global", "none"]
 
 
-@dataclass(frozen=True)
+@config_class(frozen=True)
 class DataConfig:
     """What to read, and where and how the pipeline runs.
 
@@ -24,7 +24,8 @@ class DataConfig:
 
     ``decode_workers``: most decode tasks at once (``None``: as many as free CPUs allow).
     ``decode_num_cpus``: CPU share each decode task reserves; keep the sum of these and the
-    Train workers' CPUs within the node (see the 2-core hang in the Ray notes).
+    Train workers' CPUs within the node: when the Train workers hold every CPU, Ray Data's
+    read and decode tasks never get one and the run hangs (e.g. 2 one-CPU workers on 2 CPUs).
     ``decode_resources``: extra custom resources each decode task needs, to pin decoding to the
     nodes that offer them (CPU nodes), e.g. ``{"adm_decode": 1}``.
     ``decode_batch_size``: images decoded per batch (a decode task takes one shard and streams
@@ -33,8 +34,8 @@ class DataConfig:
     ``adm.data.datasets``. ``deterministic``: same order for the same seed (``preserve_order``);
     turn off to let fast tasks overtake slow ones for a little more throughput."""
 
-    uri: str = ""
-    val_uri: str | None = None
+    uri: Location = ""
+    val_uri: OptionalLocation = None
     random_crop: bool = False
     random_flip: bool = True
     decode_workers: int | None = None
@@ -46,9 +47,6 @@ class DataConfig:
     deterministic: bool = True
 
     def __post_init__(self) -> None:
-        if self.shuffle not in ("shards", "global", "none"):
-            raise ConfigError(f"data.shuffle: must be 'shards', 'global' or 'none', got "
-                              f"{self.shuffle!r}")
         if self.decode_workers is not None and self.decode_workers < 1:
             raise ConfigError(f"data.decode_workers: must be >= 1 or None, got "
                               f"{self.decode_workers}")

@@ -29,7 +29,7 @@ to keep decoding off the GPU nodes).
 from __future__ import annotations
 
 import random
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -78,19 +78,25 @@ def _row_rng(key: float) -> random.Random:
     return random.Random(int(key * 2**53))
 
 
-def _decode_batch(
-    batch: dict[str, np.ndarray],
-    image_size: int,
-    random_crop: bool,
-    random_flip: bool,
-    min_crop_frac: float,
-    max_crop_frac: float,
-    low_res_size: int | None,
-) -> dict[str, np.ndarray]:
+class Preprocess(NamedTuple):
+    """How a decoded image becomes a training row: crop to `image_size` (the reference's
+    random crop between the two fractions, else its center crop), random horizontal flip, and
+    the upsampler's low-resolution input at `low_res_size` (None: none)."""
+
+    image_size: int
+    random_crop: bool = False
+    random_flip: bool = True
+    min_crop_frac: float = 0.8
+    max_crop_frac: float = 1.0
+    low_res_size: int | None = None
+
+
+def _decode_batch(batch: dict[str, np.ndarray], prep: Preprocess) -> dict[str, np.ndarray]:
     """Encoded rows -> ``image`` float32 [B, 3, S, S] in [-1, 1], ``label`` int64 [B],
     ``index`` int64 [B] (row id in the split), and ``low_res`` float32 [B, 3, s, s] when
-    ``low_res_size`` is set. Crops and flips follow the reference, drawing from each row's key."""
-    n = len(batch["label"])
+    ``prep.low_res_size`` is set. Crops and flips follow the reference, drawing from each
+    row's key."""
+    image_size, n = prep.image_size, len(batch["label"])
     images = np.empty((n, 3, image_size, image_size), dtype=np.float32)
     keys = batch[_KEY]
     for i in range(n):
@@ -102,17 +108,18 @@ def _decode_batch(
                 "shard writer checked it, so the shard was changed or damaged after writing"
             ) from e
         rng = _row_rng(float(keys[i]))
-        if random_crop:
-            arr = random_crop_arr(pil, image_size, min_crop_frac, max_crop_frac, rng=rng)
+        if prep.random_crop:
+            arr = random_crop_arr(pil, image_size, prep.min_crop_frac, prep.max_crop_frac,
+                                  rng=rng)
         else:
             arr = center_crop_arr(pil, image_size)
-        if random_flip and rng.random() < 0.5:
+        if prep.random_flip and rng.random() < 0.5:
             arr = arr[:, ::-1]
         images[i] = hwc_to_chw(to_model_range(arr))
     out = {"image": images, "label": batch["label"].astype(np.int64),
            "index": batch["index"].astype(np.int64)}
-    if low_res_size is not None:
-        out["low_res"] = superres_low_res(images, low_res_size)
+    if prep.low_res_size is not None:
+        out["low_res"] = superres_low_res(images, prep.low_res_size)
     return out
 
 
@@ -133,21 +140,10 @@ def _read_shard(row: dict[str, Any], filesystem, columns: list[str], permute: bo
         yield {**{name: cols[name][i] for name in columns}, _KEY: float(keys[i])}
 
 
-def _build(
-    info: SplitInfo,
-    *,
-    image_size: int,
-    random_crop: bool,
-    random_flip: bool,
-    min_crop_frac: float,
-    max_crop_frac: float,
-    low_res_size: int | None,
-    seed: int,
-    config: DataConfig,
-    s3: S3Options | None,
-) -> ray.data.Dataset:
-    if image_size < 1:
-        raise ValueError(f"image_size must be a positive integer, got {image_size}")
+def _build(info: SplitInfo, prep: Preprocess, *, seed: int, config: DataConfig,
+           s3: S3Options | None) -> ray.data.Dataset:
+    if prep.image_size < 1:
+        raise ValueError(f"image_size must be a positive integer, got {prep.image_size}")
     fs, _ = storage.resolve_filesystem(info.root, s3)
     paths = [storage.resolve_filesystem(u, s3)[1] for u in info.shard_uris]
     remote_args: dict[str, Any] = {"num_cpus": config.decode_num_cpus}
@@ -172,9 +168,7 @@ def _build(
         ds = ds.random_shuffle(seed=_epoch_seed(seed))
     ds = ds.map_batches(
         _decode_batch,
-        fn_kwargs=dict(image_size=image_size, random_crop=random_crop, random_flip=random_flip,
-                       min_crop_frac=min_crop_frac, max_crop_frac=max_crop_frac,
-                       low_res_size=low_res_size),
+        fn_kwargs=dict(prep=prep),
         batch_size=config.decode_batch_size,
         batch_format="numpy",
         compute=ray.data.TaskPoolStrategy(size=config.decode_workers),
@@ -205,9 +199,8 @@ def image_dataset(
     ``random_flip``), ``label`` int64 (index into the split's ``classes.json``), ``index``
     int64 (the row's position in the split, for bookkeeping)."""
     info = load_split(uri, split, s3)
-    return _build(info, image_size=image_size, random_crop=random_crop, random_flip=random_flip,
-                  min_crop_frac=min_crop_frac, max_crop_frac=max_crop_frac, low_res_size=None,
-                  seed=seed, config=config, s3=s3)
+    prep = Preprocess(image_size, random_crop, random_flip, min_crop_frac, max_crop_frac)
+    return _build(info, prep, seed=seed, config=config, s3=s3)
 
 
 def superres_dataset(
@@ -230,6 +223,5 @@ def superres_dataset(
     if not 0 < small_size <= large_size:
         raise ValueError(f"need 0 < small_size <= large_size, got {small_size}, {large_size}")
     info = load_split(uri, split, s3)
-    return _build(info, image_size=large_size, random_crop=False, random_flip=random_flip,
-                  min_crop_frac=0.8, max_crop_frac=1.0, low_res_size=small_size, seed=seed,
-                  config=config, s3=s3)
+    prep = Preprocess(large_size, random_flip=random_flip, low_res_size=small_size)
+    return _build(info, prep, seed=seed, config=config, s3=s3)

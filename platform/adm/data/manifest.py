@@ -1,4 +1,4 @@
-"""The on-storage layout of a sharded dataset (contract 7), and how readers find it.
+"""The on-storage layout of a sharded dataset, and how readers find it.
 
 A prepared dataset root (``--out URI``) holds one folder per split::
 
@@ -7,7 +7,7 @@ A prepared dataset root (``--out URI``) holds one folder per split::
     URI/train/shard-00000.parquet ...
     URI/val/...                 same layout, same classes.json (labels index the train classes)
 
-Each split folder is a self-contained dataset root in the sense of contract 7. Readers go
+Each split folder is a self-contained dataset (shards, classes.json, manifest.json). Readers go
 through the manifest (never a directory listing), so temporary files and shards of an unfinished
 run are never read.
 """

@@ -7,7 +7,6 @@ The jobs (``jobs/prepare_imagenet.py``, ``jobs/prepare_digits.py``) are thin wra
 """
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 from adm import storage
@@ -23,13 +22,6 @@ from adm.data.sources import (
     scan_labelled_files,
 )
 from adm.storage import S3Options
-
-
-def report_input_error(e: InputError) -> int:
-    """Print ``e`` as the jobs report bad input: one ``error: <message>`` line on stderr (no
-    traceback). Returns the jobs' exit status for it, 2."""
-    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-    return 2
 
 
 def check_output(out: str, what: str = "--out", s3: S3Options | None = None) -> None:

@@ -1,4 +1,4 @@
-"""Image decoding and the reference's preprocessing (contract 6).
+"""Image decoding and the reference's preprocessing, pixel for pixel.
 
 ``center_crop_arr`` and ``random_crop_arr`` reproduce guided-diffusion's ``image_datasets.py``
 pixel for pixel (same Pillow resampling, same rounding, same order of random draws), and

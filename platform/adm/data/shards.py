@@ -13,8 +13,8 @@ A split is written in three steps, all deterministic for the same input and sett
    (same images, in the same order) and kept, not written again. ``manifest.json`` is written
    last, so a split without it is unfinished and readers refuse it.
 
-Shard columns (contract 7 and a few extras): ``image`` (binary: the file's bytes exactly as
-read), ``label`` (int64 index into ``classes.json``), ``class_name``, ``source`` (relative
+Shard columns (the first four are what every reader may rely on): ``image`` (binary: the
+file's bytes exactly as read), ``label`` (int64 index into ``classes.json``), ``class_name``, ``source`` (relative
 path), ``index`` (int64 position in the split), ``format`` and ``mode`` (what the content turned
 out to be, e.g. ``PNG``/``CMYK``), ``width``, ``height``.
 """
@@ -332,6 +332,21 @@ def _no_images_message(split: str, skipped: Sequence[Skipped]) -> str:
             f"{skipped[0].source}: {skipped[0].reason})")
 
 
+def _finished(out: str, digest: str, config: ShardWriterConfig, s3: S3Options | None
+              ) -> dict | None:
+    """The manifest of a split already finished in `out` from the same files and settings, or
+    None when there is none; an InputError when `out` holds one made from others."""
+    manifest_uri = storage.join(out, MANIFEST)
+    if not storage.exists(manifest_uri, s3):
+        return None
+    manifest = storage.read_json(manifest_uri, s3)
+    if (manifest.get("source_digest"), manifest.get("images_per_shard"),
+            manifest.get("shuffle_seed")) != (digest, config.images_per_shard, config.shuffle_seed):
+        raise InputError(f"{out} already holds a finished split "
+                         "prepared from other files or with other settings; use an empty --out")
+    return manifest
+
+
 def write_split(
     scan: ScanResult,
     classes: Sequence[str],
@@ -351,19 +366,10 @@ def write_split(
     if missing:
         raise ValueError(f"classes {missing[:5]} of the images are not in the class list")
     digest = source_digest(scan)
-    manifest_uri = storage.join(out, MANIFEST)
-    if storage.exists(manifest_uri, s3):
-        manifest = storage.read_json(manifest_uri, s3)
-        same = (manifest.get("source_digest") == digest
-                and manifest.get("images_per_shard") == config.images_per_shard
-                and manifest.get("shuffle_seed") == config.shuffle_seed)
-        if not same:
-            raise InputError(
-                f"{out} already holds a finished split prepared from other files or with other "
-                "settings; use an empty --out"
-            )
-        log(f"[prepare] {split}: already complete at {out} ({manifest['images_written']} images)")
-        return manifest
+    finished = _finished(out, digest, config, s3)
+    if finished is not None:
+        log(f"[prepare] {split}: already complete at {out} ({finished['images_written']} images)")
+        return finished
 
     if not scan.items:
         raise InputError(_no_images_message(split, scan.skipped))
@@ -408,7 +414,7 @@ def write_split(
         "shards": [{k: v for k, v in r.items() if k != "written"} for r in records],
         "skipped": [{"source": s.source, "reason": s.reason} for s in skipped],
     }
-    storage.write_json(manifest_uri, manifest, s3)
+    storage.write_json(storage.join(out, MANIFEST), manifest, s3)
     log(f"[prepare] {split}: wrote {len(good)} images in {len(shards)} shards to {out}; "
         f"skipped {len(skipped)} files" + (f" (e.g. {skipped[0].source}: {skipped[0].reason})"
                                             if skipped else ""))

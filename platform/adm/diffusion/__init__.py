@@ -2,6 +2,8 @@
 steps, guidance hooks, the bits/dim bound), respacing, timestep samplers, and the fast sampling
 entry point (DDPM, DDIM, DPM-Solver++(2M); classifier and classifier-free guidance; per-sample
 noise streams). Plain PyTorch and numpy; nothing here knows about Ray or the networks' internals."""
+from typing import Literal
+
 from .gaussian import GaussianDiffusion, LossType, ModelMeanType, ModelVarType
 from .losses import discretized_gaussian_log_likelihood, mean_flat, normal_kl
 from .resample import (
@@ -35,7 +37,11 @@ __all__ = [
     "create_gaussian_diffusion", "create_named_schedule_sampler", "ScheduleSampler",
     "UniformSampler", "LossAwareSampler", "LossSecondMomentResampler", "sample", "ddim", "ddpm",
     "dpmpp_2m", "SAMPLERS", "TIMESTEP_SPACINGS", "sampling_diffusion", "LOGSNR_MIN",
-    "logsnr_timesteps",
+    "logsnr_timesteps", "SamplerName", "SpacingName",
     "classifier_free_guidance", "index_seeds", "RowNoise", "STREAMS", "normal_kl",
     "discretized_gaussian_log_likelihood", "mean_flat",
 ]
+
+# The sampler and timestep-spacing names, as types for the configs that name them.
+SamplerName = Literal[tuple(sorted(SAMPLERS))]
+SpacingName = Literal[TIMESTEP_SPACINGS]

@@ -9,14 +9,16 @@ posterior variance β̃_t and β_t.
 
 Every method takes `t` as a [N] int64 tensor of indices *into this diffusion* (0..T−1; for a
 respaced diffusion, indices of the kept steps). The model and the guidance function receive
-`model_timesteps(t)`: the original chain's timesteps (contract 2), as float on a 1000 scale when
-`rescale_timesteps`. All per-step arrays are float64 numpy with the reference's names; on a
-device they are cached once as float32 (float64 for float64 inputs), so a sampling step gathers
-its coefficients on the device: no host copies, no host-device syncs.
+`model_timesteps(t)`: the original chain's timesteps, not the indices (the model was trained on
+that chain alone; a respaced diffusion's index 3 may be its timestep 750), as float on a 1000
+scale when `rescale_timesteps`. All per-step arrays are float64 numpy with the reference's
+names; on a device they are cached once as float32 (float64 for float64 inputs), so a sampling
+step gathers its coefficients on the device: no host copies, no host-device syncs.
 
 Noise: the methods draw their noise as the reference does, with `torch.randn_like(x)` on the
 global generator after the model call; every method that draws also takes `generator=` (a
-`torch.Generator` on x's device) to draw from it instead.
+`torch.Generator` on x's device) to draw from it instead. The sampling steps and loops also take
+`noise_fn=` (e.g. `sampling.RowNoise`, a generator per row), called for each draw a step needs.
 """
 from __future__ import annotations
 
@@ -32,6 +34,8 @@ from .losses import discretized_gaussian_log_likelihood, mean_flat, normal_kl
 
 Model = Callable[..., torch.Tensor]  # model(x [N,C,H,W], t [N], **model_kwargs) -> [N,C or 2C,H,W]
 CondFn = Callable[..., torch.Tensor]  # cond_fn(x, t, **model_kwargs) -> ∇_x log p(y|x_t), x's shape
+# noise_fn() -> z ~ N(0, I) of x's shape [N, C, H, W], or None: no noise term.
+NoiseFn = Callable[[], torch.Tensor | None]
 
 ARRAY_NAMES = (
     "betas", "alphas_cumprod", "alphas_cumprod_prev", "alphas_cumprod_next",
@@ -66,6 +70,22 @@ class LossType(enum.Enum):
 
     def is_vb(self) -> bool:
         return self in (LossType.KL, LossType.RESCALED_KL)
+
+
+def _device_of(model, noise, generator, device) -> torch.device:
+    """Where to sample: `device`, else noise's, the generator's, the model's, or the CPU."""
+    if device is not None:
+        return torch.device(device)
+    if noise is not None:
+        return noise.device
+    if generator is not None:
+        return generator.device
+    if isinstance(model, torch.nn.Module):  # (a parameter-free module: its buffers, or the CPU)
+        tensor = next(model.parameters(), None)
+        tensor = next(model.buffers(), None) if tensor is None else tensor
+        if tensor is not None:
+            return tensor.device
+    return torch.device("cpu")
 
 
 def _progress(indices: list[int], enabled: bool):
@@ -298,31 +318,47 @@ class GaussianDiffusion:
         return out
 
     @staticmethod
-    def _noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    def _noise_like(x: torch.Tensor, generator: torch.Generator | None,
+                    noise_fn: NoiseFn | None = None) -> torch.Tensor | None:
+        """A step's z: noise_fn's if given, else a draw from generator or the global one."""
+        if noise_fn is not None:
+            return noise_fn()
         if generator is None:
             return torch.randn_like(x)
         return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
+    @staticmethod
+    def _add_noise(sample: torch.Tensor, scale: torch.Tensor, t: torch.Tensor,
+                   noise: torch.Tensor | None) -> torch.Tensor:
+        """sample + scale·z where t ≠ 0 (the last step adds nothing); no term for noise None."""
+        if noise is None:
+            return sample
+        nonzero = (t != 0).to(noise.dtype).view(-1, *([1] * (sample.ndim - 1)))
+        return sample + nonzero * scale * noise
+
     def p_sample(self, model: Model, x: torch.Tensor, t: torch.Tensor, clip_denoised: bool = True,
                  denoised_fn=None, cond_fn: CondFn | None = None, model_kwargs=None, *,
-                 generator: torch.Generator | None = None) -> dict:
+                 generator: torch.Generator | None = None, noise_fn: NoiseFn | None = None) -> dict:
         """One ancestral step x_t -> x_{t-1} ~ p(x_{t-1} | x_t) (no noise where t = 0), guided by
-        cond_fn when given. Returns {"sample": x_{t-1}, "pred_xstart": x_0}, x's shape."""
+        cond_fn when given. Returns {"sample": x_{t-1}, "pred_xstart": x_0}, x's shape.
+
+        :param noise_fn: the step's z (x's shape; None: no noise term) instead of a draw from
+            `generator` or the global generator."""
         out = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)
-        noise = self._noise_like(x, generator)
-        nonzero = (t != 0).to(noise.dtype).view(-1, *([1] * (x.ndim - 1)))
+        noise = self._noise_like(x, generator, noise_fn)
         if cond_fn is not None:
             out["mean"] = self.condition_mean(cond_fn, out, x, t, model_kwargs)
-        sample = out["mean"] + nonzero * torch.exp(0.5 * out["log_variance"]) * noise
+        sample = self._add_noise(out["mean"], torch.exp(0.5 * out["log_variance"]), t, noise)
         return {"sample": sample, "pred_xstart": out["pred_xstart"]}
 
     def ddim_sample(self, model: Model, x: torch.Tensor, t: torch.Tensor, clip_denoised: bool = True,
                     denoised_fn=None, cond_fn: CondFn | None = None, model_kwargs=None,
-                    eta: float = 0.0, *, generator: torch.Generator | None = None) -> dict:
+                    eta: float = 0.0, *, generator: torch.Generator | None = None,
+                    noise_fn: NoiseFn | None = None) -> dict:
         """One DDIM step x_t -> x_{t-1} (Song et al. 2020, eq. 12): x_0·√ᾱ_{t-1} +
         √(1−ᾱ_{t-1}−σ²)·ε + σ·z with σ = η·√((1−ᾱ_{t-1})/(1−ᾱ_t))·√(1−ᾱ_t/ᾱ_{t-1});
         deterministic for η = 0 (then no noise is drawn). Guided by cond_fn on the score.
-        Returns {"sample": x_{t-1}, "pred_xstart": x_0}, x's shape."""
+        Returns {"sample": x_{t-1}, "pred_xstart": x_0}, x's shape. `noise_fn` as p_sample's."""
         out = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)
         if cond_fn is not None:
             out = self.condition_score(cond_fn, out, x, t, model_kwargs)
@@ -330,11 +366,9 @@ class GaussianDiffusion:
         x0_coef, eps_coef, sigma = self._ddim_coefs(
             self._extract("alphas_cumprod", t, x), self._extract("alphas_cumprod_prev", t, x), eta)
         sample = out["pred_xstart"] * x0_coef + eps_coef * eps
-        if eta == 0.0:  # σ = 0: the step is deterministic and draws nothing
-            return {"sample": sample, "pred_xstart": out["pred_xstart"]}
-        noise = self._noise_like(x, generator)
-        nonzero = (t != 0).to(noise.dtype).view(-1, *([1] * (x.ndim - 1)))
-        return {"sample": sample + nonzero * sigma * noise, "pred_xstart": out["pred_xstart"]}
+        if eta != 0.0:  # (σ = 0: the step is deterministic and draws nothing)
+            sample = self._add_noise(sample, sigma, t, self._noise_like(x, generator, noise_fn))
+        return {"sample": sample, "pred_xstart": out["pred_xstart"]}
 
     @staticmethod
     def _ddim_coefs(alpha_bar: torch.Tensor, alpha_bar_to: torch.Tensor, eta: float):
@@ -369,20 +403,17 @@ class GaussianDiffusion:
 
     # -- whole loops -------------------------------------------------------------------------
 
-    def _loop(self, step, model, shape, noise, device, progress, generator, **step_kwargs
-              ) -> Iterator[dict]:
-        if device is None:
-            if noise is not None:
-                device = noise.device
-            elif generator is not None:
-                device = generator.device
-            else:
-                device = next(iter(model.parameters())).device if hasattr(model, "parameters") \
-                    else torch.device("cpu")
+    def _loop(self, step, model, shape, noise, device, progress, generator, noise_fn,
+              **step_kwargs) -> Iterator[dict]:
+        """`step`'s dicts from x_T = noise (else a draw from noise_fn, generator or the global
+        generator) down to t = 0."""
+        device = _device_of(model, noise, generator, device)
         if not isinstance(shape, (tuple, list)):
             raise TypeError(f"shape must be a tuple or list, got {type(shape).__name__}")
         if noise is not None:
             img = noise
+        elif noise_fn is not None:
+            img = noise_fn()
         elif generator is not None:
             img = torch.randn(*shape, generator=generator, device=device)
         else:
@@ -390,23 +421,27 @@ class GaussianDiffusion:
         self._preload(img.device, img.dtype)  # every host-to-device copy before the loop
         for i in _progress(list(range(self.num_timesteps))[::-1], progress):
             t = torch.full((shape[0],), i, device=device, dtype=torch.int64)
+            # The last step's noise is multiplied by 0: a generator still draws it (the reference's
+            # draws, so a seed gives its samples); a noise_fn is not called (a launch per row).
+            step_noise = noise_fn if noise_fn is None or i > 0 else (lambda: None)
             with torch.no_grad():
-                out = step(model, img, t, generator=generator, **step_kwargs)
+                out = step(model, img, t, generator=generator, noise_fn=step_noise, **step_kwargs)
             yield out
             img = out["sample"]
 
     def p_sample_loop_progressive(self, model: Model, shape, noise=None, clip_denoised=True,
                                   denoised_fn=None, cond_fn=None, model_kwargs=None, device=None,
-                                  progress=False, *, generator=None) -> Iterator[dict]:
+                                  progress=False, *, generator=None, noise_fn=None
+                                  ) -> Iterator[dict]:
         """Ancestral sampling from x_T to x_0, yielding p_sample's dict at every step (t = T−1
         first). Arguments as p_sample_loop."""
         return self._loop(self.p_sample, model, shape, noise, device, progress, generator,
-                          clip_denoised=clip_denoised, denoised_fn=denoised_fn, cond_fn=cond_fn,
-                          model_kwargs=model_kwargs)
+                          noise_fn, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
+                          cond_fn=cond_fn, model_kwargs=model_kwargs)
 
     def p_sample_loop(self, model: Model, shape, noise=None, clip_denoised=True, denoised_fn=None,
                       cond_fn=None, model_kwargs=None, device=None, progress=False, *,
-                      generator=None) -> torch.Tensor:
+                      generator=None, noise_fn: NoiseFn | None = None) -> torch.Tensor:
         """Samples [N, C, ...] by ancestral sampling.
 
         :param shape: (N, C, H, W). :param noise: x_T of that shape (else drawn).
@@ -414,31 +449,34 @@ class GaussianDiffusion:
         :param device: where to sample; default: noise's, the generator's, or the model's.
         :param progress: show a progress bar.
         :param generator: draw x_T and the per-step noise from it instead of the global one.
+        :param noise_fn: draw x_T (unless `noise` is given) and the per-step noise from it
+            instead (e.g. a `sampling.RowNoise`); not called for the last step, which adds none.
         """
         final = None
         for final in self.p_sample_loop_progressive(
                 model, shape, noise, clip_denoised, denoised_fn, cond_fn, model_kwargs, device,
-                progress, generator=generator):
+                progress, generator=generator, noise_fn=noise_fn):
             pass
         return final["sample"]
 
     def ddim_sample_loop_progressive(self, model: Model, shape, noise=None, clip_denoised=True,
                                      denoised_fn=None, cond_fn=None, model_kwargs=None,
-                                     device=None, progress=False, eta=0.0, *, generator=None
-                                     ) -> Iterator[dict]:
+                                     device=None, progress=False, eta=0.0, *, generator=None,
+                                     noise_fn=None) -> Iterator[dict]:
         """DDIM sampling, yielding ddim_sample's dict at every step. Arguments as p_sample_loop."""
         return self._loop(self.ddim_sample, model, shape, noise, device, progress, generator,
-                          clip_denoised=clip_denoised, denoised_fn=denoised_fn, cond_fn=cond_fn,
-                          model_kwargs=model_kwargs, eta=eta)
+                          noise_fn, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
+                          cond_fn=cond_fn, model_kwargs=model_kwargs, eta=eta)
 
     def ddim_sample_loop(self, model: Model, shape, noise=None, clip_denoised=True,
                          denoised_fn=None, cond_fn=None, model_kwargs=None, device=None,
-                         progress=False, eta=0.0, *, generator=None) -> torch.Tensor:
+                         progress=False, eta=0.0, *, generator=None,
+                         noise_fn: NoiseFn | None = None) -> torch.Tensor:
         """Samples [N, C, ...] by DDIM with η = eta. Arguments as p_sample_loop."""
         final = None
         for final in self.ddim_sample_loop_progressive(
                 model, shape, noise, clip_denoised, denoised_fn, cond_fn, model_kwargs, device,
-                progress, eta, generator=generator):
+                progress, eta, generator=generator, noise_fn=noise_fn):
             pass
         return final["sample"]
 

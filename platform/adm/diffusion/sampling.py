@@ -9,8 +9,8 @@ the networks.
 
 The samplers are plain functions with one signature (k-diffusion's style):
 ``sampler(diffusion, model, x_T, *, cond_fn, model_kwargs, clip_denoised, eta, generator,
-progress) -> x_0``. Each runs over every step of the diffusion it is given (one model call per
-step); `sample` picks those steps (`steps`, `timesteps`) by respacing the original chain first.
+noise_fn, progress) -> x_0``. Each runs over every step of the diffusion it is given (one model
+call per step); `sample` picks those steps (`steps`, `timesteps`) by respacing the original chain.
 
 - "ddpm": ancestral sampling (the reference's `p_sample_loop`);
 - "ddim": DDIM (the reference's `ddim_sample_loop`), η = `eta`;
@@ -21,10 +21,11 @@ Classifier-free guidance (``sample(..., cfg_scale=w)``) wraps the model, so it c
 every sampler and with classifier guidance: see `classifier_free_guidance`.
 
 Per-sample noise streams (``sample(..., seeds=[...])``): row i draws its x_T and every step's
-noise from its own `torch.Generator` seeded with seeds[i], so a sample depends on its seed alone,
-not on the batch it was drawn in, its position there, or the batch size (given kernels that are
-themselves batch-invariant; see `RowNoise`). `index_seeds(seed, indices)` derives such seeds
-from a run's seed and the samples' indices, which is what large-scale generation uses.
+noise from its own `torch.Generator` seeded with seeds[i] (a `RowNoise`, the samplers'
+`noise_fn`), so a sample depends on its seed alone, not on the batch it was drawn in, its
+position there, or the batch size (given kernels that are themselves batch-invariant).
+`index_seeds(seed, indices)` derives such seeds from a run's seed and the samples' indices,
+which is what large-scale generation uses.
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ import torch
 import torch.nn as nn
 
 from ..guidance import classifier_cond_fn
-from .gaussian import GaussianDiffusion, _progress
+from .gaussian import GaussianDiffusion, NoiseFn, _device_of, _progress
 from .respace import SpacedDiffusion, respace
 
 # Stream names for `index_seeds`: one independent stream per use of a sample's randomness.
@@ -84,72 +85,37 @@ class RowNoise:
         return out
 
 
-def _row_noise_loop(diffusion: GaussianDiffusion, model, x: torch.Tensor, noise: RowNoise, *,
-                    ddim: bool, cond_fn, model_kwargs, clip_denoised: bool, eta: float,
-                    progress: bool) -> torch.Tensor:
-    """The ancestral (ddim=False) or DDIM loop of `diffusion` from x = x_T [N, C, H, W], with
-    each step's noise from `noise` (its per-row streams) instead of one generator. Each step
-    is GaussianDiffusion.p_sample / ddim_sample with the noise passed in; a test holds the two
-    equal for a single row."""
-    diffusion._preload(x.device, x.dtype)
-    n = x.shape[0]
-    for i in _progress(list(range(diffusion.num_timesteps))[::-1], progress):
-        t = torch.full((n,), i, device=x.device, dtype=torch.int64)
-        with torch.no_grad():
-            out = diffusion.p_mean_variance(model, x, t, clip_denoised, None, model_kwargs)
-            if ddim:
-                x_next = _ddim_step(diffusion, out, x, t, cond_fn, model_kwargs, eta)
-                scale = None if eta == 0.0 else _ddim_sigma(diffusion, x, t, eta)
-            else:
-                if cond_fn is not None:
-                    out["mean"] = diffusion.condition_mean(cond_fn, out, x, t, model_kwargs)
-                x_next, scale = out["mean"], torch.exp(0.5 * out["log_variance"])
-            # The last step (i = 0) adds no noise; every other one adds Σ^½·z (DDPM) or σ·z
-            # (DDIM, η > 0), in the reference's order of operations.
-            if i > 0 and scale is not None:
-                x_next = x_next + scale * noise()
-        x = x_next
-    return x
-
-
-def _ddim_step(diffusion: GaussianDiffusion, out: dict, x, t, cond_fn, model_kwargs, eta):
-    """DDIM's deterministic part x_0·√ᾱ_{t-1} + √(1−ᾱ_{t-1}−σ²)·ε (the σ·z term is added by the
-    caller), guided on the score as GaussianDiffusion.ddim_sample."""
-    if cond_fn is not None:
-        out = diffusion.condition_score(cond_fn, out, x, t, model_kwargs)
-    eps = diffusion._predict_eps_from_xstart(x, t, out["pred_xstart"])
-    x0_coef, eps_coef, _ = diffusion._ddim_coefs(
-        diffusion._extract("alphas_cumprod", t, x), diffusion._extract("alphas_cumprod_prev", t, x),
-        eta)
-    return out["pred_xstart"] * x0_coef + eps_coef * eps
-
-
-def _ddim_sigma(diffusion: GaussianDiffusion, x, t, eta: float) -> torch.Tensor:
-    """DDIM's σ_t for η = eta at indices t [N], shaped [N, 1, 1, 1]."""
-    return diffusion._ddim_coefs(diffusion._extract("alphas_cumprod", t, x),
-                                 diffusion._extract("alphas_cumprod_prev", t, x), eta)[2]
+def _check_eta(sampler: str, eta: float) -> None:
+    """Only DDIM has an η: the other samplers refuse one rather than silently ignore it."""
+    if eta == 0.0 or sampler == "ddim":
+        return
+    if sampler == "ddpm":
+        raise ValueError(f"eta={eta} is a DDIM parameter; the ddpm sampler takes none")
+    raise ValueError(f"eta={eta}: dpmpp_2m is the deterministic ODE solver (eta must be 0)")
 
 
 def ddpm(diffusion: GaussianDiffusion, model, x: torch.Tensor, *, cond_fn=None, model_kwargs=None,
-         clip_denoised: bool = True, eta: float = 0.0, generator=None, progress: bool = False
-         ) -> torch.Tensor:
+         clip_denoised: bool = True, eta: float = 0.0, generator: torch.Generator | None = None,
+         noise_fn: NoiseFn | None = None, progress: bool = False) -> torch.Tensor:
     """Ancestral sampling (Ho et al.) over every step of `diffusion` from x = x_T [N, C, H, W];
-    classifier guidance shifts each mean by Σ·g. `eta` must be 0 (a DDIM parameter)."""
-    if eta != 0.0:
-        raise ValueError(f"eta={eta} is a DDIM parameter; the ddpm sampler takes none")
+    classifier guidance shifts each mean by Σ·g. `eta` must be 0 (a DDIM parameter). Each
+    step's noise comes from `noise_fn` (e.g. a `RowNoise`; not called for the last step, which
+    adds none) when given, else from `generator`, else from the global generator."""
+    _check_eta("ddpm", eta)
     return diffusion.p_sample_loop(model, tuple(x.shape), noise=x, clip_denoised=clip_denoised,
                                    cond_fn=cond_fn, model_kwargs=model_kwargs, device=x.device,
-                                   progress=progress, generator=generator)
+                                   progress=progress, generator=generator, noise_fn=noise_fn)
 
 
 def ddim(diffusion: GaussianDiffusion, model, x: torch.Tensor, *, cond_fn=None, model_kwargs=None,
-         clip_denoised: bool = True, eta: float = 0.0, generator=None, progress: bool = False
-         ) -> torch.Tensor:
+         clip_denoised: bool = True, eta: float = 0.0, generator: torch.Generator | None = None,
+         noise_fn: NoiseFn | None = None, progress: bool = False) -> torch.Tensor:
     """DDIM (Song et al.) with η = eta over every step of `diffusion` from x = x_T; classifier
-    guidance corrects each ε by −√(1−ᾱ_t)·g."""
+    guidance corrects each ε by −√(1−ᾱ_t)·g. The noise (η > 0 only) as `ddpm`'s."""
     return diffusion.ddim_sample_loop(model, tuple(x.shape), noise=x, clip_denoised=clip_denoised,
                                       cond_fn=cond_fn, model_kwargs=model_kwargs, device=x.device,
-                                      progress=progress, eta=eta, generator=generator)
+                                      progress=progress, eta=eta, generator=generator,
+                                      noise_fn=noise_fn)
 
 
 def log_snr(alphas_cumprod: np.ndarray) -> np.ndarray:
@@ -237,10 +203,11 @@ def _data_prediction(diffusion: GaussianDiffusion, model, x, t, cond_fn, model_k
 
 
 def dpmpp_2m(diffusion: GaussianDiffusion, model, x: torch.Tensor, *, cond_fn=None,
-             model_kwargs=None, clip_denoised: bool = True, eta: float = 0.0, generator=None,
+             model_kwargs=None, clip_denoised: bool = True, eta: float = 0.0,
+             generator: torch.Generator | None = None, noise_fn: NoiseFn | None = None,
              progress: bool = False) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022) over every step of `diffusion` from x = x_T
-    [N, C, H, W]: one model call per step, deterministic (`generator` is unused).
+    [N, C, H, W]: one model call per step, deterministic (`generator`, `noise_fn` unused).
 
     It integrates the probability-flow ODE in λ = log(α/σ) from index T−1 down to index 0 with
     the multistep second-order update on the data prediction x_0 (see `_dpmpp_2m_coefs`; its
@@ -249,8 +216,7 @@ def dpmpp_2m(diffusion: GaussianDiffusion, model, x: torch.Tensor, *, cond_fn=No
     data prediction, as DDIM's last step does. x_0 comes from `_data_prediction` (ε half of a
     learned Σ, clip_denoised, classifier guidance on ε as the reference's DDIM). `eta` must be
     0: this is the ODE solver (the SDE variant is not implemented)."""
-    if eta != 0.0:
-        raise ValueError(f"eta={eta}: dpmpp_2m is the deterministic ODE solver (eta must be 0)")
+    _check_eta("dpmpp_2m", eta)
     diffusion._preload(x.device, x.dtype)
     coefs = _dpmpp_2m_coefs(diffusion.alphas_cumprod)
     n, previous = x.shape[0], None
@@ -268,9 +234,6 @@ def dpmpp_2m(diffusion: GaussianDiffusion, model, x: torch.Tensor, *, cond_fn=No
 
 SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {"ddpm": ddpm, "ddim": ddim,
                                                      "dpmpp_2m": dpmpp_2m}
-# Samplers that draw noise at every step (the per-row `seeds` loop draws it); the others draw
-# only x_T.
-_STOCHASTIC = ("ddpm", "ddim")
 # How an int `steps` picks the chain's timesteps, per `timesteps` option (None: per sampler).
 TIMESTEP_SPACINGS = ("uniform", "logsnr")
 DEFAULT_SPACING = {"ddpm": "uniform", "ddim": "ddim", "dpmpp_2m": "logsnr"}
@@ -331,21 +294,6 @@ def sampling_diffusion(diffusion: GaussianDiffusion, sampler: str,
     return _respaced(diffusion, tuple(logsnr_timesteps(base_alphas_cumprod, int(steps), start)))
 
 
-def _device_of(model, noise, generator, device) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    if noise is not None:
-        return noise.device
-    if generator is not None:
-        return generator.device
-    if isinstance(model, nn.Module):  # (a parameter-free module: its buffers, or the CPU)
-        tensor = next(model.parameters(), None)
-        tensor = next(model.buffers(), None) if tensor is None else tensor
-        if tensor is not None:
-            return tensor.device
-    return torch.device("cpu")
-
-
 def _model_fn(model, pass_y: bool):
     """model(x, t, **kwargs) with y dropped for an unconditional model (guidance still gets y, as
     the reference's `classifier_sample.py` does) and the output in float32."""
@@ -392,6 +340,61 @@ def classifier_free_guidance(model_fn, scale: float, null_label: int):
     return guided
 
 
+def _check_arguments(sampler: str, eta: float, classifier, y, seeds, generator) -> None:
+    """`sample`'s checks of its own arguments (`sampling_diffusion` and `_check_cfg` check the
+    spacing and the classifier-free guidance; `RowNoise` the number of seeds)."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}: expected one of {sorted(SAMPLERS)}")
+    _check_eta(sampler, eta)
+    if seeds is not None and generator is not None:
+        raise ValueError("seeds and generator exclude each other: seeds gives each row its own")
+    if classifier is not None and y is None:
+        raise ValueError("classifier guidance needs labels y")
+
+
+def _starting_noise(shape: tuple, device: torch.device, noise: torch.Tensor | None,
+                    row_noise: RowNoise | None, generator: torch.Generator | None,
+                    channels_last: bool) -> torch.Tensor:
+    """x_T [N, C, H, W] float32 on `device`: `noise` itself, else the per-row streams' first
+    draw, else a draw from `generator` (or the global generator); channels-last if asked."""
+    if noise is not None:
+        if tuple(noise.shape) != shape:
+            raise ValueError(f"noise {tuple(noise.shape)} does not match shape {shape}")
+        x = noise.to(device=device, dtype=torch.float32)
+    elif row_noise is not None:
+        x = row_noise()
+    else:
+        x = torch.randn(shape, generator=generator, device=device)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+@contextlib.contextmanager
+def _prepared(model: nn.Module, classifier: nn.Module | None, channels_last: bool,
+              compile: bool | dict):
+    """(model, classifier) for one `sample` call: converted to channels-last in place and/or
+    wrapped by `torch.compile` (options: `compile` if a dict). A compiled classifier's weights
+    stop requiring grad inside and are restored on the way out, whatever happens."""
+    if channels_last:
+        for module in (model, classifier):
+            if isinstance(module, nn.Module):
+                module.to(memory_format=torch.channels_last)
+    restore = []
+    if compile:
+        options = compile if isinstance(compile, dict) else {}
+        model = torch.compile(model, **options)
+        if classifier is not None:
+            # A compiled backward computes every input's gradient: keep the weights out of it.
+            restore = [p for p in classifier.parameters() if p.requires_grad]
+            for p in restore:
+                p.requires_grad_(False)
+            classifier = torch.compile(classifier, **options)
+    try:
+        yield model, classifier
+    finally:
+        for p in restore:
+            p.requires_grad_(True)
+
+
 def _check_cfg(model, cfg_scale: float, y) -> int | None:
     """The null label to guide with, or None when cfg_scale is 1 (off); a clear error when the
     model has no null class (trained without label dropout) or there are no labels."""
@@ -408,6 +411,7 @@ def _check_cfg(model, cfg_scale: float, y) -> int | None:
     return int(null_label)
 
 
+# Over 80 lines for its docstring, which documents every parameter.
 def sample(
     model: nn.Module,
     diffusion: GaussianDiffusion,
@@ -485,71 +489,25 @@ def sample(
     :param progress: show a progress bar.
     :return: [N, C, H, W] float32 samples in [-1, 1] (clamped), contiguous.
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}: expected one of {sorted(SAMPLERS)}")
-    if sampler == "ddpm" and eta != 0.0:  # (the per-row loop would otherwise ignore it)
-        raise ValueError(f"eta={eta} is a DDIM parameter; the ddpm sampler takes none")
-    if sampler == "dpmpp_2m" and eta != 0.0:
-        raise ValueError(f"eta={eta}: dpmpp_2m is the deterministic ODE solver (eta must be 0)")
+    _check_arguments(sampler, eta, classifier, y, seeds, generator)
     diffusion = sampling_diffusion(diffusion, sampler, steps, timesteps, lambda_min)
     null_label = _check_cfg(model, cfg_scale, y)
     shape = tuple(int(s) for s in shape)
     device = _device_of(model, noise, generator, device)
-    if seeds is not None and generator is not None:
-        raise ValueError("seeds and generator exclude each other: seeds gives each row its own")
     row_noise = RowNoise(seeds, shape, device) if seeds is not None else None
-    if noise is not None:
-        if tuple(noise.shape) != shape:
-            raise ValueError(f"noise {tuple(noise.shape)} does not match shape {shape}")
-        x = noise.to(device=device, dtype=torch.float32)
-    elif row_noise is not None:
-        x = row_noise()
-    else:
-        x = torch.randn(shape, generator=generator, device=device)
-    if classifier is not None and y is None:
-        raise ValueError("classifier guidance needs labels y")
-
+    x = _starting_noise(shape, device, noise, row_noise, generator, channels_last)
     model_kwargs = dict(model_kwargs or {})
     if y is not None:
         model_kwargs["y"] = y.to(device)
     pass_y = getattr(model, "num_classes", True) is not None
-
-    restore = []
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-        for module in (model, classifier):
-            if isinstance(module, nn.Module):
-                module.to(memory_format=torch.channels_last)
-    if compile:
-        options = compile if isinstance(compile, dict) else {}
-        model = torch.compile(model, **options)
-        if classifier is not None:
-            # A compiled backward computes every input's gradient: keep the weights out of it.
-            restore = [p for p in classifier.parameters() if p.requires_grad]
-            for p in restore:
-                p.requires_grad_(False)
-            classifier = torch.compile(classifier, **options)
-
-    cond_fn = None
-    if classifier is not None:
-        cond_fn = classifier_cond_fn(classifier, classifier_scale)
     precision = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
                  else contextlib.nullcontext())
-    model_fn = _model_fn(model, pass_y)
-    if null_label is not None:
-        model_fn = classifier_free_guidance(model_fn, cfg_scale, null_label)
-    try:
-        with precision:
-            if row_noise is not None and sampler in _STOCHASTIC:
-                out = _row_noise_loop(diffusion, model_fn, x, row_noise,
-                                      ddim=sampler == "ddim", cond_fn=cond_fn,
-                                      model_kwargs=model_kwargs, clip_denoised=clip_denoised,
-                                      eta=eta, progress=progress)
-            else:  # (a deterministic sampler: with `seeds`, x_T was their only draw)
-                out = SAMPLERS[sampler](diffusion, model_fn, x, cond_fn=cond_fn,
-                                        model_kwargs=model_kwargs, clip_denoised=clip_denoised,
-                                        eta=eta, generator=generator, progress=progress)
-    finally:
-        for p in restore:
-            p.requires_grad_(True)
+    with _prepared(model, classifier, channels_last, compile) as (model, classifier), precision:
+        model_fn = _model_fn(model, pass_y)
+        if null_label is not None:
+            model_fn = classifier_free_guidance(model_fn, cfg_scale, null_label)
+        cond_fn = None if classifier is None else classifier_cond_fn(classifier, classifier_scale)
+        out = SAMPLERS[sampler](diffusion, model_fn, x, cond_fn=cond_fn, model_kwargs=model_kwargs,
+                                clip_denoised=clip_denoised, eta=eta, generator=generator,
+                                noise_fn=row_noise, progress=progress)
     return out.clamp(-1, 1).contiguous()

@@ -1,5 +1,5 @@
 """Evaluation: FID, sFID, Inception Score, precision and recall with the ADM evaluator's
-definitions (contract 8), on features computed by a Ray Data job.
+definitions (as its `evaluator.py` computes them), on features computed by a Ray Data job.
 
 The metrics (``metrics``) are plain numpy functions and import no network or Ray:
 ``frechet_distance(mu1, sigma1, mu2, sigma2)``, ``inception_score(probs, split_size=5000)``,

@@ -16,9 +16,10 @@ features from its cache or from the Ray feature job, then computes:
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
-from ..config import ConfigError
+from ..config import ConfigError, config_class
 from .. import checkpoints
 from . import inception
 from .features import Features, has_cache, load_cache, run_feature_job, summarize
@@ -29,6 +30,22 @@ from .sources import ImageSource, InputError, open_source
 K = 3
 SPLIT_SIZE = 5000
 POOL_DIM, SPATIAL_DIM = 2048, inception.SPATIAL_CHANNELS * 17 * 17
+
+
+@config_class(frozen=True)
+class FeatureJob:
+    """How the Ray feature job runs (`jobs/evaluate.py`'s --batch-size, --num-workers,
+    --cpus-per-worker, --gpus)."""
+
+    batch_size: int = 64  # images per network call
+    num_workers: int = 1  # feature actors
+    cpus_per_worker: float = 1.0  # CPUs each actor reserves
+    gpus: bool = False  # one GPU per actor
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.num_workers < 1 or self.cpus_per_worker <= 0:
+            raise ConfigError(f"batch size ({self.batch_size}) and workers ({self.num_workers}) "
+                              f"must be >= 1, CPUs per worker ({self.cpus_per_worker}) > 0")
 
 
 @dataclass(frozen=True)
@@ -130,8 +147,8 @@ def _statistics(plan: EvalPlan, source: ImageSource, feats: Features) -> tuple:
 def run(plan: EvalPlan, *, batch_size: int = 64, num_workers: int = 1, gpus: bool = False,
         cpus_per_worker: float = 1.0, progress: bool = True) -> dict:
     """Features (cache or Ray job) and the five numbers; returns the JSON report."""
-    job = dict(batch_size=batch_size, num_workers=num_workers, gpus=gpus,
-               cpus_per_worker=cpus_per_worker, progress=progress)
+    job = dataclasses.asdict(FeatureJob(batch_size, num_workers, cpus_per_worker, gpus))
+    job["progress"] = progress
     if plan.reference == plan.samples:
         ref = smp = features_of([plan.reference], plan, **job)[0]
     else:

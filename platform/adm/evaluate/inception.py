@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..compat.openai import state_dict_mismatch
+from ..config import UserError
 
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_SOURCE = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
@@ -39,7 +40,7 @@ INPUT_SIZE = 299
 SPATIAL_CHANNELS = 7  # the evaluator keeps mixed_6/conv[..., :7]
 
 
-class InceptionWeightsError(FileNotFoundError):
+class InceptionWeightsError(UserError, FileNotFoundError):
     """The FID Inception weights are missing or are not pytorch-fid's file."""
 
 

@@ -1,4 +1,4 @@
-"""The five numbers of the paper, with the ADM evaluator's definitions (contract 8).
+"""The five numbers of the paper, with the ADM evaluator's definitions.
 
 Plain functions over numpy arrays, usable without any network:
 

@@ -23,9 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import storage
+from .. import checkpoints, storage
 from ..config import ConfigError
-from .. import checkpoints
 from . import inception
 
 KINDS = ("inception", "classifier")

@@ -29,13 +29,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .. import storage
+from ..config import UserError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 STATS_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
 SAMPLES_FILE = "samples.npz"
 
 
-class InputError(ValueError):
+class InputError(UserError, ValueError):
     """An input that cannot be evaluated; the message names the input and the problem."""
 
 

@@ -1,5 +1,5 @@
 """The settings of a sampling run (`jobs/sample.py`), from YAML, `key=value` overrides and the
-command line (which wins), checked strictly by `adm.config.from_dict`.
+command line (which wins), checked when built (`adm.config`).
 
 Settings fall in two groups. `DECISIVE` ones decide the samples: a rerun into the same `out`
 must repeat them exactly (the run refuses otherwise, naming the first that differs). The rest
@@ -9,14 +9,14 @@ sample's randomness comes from (seed, index) alone (`adm.diffusion.sampling.inde
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields, replace
 from typing import Any, Sequence
 
-from ..config import ConfigError, apply_overrides, from_dict, load_yaml
-from ..diffusion import SAMPLERS as LIBRARY_SAMPLERS, TIMESTEP_SPACINGS
+from ..config import (ConfigError, Location, Precision, apply_overrides, config_class,
+                      from_dict, load_yaml)
+from ..diffusion import SamplerName, SpacingName
 
 
-@dataclass(frozen=True)
+@config_class(frozen=True)
 class SampleConfig:
     """One sampling run. `None` means "the preset's (README) default, else the model's own"."""
 
@@ -28,21 +28,21 @@ class SampleConfig:
     upsampler: str | None = None  # state-dict URI of an upsampler: stage 2
     upsampler_preset: str | None = None
     upsampler_steps: int | str | None = None  # stage 2 respacing (int: 'ddimN' or 'N')
-    upsampler_sampler: str | None = None  # "ddim", "ddpm" or "dpmpp_2m"
-    sampler: str | None = None  # stage 1: "ddim", "ddpm" or "dpmpp_2m"
+    upsampler_sampler: SamplerName | None = None
+    sampler: SamplerName | None = None  # stage 1
     steps: int | str | None = None  # stage 1: 25 (spaced per `timesteps`), "250", "ddim25"
-    timesteps: str | None = None  # how an int `steps` is spaced: "uniform", "logsnr" or
-    #                               None (the sampler's own: ddimN, N, log-SNR for dpmpp_2m)
+    timesteps: SpacingName | None = None  # how an int `steps` is spaced; None: the sampler's own
+    #                                   (ddimN, N, log-SNR for dpmpp_2m)
     lambda_min: float | None = None  # where a log-SNR grid starts (None: -5.1; -inf: step T)
     cfg_scale: float = 1.0  # classifier-free guidance w of stage 1 (1 = off)
     eta: float = 0.0  # DDIM's eta, for the stages that sample with DDIM
     num_samples: int = 10000
     classes: str = "uniform"  # "uniform", "balanced" or a list "3,7,9" (ids or class names)
     seed: int = 0
-    precision: str = "fp32"  # "fp32", "bf16" or "fp16" (autocast of the networks)
+    precision: Precision = "fp32"  # autocast of the networks
     clip_denoised: bool = True
     shard_size: int = 1000  # samples per shard file (the unit of resumption)
-    out: str = "samples"  # output folder, local or s3://
+    out: Location = "samples"  # output folder, local or s3://
     batch_size: int = 16  # stage 1 rows per model call
     upsampler_batch_size: int | None = None  # stage 2 rows per model call (default batch_size)
     num_workers: int = 1  # stage 1 actors
@@ -50,14 +50,15 @@ class SampleConfig:
     gpus: bool = False  # one GPU per actor
     cpus_per_worker: float = 1.0  # logical CPUs each actor reserves
 
+    def __post_init__(self) -> None:
+        check_numbers(self)
+
 
 DECISIVE = ("model", "model_preset", "classifier", "classifier_preset", "classifier_scale",
             "upsampler", "upsampler_preset", "upsampler_steps", "upsampler_sampler", "sampler",
             "steps", "timesteps", "lambda_min", "cfg_scale", "eta", "num_samples", "classes",
             "seed",
             "precision", "clip_denoised", "shard_size")
-PRECISIONS = ("fp32", "bf16", "fp16")
-SAMPLERS = tuple(sorted(LIBRARY_SAMPLERS))
 
 
 def load_sample_config(config: str | None, overrides: Sequence[str] = (), **cli: Any
@@ -71,7 +72,8 @@ def load_sample_config(config: str | None, overrides: Sequence[str] = (), **cli:
 
 
 def check_numbers(cfg: SampleConfig) -> None:
-    """The checks that need no file: a ConfigError naming the setting."""
+    """The checks across settings that need no file (run when a SampleConfig is built): a
+    ConfigError naming the setting."""
     if not cfg.model:
         raise ConfigError("model: a base model URI is required (--model)")
     if cfg.num_samples <= 0:
@@ -83,17 +85,8 @@ def check_numbers(cfg: SampleConfig) -> None:
             raise ConfigError(f"{name}: must be positive, got {value}")
     if cfg.cpus_per_worker <= 0:
         raise ConfigError(f"cpus_per_worker: must be positive, got {cfg.cpus_per_worker}")
-    if cfg.precision not in PRECISIONS:
-        raise ConfigError(f"precision: {cfg.precision!r} is not one of {', '.join(PRECISIONS)}")
-    for name in ("sampler", "upsampler_sampler"):
-        if getattr(cfg, name) not in (None, *SAMPLERS):
-            raise ConfigError(f"{name}: {getattr(cfg, name)!r} is not one of "
-                              f"{', '.join(SAMPLERS)}")
     if cfg.eta < 0:
         raise ConfigError(f"eta: must be >= 0, got {cfg.eta}")
-    if cfg.timesteps not in (None, *TIMESTEP_SPACINGS):
-        raise ConfigError(f"timesteps: {cfg.timesteps!r} is not one of "
-                          f"{', '.join(TIMESTEP_SPACINGS)}")
     if cfg.lambda_min is not None and (math.isnan(cfg.lambda_min) or cfg.lambda_min > 20):
         raise ConfigError(f"lambda_min: a log-SNR of at most 20 (or -inf), got {cfg.lambda_min}")
     if not 0 <= cfg.cfg_scale < float("inf"):
@@ -113,10 +106,3 @@ def check_numbers(cfg: SampleConfig) -> None:
 def decisive(cfg: SampleConfig) -> dict:
     """The settings that decide the samples, as a JSON-ready dict."""
     return {name: getattr(cfg, name) for name in DECISIVE}
-
-
-def with_defaults(cfg: SampleConfig, **values: Any) -> SampleConfig:
-    """`cfg` with the settings in `values` filled where `cfg` leaves them None."""
-    known = {f.name for f in fields(cfg)}
-    return replace(cfg, **{k: v for k, v in values.items()
-                           if k in known and getattr(cfg, k) is None and v is not None})

@@ -5,72 +5,41 @@
       -> stage 2: upsampler (optional)        its own pool; batches stream in as stage 1 emits
       -> driver: rows grouped by shard; each complete shard written atomically, at once
 
-Actors are stateful: each loads its networks once. Every model call runs on exactly the
-stage's batch size (a short batch is padded with copies of its last row, dropped after), so a
-sample's arithmetic does not depend on how Ray Data happened to cut the stream either.
+Actors are stateful: each loads its networks once (`adm.stage.Stage`). A stage gives index i
+slot i of its model calls of exactly batch_size rows (the padding rule of `adm.stage`), so a
+sample's bits do not depend on how Ray Data happened to cut the stream either.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from .. import checkpoints, storage
-from ..checkpoints import AUTOCAST, from_uint8, to_uint8
-from .. import factory
-from ..diffusion import sample
+from .. import storage
 from ..diffusion.sampling import index_seeds
 from ..progress import progress_bar
+from ..stage import Stage, model_calls
 from . import output
 from .labels import labels_for
 from .plan import Plan, StagePlan
 
-def index_ranges(ids: np.ndarray, b: int) -> list[np.ndarray]:
-    """Positions in `ids` [n] grouped by index range [k·b, (k+1)·b), ranges ascending and
-    positions in order within each: the rows a stage computes in one model call."""
-    ranges = ids // b
-    order = np.argsort(ranges, kind="stable")
-    groups = np.split(order, np.flatnonzero(np.diff(ranges[order])) + 1)
-    return [g for g in groups if len(g)]
-
 
 class StageSampler:
-    """A Ray Data actor for one stage: `__call__` maps a batch {"id", "label"[, "image"]} to
-    the stage's images. With an input "image" (stage 2) the upsampler is conditioned on it,
-    and it is passed on as "base"."""
+    """A Ray Data actor for one stage: `__call__` maps a batch {"id" [n], "label" [n]
+    [, "image" [n, h, w, 3] uint8]} to the stage's images "image" [n, H, W, 3] uint8 (ids and
+    labels passed on). With an input "image" (stage 2) the upsampler is conditioned on it, and
+    it is passed on as "base"."""
 
     def __init__(self, stage: StagePlan, seed: int, precision: str, clip_denoised: bool,
                  eta: float, gpus: bool):
-        self.stage, self.seed, self.clip = stage, seed, clip_denoised
-        self.eta = eta if stage.sampler == "ddim" else 0.0  # eta is DDIM's: a DDPM stage has none
-        self.device = torch.device("cuda" if gpus and torch.cuda.is_available() else "cpu")
-        self.autocast = AUTOCAST[precision]
-        self.net = checkpoints.load(stage.net, self.device)
-        self.classifier = (checkpoints.load(stage.classifier, self.device)
-                           if stage.classifier else None)
-        self.diffusion = factory.create_diffusion({**stage.net.flags, "timestep_respacing": ""})
-        self.size = checkpoints.image_size(stage.net)
-
-    def _run(self, ids: np.ndarray, labels: np.ndarray, low_res: torch.Tensor | None
-             ) -> torch.Tensor:
-        """Samples [n, C, H, W] for rows of one index range [k·b, (k+1)·b) (b = batch_size), in
-        one model call of exactly b rows with index i at row i mod b; the free rows repeat the
-        first. CPU GEMMs (MKL's sgemm, measured on an AVX-512 EPYC) round a row differently by
-        its position and by the call's row count, so fixing both keeps a sample's bits
-        independent of which rows came with it: stage 2 gets stage 1's batches in any order."""
-        b = self.stage.batch_size
-        slot = ids % b
-        rows = np.zeros(b, dtype=np.int64)  # the call's row -> the input row it computes
-        rows[slot] = np.arange(len(ids))
-        kwargs = {"low_res": low_res[rows]} if low_res is not None else None
-        x = sample(self.net, self.diffusion, (b, 3, self.size, self.size),
-                   sampler=self.stage.sampler, steps=self.stage.steps or None,
-                   timesteps=self.stage.timesteps, lambda_min=self.stage.lambda_min,
-                   cfg_scale=self.stage.cfg_scale,
-                   classifier=self.classifier, classifier_scale=self.stage.classifier_scale,
-                   y=torch.from_numpy(labels[rows]).to(self.device), model_kwargs=kwargs,
-                   seeds=index_seeds(self.seed, ids[rows], self.stage.stream), eta=self.eta,
-                   clip_denoised=self.clip, autocast_dtype=self.autocast, device=self.device)
-        return x[torch.from_numpy(slot).to(x.device)]
+        self.seed, self.stream = seed, stage.stream
+        device = torch.device("cuda" if gpus and torch.cuda.is_available() else "cpu")
+        self.stage = Stage.load(stage.net, stage.classifier, precision, device,
+                                stage.batch_size)
+        self.args = dict(sampler=stage.sampler, steps=stage.steps or None,
+                         timesteps=stage.timesteps, lambda_min=stage.lambda_min,
+                         cfg_scale=stage.cfg_scale, classifier_scale=stage.classifier_scale,
+                         clip_denoised=clip_denoised,
+                         eta=eta if stage.sampler == "ddim" else 0.0)  # DDPM takes no eta
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ids = np.asarray(batch["id"], dtype=np.int64)
@@ -78,11 +47,8 @@ class StageSampler:
         base = batch.get("image")
         if base is not None and base.dtype == object:  # rows of arrays, not a tensor column
             base = np.stack(base) if len(base) else np.zeros((0, 1, 1, 3), np.uint8)
-        low = from_uint8(base, self.device) if base is not None else None
-        images = np.zeros((len(ids), self.size, self.size, 3), np.uint8)
-        for sel in index_ranges(ids, self.stage.batch_size):  # one model call per range
-            images[sel] = to_uint8(self._run(ids[sel], labels[sel],
-                                             low[sel] if low is not None else None))
+        images = self.stage.sample(labels, index_seeds(self.seed, ids, self.stream), ids,
+                                   base, **self.args)
         result = {"id": ids, "label": labels, "image": images}
         if base is not None:
             result["base"] = base
@@ -104,12 +70,12 @@ def _map_stage(ds, stage: StagePlan, plan: Plan):
 def build_dataset(plan: Plan, skip: set[int]):
     """The streaming dataset of every unfinished shard's samples (Ray must be running).
 
-    Its source is in-memory blocks of (id, label), one per stage-1 batch (the unfinished
-    indices of a range [k·b, (k+1)·b), as `StageSampler` calls the model), made on the driver
-    (labels are cheap: one hash per index), not read tasks: nothing upstream of the actor
-    pools needs a CPU, so actors may take every CPU of the cluster without starving the
-    pipeline (the Ray notes' 2-core hang), and an autoscaling cluster is not refused for the
-    CPUs it has not added yet."""
+    Its source is in-memory blocks of (id, label), one per stage-1 model call (the unfinished
+    indices of a range [k·b, (k+1)·b)), made on the driver (labels are cheap: one hash per
+    index), not read tasks: nothing upstream of the actor pools needs a CPU, so actors may take
+    every CPU of the cluster without starving the pipeline (read tasks waiting for a CPU that
+    actors waiting for input hold: the job hangs, as it did on a 2-core machine), and an
+    autoscaling cluster is not refused for the CPUs it has not added yet."""
     import pyarrow as pa
     import ray
 
@@ -119,7 +85,7 @@ def build_dataset(plan: Plan, skip: set[int]):
     classes = plan.classes if isinstance(plan.classes, str) else list(plan.classes)
     labels = labels_for(ids, cfg.seed, classes, plan.num_classes)
     ds = ray.data.from_arrow([pa.table({"id": ids[r], "label": labels[r]})
-                              for r in index_ranges(ids, plan.base.batch_size)])
+                              for r in model_calls(ids, plan.base.batch_size)])
     ds = _map_stage(ds, plan.base, plan)
     if plan.upsampler is not None:
         ds = _map_stage(ds, plan.upsampler, plan)

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from .. import storage
-from .. import factory
+from .. import checkpoints, storage
 from ..config import ConfigError
-from ..diffusion import sampling_diffusion
-from .. import checkpoints
+from ..stage import check_steps, preset_defaults
 from . import output
-from .config import SampleConfig, check_numbers, decisive
+from .config import SampleConfig, decisive
 from .labels import parse_classes
 
 
@@ -67,49 +65,22 @@ class Plan:
         return {k: v for k, v in asdict(self.cfg).items() if k not in decisive(self.cfg)}
 
 
-def _check_steps(name: str, net: checkpoints.ModelSpec, sampler: str, steps: int | str,
-                 timesteps: str | None, lambda_min: float | None = None) -> None:
-    """Refuse steps the sampler cannot space over `net`'s chain, naming the setting."""
-    if steps == "" and lambda_min is None:  # the whole chain, as the flags respace it
-        return
-    try:
-        sampling_diffusion(factory.create_diffusion({**net.flags, "timestep_respacing": ""}),
-                           sampler, steps, timesteps, lambda_min)
-    except (ValueError, factory.FlagError) as e:
-        raise ConfigError(f"{name}: {e}") from None
-
-
-def _stage_defaults(net: checkpoints.ModelSpec, sampler: str | None):
-    """The README's sampler and respacing for a preset, else DDPM over the flags' respacing."""
-    from ..presets import preset
-
-    sampling = preset(net.preset).sampling if net.preset else None
-    if sampler is None:
-        sampler = "ddim" if sampling is not None and sampling.use_ddim else "ddpm"
-    default_steps = (sampling.timestep_respacing if sampling is not None
-                     else str(net.flags.get("timestep_respacing", "") or ""))
-    return sampler, default_steps, sampling
-
-
 def make_plan(cfg: SampleConfig) -> Plan:
-    """Check every setting and resolve the run; a ConfigError names the first bad one."""
-    check_numbers(cfg)
+    """Resolve the run and check what needs its files (`cfg` checked itself when built); a
+    ConfigError names the first bad setting."""
     base = checkpoints.resolve("model", cfg.model, cfg.model_preset, "diffusion")
-    sampler, default_steps, sampling = _stage_defaults(base, cfg.sampler)
-    steps = default_steps if cfg.steps is None else cfg.steps
-    _check_steps("steps", base, sampler, steps, cfg.timesteps, cfg.lambda_min)
+    sampler, steps, scale = preset_defaults(base, cfg.sampler, cfg.steps, cfg.classifier_scale,
+                                            guided=bool(cfg.classifier))
+    check_steps("steps", base, sampler, steps, cfg.timesteps, cfg.lambda_min)
     if cfg.cfg_scale != 1.0 and not float(base.flags.get("class_dropout_prob", 0.0)) > 0:
         raise ConfigError(f"cfg_scale: {cfg.cfg_scale} needs a model trained with label "
                           f"dropout (class_dropout_prob > 0); {cfg.model} was not")
 
-    classifier, scale = None, 0.0
+    classifier = None
     if cfg.classifier:
         classifier = checkpoints.resolve("classifier", cfg.classifier, cfg.classifier_preset,
-                                    "classifier")
+                                         "classifier")
         checkpoints.check_chain(base, classifier, None)
-        readme_scale = sampling.classifier_scale if sampling and sampling.classifier else None
-        scale = cfg.classifier_scale if cfg.classifier_scale is not None else (
-            readme_scale if readme_scale is not None else 1.0)
 
     guide = classifier if classifier is not None else base
     num_classes = checkpoints.num_classes(guide)
@@ -122,9 +93,8 @@ def make_plan(cfg: SampleConfig) -> Plan:
     if cfg.upsampler:
         up = checkpoints.resolve("upsampler", cfg.upsampler, cfg.upsampler_preset, "upsampler")
         checkpoints.check_chain(base, None, up)
-        up_sampler, up_default, _ = _stage_defaults(up, cfg.upsampler_sampler)
-        up_steps = up_default if cfg.upsampler_steps is None else cfg.upsampler_steps
-        _check_steps("upsampler_steps", up, up_sampler, up_steps, None)
+        up_sampler, up_steps, _ = preset_defaults(up, cfg.upsampler_sampler, cfg.upsampler_steps)
+        check_steps("upsampler_steps", up, up_sampler, up_steps, None)
         stage2 = StagePlan(up, up_sampler, up_steps, "upsampler",
                            cfg.upsampler_batch_size or cfg.batch_size,
                            cfg.upsampler_workers or cfg.num_workers)

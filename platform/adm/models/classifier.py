@@ -15,9 +15,9 @@ import torch.nn as nn
 from .layers import (
     AttentionBlock,
     AttentionPool2d,
-    Downsample,
     ResBlock,
     TimestepEmbedSequential,
+    encoder_blocks,
     normalization,
     timestep_embedding,
     zero_module,
@@ -68,26 +68,12 @@ class Classifier(nn.Module):
             return AttentionBlock(ch, num_heads, num_head_channels, use_checkpoint,
                                   use_new_attention_order)
 
-        ch = int(channel_mult[0] * model_channels)
-        self.input_blocks = nn.ModuleList(
-            [TimestepEmbedSequential(nn.Conv2d(in_channels, ch, 3, padding=1))]
-        )
-        feature_size, ds = ch, 1
-        for level, mult in enumerate(channel_mult):
-            for _ in range(num_res_blocks):
-                layers = [res(ch, int(mult * model_channels))]
-                ch = int(mult * model_channels)
-                if ds in attention_resolutions:
-                    layers.append(attn(ch))
-                self.input_blocks.append(TimestepEmbedSequential(*layers))
-                feature_size += ch
-            if level != len(channel_mult) - 1:
-                down = res(ch, ch, down=True) if resblock_updown else Downsample(ch, conv_resample)
-                self.input_blocks.append(TimestepEmbedSequential(down))
-                feature_size += ch
-                ds *= 2
+        self.input_blocks, widths, ds = encoder_blocks(
+            in_channels, model_channels, channel_mult, num_res_blocks, attention_resolutions, res,
+            attn, resblock_updown, conv_resample)
+        ch = widths[-1]
         self.middle_block = TimestepEmbedSequential(res(ch, ch), attn(ch), res(ch, ch))
-        feature_size += ch
+        feature_size = sum(widths) + ch  # the spatial pools see every block's mean
 
         if pool == "adaptive":
             self.out = nn.Sequential(

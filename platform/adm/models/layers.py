@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 
+from typing import Callable
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -267,3 +269,37 @@ class AttentionPool2d(nn.Module):
         qkv = self.qkv_proj(x)
         h = attention(*split_qkv(qkv, self.num_heads, legacy_order=False))
         return self.c_proj(h)[:, :, 0]
+
+
+def encoder_blocks(in_channels: int, model_channels: int, channel_mult: tuple,
+                   num_res_blocks: int, attention_resolutions: tuple,
+                   res: Callable[..., nn.Module], attn: Callable[[int], nn.Module],
+                   resblock_updown: bool, conv_resample: bool = True
+                   ) -> tuple[nn.ModuleList, list[int], int]:
+    """The ADM encoder that the U-Net and the classifier share (same modules, same state-dict
+    keys as the reference's ``input_blocks``): a stem convolution, then per level
+    `num_res_blocks` residual blocks (each followed by self-attention at the downsample rates in
+    `attention_resolutions`) and, on every level but the last, a downsampler (a residual block
+    that downsamples when `resblock_updown`, else `Downsample`).
+
+    :param res: ``res(ch_in, ch_out, down=False)`` builds a residual block.
+    :param attn: ``attn(ch)`` builds an attention block.
+    :return: (the blocks, the channels each block outputs, the final downsample rate).
+    """
+    ch = int(channel_mult[0] * model_channels)
+    blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(in_channels, ch, 3, padding=1))])
+    widths, ds = [ch], 1
+    for level, mult in enumerate(channel_mult):
+        for _ in range(num_res_blocks):
+            layers = [res(ch, int(mult * model_channels))]
+            ch = int(mult * model_channels)
+            if ds in attention_resolutions:
+                layers.append(attn(ch))
+            blocks.append(TimestepEmbedSequential(*layers))
+            widths.append(ch)
+        if level != len(channel_mult) - 1:
+            down = res(ch, ch, down=True) if resblock_updown else Downsample(ch, conv_resample)
+            blocks.append(TimestepEmbedSequential(down))
+            widths.append(ch)
+            ds *= 2
+    return blocks, widths, ds

@@ -15,9 +15,9 @@ import torch.nn.functional as F
 
 from .layers import (
     AttentionBlock,
-    Downsample,
     ResBlock,
     TimestepEmbedSequential,
+    encoder_blocks,
     Upsample,
     normalization,
     timestep_embedding,
@@ -104,24 +104,10 @@ class UNet(nn.Module):
             return AttentionBlock(ch, heads, num_head_channels, use_checkpoint,
                                   use_new_attention_order)
 
-        ch = input_ch = int(channel_mult[0] * model_channels)
-        self.input_blocks = nn.ModuleList(
-            [TimestepEmbedSequential(nn.Conv2d(in_channels, ch, 3, padding=1))]
-        )
-        skip_chans, ds = [ch], 1
-        for level, mult in enumerate(channel_mult):
-            for _ in range(num_res_blocks):
-                layers = [res(ch, int(mult * model_channels))]
-                ch = int(mult * model_channels)
-                if ds in attention_resolutions:
-                    layers.append(attn(ch, num_heads))
-                self.input_blocks.append(TimestepEmbedSequential(*layers))
-                skip_chans.append(ch)
-            if level != len(channel_mult) - 1:
-                down = res(ch, ch, down=True) if resblock_updown else Downsample(ch, conv_resample)
-                self.input_blocks.append(TimestepEmbedSequential(down))
-                skip_chans.append(ch)
-                ds *= 2
+        self.input_blocks, skip_chans, ds = encoder_blocks(
+            in_channels, model_channels, channel_mult, num_res_blocks, attention_resolutions, res,
+            lambda ch: attn(ch, num_heads), resblock_updown, conv_resample)
+        input_ch, ch = skip_chans[0], skip_chans[-1]
 
         self.middle_block = TimestepEmbedSequential(res(ch, ch), attn(ch, num_heads), res(ch, ch))
 

@@ -8,8 +8,7 @@
 Deployments: `GuidedSampler` (base model + optional classifier), `Upsampler`, and the FastAPI
 `Ingress` (POST /v1/generate, GET /v1/models, GET /healthz, GET /). Requests are checked
 against the config's bounds (`adm.serve.api`), batched with `@serve.batch` and grouped by
-settings (`adm.serve.batching`); models load once per replica through the sampling job's own
-loader and sampler (`adm.checkpoints`, `adm.diffusion.sample`).
+settings; models load once per replica as the sampling job's stages do (`adm.stage`).
 """
 from .api import GenerateRequest, Limits, RequestError, parse_generate
 from .app import Ingress, build, build_app

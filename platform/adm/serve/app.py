@@ -34,7 +34,7 @@ from ray.serve.handle import DeploymentHandle
 from ..diffusion.sampling import index_seeds
 from .api import Limits, RequestError, api_key_from, authorized, body_too_large, \
     check_content_type, parse_generate
-from .batching import Job, Output
+from ..stage import Job, Output
 from .deployments import GuidedSampler, Upsampler
 from .page import PAGE
 from .settings import Loaded, ServeSettings, load_settings
@@ -46,8 +46,8 @@ HEALTH_TIMEOUT_S = 5.0
 MAX_DRAIN_BYTES = 64 * 2**20
 
 
-# Module-level helpers sit above the ingress class: Serve's ingress wrapper needs them defined
-# first (see the Ray notes).
+# Module-level helpers sit above the ingress class: with one defined below an @serve.ingress
+# class, every request failed in the replica with a NameError for it (Ray 2.60).
 def png_bytes(images: np.ndarray) -> bytes:
     """[N, H, W, 3] uint8 -> one PNG, the N images side by side."""
     strip = np.concatenate(list(images), axis=1) if len(images) > 1 else images[0]

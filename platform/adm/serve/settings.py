@@ -3,31 +3,37 @@ networks they name, resolved (file read, flags found, keys and shapes checked) b
 replica starts.
 
 `serve run adm.serve:build_app base=URI ...` hands every argument over as a string; a config
-file's `args:` hands YAML values. Both go through `ServeSettings.from_args`, which casts them
-and names the argument on a bad value. A model file that is not there fails here, at startup,
-with a message that names it and says how to get it.
+file's `args:` hands YAML values. Both go through `ServeSettings.from_args` (`adm.config`'s
+checked dataclasses), which converts them and names the argument on a bad value. A model file
+that is not there fails here, at startup, with a message that names it and how to get it.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Annotated, Any, Mapping
 
-from .. import storage
-from .. import factory
-from ..config import ConfigError
-from ..diffusion import SAMPLERS, space_timesteps
-from .. import checkpoints
+from pydantic import BeforeValidator
+
+from .. import checkpoints, factory, storage
+from ..config import ConfigError, Precision, config_class, from_dict
+from ..diffusion import SamplerName
 from ..presets import preset
+from ..stage import check_steps, preset_defaults
 
 # Where guided-diffusion's README links its released checkpoints.
 RELEASES = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/"
-PRECISIONS = ("fp32", "bf16", "fp16")
 DEFAULT_API_KEY_ENV = "ADM_SERVE_API_KEY"
 
+# What a command line gives: "ddim,ddpm" for a list, "25" for a step count ("ddim25" stays text).
+Samplers = Annotated[tuple[SamplerName, ...], BeforeValidator(
+    lambda v: tuple(s.strip() for s in v.split(",") if s.strip()) if isinstance(v, str) else v)]
+Steps = Annotated[int | str, BeforeValidator(
+    lambda v: int(v) if isinstance(v, str) and v.strip().isdigit() else v)]
 
-@dataclass(frozen=True)
+
+@config_class(frozen=True)
 class ServeSettings:
     """The builder's arguments. Model URIs are local paths or s3://; a released file needs
     its preset (flags), an exported one has flags.json (and classes.json) beside it."""
@@ -42,17 +48,17 @@ class ServeSettings:
     # Request bounds.
     max_images: int = 4  # num_images per request
     max_steps: int = 100  # base sampling steps per request
-    samplers: tuple = ("ddim", "ddpm")  # the samplers a request may ask for
+    samplers: Samplers = ("ddim", "ddpm")  # the samplers a request may ask for
     max_guidance_scale: float = 20.0
     max_cfg_scale: float = 10.0  # classifier-free guidance w (a base trained with label dropout)
     max_body_bytes: int = 16384
     # Defaults of a request that leaves a field out.
-    default_sampler: str = "ddim"
+    default_sampler: SamplerName = "ddim"
     default_steps: int = 25
     default_guidance_scale: float | None = None  # None: the preset's README scale, else 1.0
     # The upsampler stage is not a request setting: its sampler and steps are the server's.
-    upsampler_sampler: str | None = None  # None: the preset's (README) sampler, else ddpm
-    upsampler_steps: int | str | None = None  # None: the preset's respacing, else 25
+    upsampler_sampler: SamplerName | None = None  # None: the preset's (README) sampler, else ddpm
+    upsampler_steps: Steps | None = None  # None: the preset's respacing, else 25
     # Batching: one @serve.batch call takes up to `max_batch_requests` requests; their rows
     # (grouped by settings) run in model calls of exactly `batch_rows` rows (padded), so an
     # image's arithmetic never depends on what it was batched with.
@@ -60,26 +66,22 @@ class ServeSettings:
     batch_wait_s: float = 0.05
     batch_rows: int = 8
     upsampler_batch_rows: int | None = None  # default: batch_rows
-    precision: str = "fp32"  # autocast of the networks: fp32, bf16, fp16
+    precision: Precision = "fp32"  # autocast of the networks
     gpus: bool = False  # one GPU per model replica (a config file sets ray_actor_options)
     api_key_env: str = DEFAULT_API_KEY_ENV  # the environment variable holding the API key
     require_api_key: bool = False  # refuse to start without a key (a public bind)
 
     @classmethod
     def from_args(cls, args: Mapping[str, Any]) -> "ServeSettings":
-        """Settings from builder arguments (strings from the CLI or YAML values)."""
-        known = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(args) - set(known))
-        if unknown:
-            raise ConfigError(f"unknown argument(s) {', '.join(unknown)} "
-                              f"(known: {', '.join(known)})")
-        values = {name: _cast(name, known[name].type, value) for name, value in args.items()}
-        settings = cls(**values)
-        settings.check()
-        return settings
+        """Settings from builder arguments (strings from the CLI or YAML values); "", "none"
+        and "null" mean None (the default) for an argument that may be None."""
+        optional = {f.name for f in dataclasses.fields(cls) if f.default is None}
+        values = {k: None if k in optional and isinstance(v, str)
+                  and v.strip().lower() in ("", "none", "null") else v for k, v in args.items()}
+        return from_dict(cls, values)
 
-    def check(self) -> None:
-        """The checks that need no file; a ConfigError names the argument."""
+    def __post_init__(self) -> None:
+        """The checks across arguments that need no file; a ConfigError names the argument."""
         if not self.base:
             raise ConfigError("base: the base model URI is required (base=URI)")
         for name in ("max_images", "max_steps", "max_body_bytes", "default_steps",
@@ -89,16 +91,11 @@ class ServeSettings:
         if self.upsampler_batch_rows is not None and self.upsampler_batch_rows <= 0:
             raise ConfigError(f"upsampler_batch_rows: must be positive, got "
                               f"{self.upsampler_batch_rows}")
-        bad = [s for s in self.samplers if s not in SAMPLERS]
-        if bad or not self.samplers:
-            raise ConfigError(f"samplers: {', '.join(bad) or 'none given'}: each must be one of "
-                              f"the library's samplers ({', '.join(sorted(SAMPLERS))})")
+        if not self.samplers:
+            raise ConfigError("samplers: none given")
         if self.default_sampler not in self.samplers:
             raise ConfigError(f"default_sampler: {self.default_sampler!r} is not in samplers "
                               f"({', '.join(self.samplers)})")
-        if self.upsampler_sampler is not None and self.upsampler_sampler not in SAMPLERS:
-            raise ConfigError(f"upsampler_sampler: {self.upsampler_sampler!r} is not one of "
-                              f"{', '.join(sorted(SAMPLERS))}")
         if self.default_steps > self.max_steps:
             raise ConfigError(f"default_steps: {self.default_steps} exceeds max_steps "
                               f"{self.max_steps}")
@@ -107,47 +104,11 @@ class ServeSettings:
                 raise ConfigError(f"{name}: must be finite and >= 0, got {getattr(self, name)}")
         if self.batch_wait_s < 0:
             raise ConfigError(f"batch_wait_s: must be >= 0, got {self.batch_wait_s}")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"precision: {self.precision!r} is not one of "
-                              f"{', '.join(PRECISIONS)}")
         for name, uri in (("classifier_preset", self.classifier),
                           ("upsampler_preset", self.upsampler)):
             if getattr(self, name) and not uri:
                 raise ConfigError(f"{name}: given without its model file "
                                   f"({name.replace('_preset', '')}=URI)")
-
-
-def _cast(name: str, tp: str, value: Any) -> Any:
-    """`value` (a CLI string or a YAML value) as the field's type, or a ConfigError."""
-    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")
-                         and "None" in tp):
-        return None
-    try:
-        if tp.startswith("int | str"):  # steps: "25" -> 25, "ddim25" stays a string
-            return int(value) if str(value).strip().isdigit() else str(value).strip()
-        if tp.startswith("int"):
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            return int(value)
-        if tp.startswith("float"):
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        if tp == "bool":
-            if isinstance(value, bool):
-                return value
-            text = str(value).strip().lower()
-            if text in ("true", "1", "yes"):
-                return True
-            if text in ("false", "0", "no"):
-                return False
-            raise ValueError
-        if tp == "tuple":
-            items = value.split(",") if isinstance(value, str) else list(value)
-            return tuple(str(s).strip() for s in items if str(s).strip())
-        return str(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name}: expected {tp.split(' |')[0]}, got {value!r}") from None
 
 
 @dataclass(frozen=True)
@@ -223,14 +184,6 @@ def _resolve(role: str, uri: str, preset_name: str | None, kind: str,
     return checkpoints.resolve(role, uri, preset_name, kind)
 
 
-def _check_respacing(name: str, steps: str, total: int) -> None:
-    if steps:
-        try:
-            space_timesteps(total, steps)
-        except ValueError as e:
-            raise ConfigError(f"{name}: {e}") from None
-
-
 def load_settings(settings: ServeSettings) -> Loaded:
     """Resolve and check every network of `settings` (reads the files; no Ray needed)."""
     hint = settings.how_to_get
@@ -245,31 +198,19 @@ def load_settings(settings: ServeSettings) -> Loaded:
         upsampler = _resolve("upsampler", settings.upsampler, settings.upsampler_preset,
                              "upsampler", hint)
         checkpoints.check_chain(base, None, upsampler)
-        readme = preset(upsampler.preset).sampling if upsampler.preset else None
-        up_sampler = settings.upsampler_sampler or (
-            "ddim" if readme is not None and readme.use_ddim else "ddpm")
-        steps = settings.upsampler_steps
-        if steps is None:
-            steps = readme.timestep_respacing if readme is not None else 25
+        up_sampler, steps, _ = preset_defaults(upsampler, settings.upsampler_sampler,
+                                               settings.upsampler_steps, unset_steps=25)
         up_steps = steps if isinstance(steps, str) else (
             f"ddim{steps}" if up_sampler == "ddim" else str(steps))
-        total = int(upsampler.flags.get("diffusion_steps",
-                                        factory.DIFFUSION_DEFAULTS["diffusion_steps"]))
-        _check_respacing("upsampler_steps", up_steps, total)
-    scale = settings.default_guidance_scale
-    if scale is None:
-        readme = preset(base.preset).sampling if base.preset else None
-        scale = (readme.classifier_scale if readme is not None and readme.classifier
-                 else 1.0) if classifier is not None else 0.0
+        check_steps("upsampler_steps", upsampler, up_sampler, up_steps)
+    scale = preset_defaults(base, classifier_scale=settings.default_guidance_scale,
+                            guided=classifier is not None).classifier_scale
     if scale and classifier is None:
         raise ConfigError(f"default_guidance_scale: {scale} needs a classifier (classifier=URI)")
     if not 0 <= scale <= settings.max_guidance_scale:
         raise ConfigError(f"default_guidance_scale: {scale} is outside 0..max_guidance_scale "
                           f"({settings.max_guidance_scale})")
-    total = int(base.flags.get("diffusion_steps", factory.DIFFUSION_DEFAULTS["diffusion_steps"]))
-    default = settings.default_steps
-    _check_respacing("default_steps", f"ddim{default}" if settings.default_sampler == "ddim"
-                     else str(default), total)
+    check_steps("default_steps", base, settings.default_sampler, settings.default_steps)
     names = base.classes or (classifier.classes if classifier else None)
     return Loaded(settings, base, classifier, upsampler, float(scale), up_sampler, up_steps,
                   list(names) if names else None)

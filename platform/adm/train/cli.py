@@ -1,4 +1,4 @@
-"""The command line shared by `jobs/train_{diffusion,classifier,upsampler}.py` (contract 9):
+"""The command line shared by `jobs/train_{diffusion,classifier,upsampler}.py`:
 
     python jobs/train_diffusion.py --config YAML [--data ROOT] [--val-data URI]
         [--num-workers N] [--gpus] [--storage URI] [--max-steps N] [--init-from PT]
@@ -12,13 +12,12 @@ before Ray starts; running the same command again resumes the run.
 from __future__ import annotations
 
 import argparse
-import sys
-from dataclasses import replace
 
 from .. import storage
 from ..config import ConfigError
 from ..data.manifest import MANIFEST
-from .config import TrainConfig, load_config, validate
+from ..runtime import run_job
+from .config import TrainConfig, load_config
 
 
 def parse_args(kind: str, argv: list[str] | None = None) -> argparse.Namespace:
@@ -45,41 +44,33 @@ def _held_out(root: str) -> str | None:
 
 
 def resolve_config(kind: str, args: argparse.Namespace) -> TrainConfig:
-    """The run's config from the file, the overrides and the command line's options."""
+    """The run's config from the file, the overrides and the command line's options (built,
+    and so checked, once)."""
+    held_out = args.val_data or ((_held_out(args.data) or "") if args.data else None)
     cfg = load_config(
         args.config, args.overrides,
         run__num_workers=args.num_workers, run__use_gpu=True if args.gpus else None,
         run__storage=args.storage, optim__max_steps=args.max_steps,
-        run__init_from=args.init_from)
+        run__init_from=args.init_from, data__uri=args.data, data__val_uri=held_out)
     if cfg.kind != kind:
         raise ConfigError(f"kind: {args.config} is a {cfg.kind!r} config; this job trains "
                           f"{kind!r} models")
-    if args.data:
-        cfg = replace(cfg, data=replace(cfg.data, uri=args.data, val_uri=_held_out(args.data)))
-    if args.val_data:
-        cfg = replace(cfg, data=replace(cfg.data, val_uri=args.val_data))
-    return validate(cfg)
+    return cfg
 
 
+@run_job
 def main(kind: str, argv: list[str] | None = None) -> int:
+    """The job: train (or resume) a `kind` model; bad input ends it with one ``error: ...``
+    line and status 2."""
     args = parse_args(kind, argv)
     from ..runtime import configure_output, init_ray
 
     configure_output(args.verbose)
-    try:
-        cfg = resolve_config(kind, args)
-        from .trainer import check_data, fit, resolve_paths, run_uri
+    cfg = resolve_config(kind, args)
+    from .trainer import check_data, fit, run_uri
 
-        check_data(resolve_paths(cfg))  # before Ray starts: bad data fails in one line
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
+    check_data(cfg)  # before Ray starts: bad data fails in one line
     init_ray(args.address, args.verbose)
-    try:
-        fit(cfg, log_level="INFO" if args.verbose else "WARNING")
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    fit(cfg, log_level="INFO" if args.verbose else "WARNING")
     print(f"[{kind}] done: {run_uri(cfg)} (exported to {run_uri(cfg)}/export)")
     return 0

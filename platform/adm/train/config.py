@@ -11,16 +11,18 @@ model's flags and `flags` overrides them, so the ImageNet configs never type a m
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
-from typing import Any, Sequence
+from dataclasses import field
+from typing import Annotated, Any, Literal, Sequence
 
 import torch
+from pydantic import BeforeValidator
 
 from .. import factory
-from ..config import ConfigError, apply_overrides, from_dict, load_yaml
+from ..config import (ConfigError, Location, OptionalLocation, Precision, apply_overrides,
+                      config_class, from_dict, load_yaml)
 from ..data.config import DataConfig
 
-KINDS = ("diffusion", "classifier", "upsampler")
+Kind = Literal["diffusion", "classifier", "upsampler"]
 # The flags each kind's model and diffusion are built from (the reference's
 # `*_and_diffusion_defaults`, plus adm's extensions); `model.flags` takes these only.
 FLAG_NAMES = {
@@ -38,43 +40,44 @@ TRAINING_FLAG_KEYS = {"lr": "optim.lr", "weight_decay": "optim.weight_decay",
                       "save_interval": "run.save_interval", "eval_interval": "run.eval_interval",
                       "resume_checkpoint": "run.init_from", "data_dir": "data.uri",
                       "val_data_dir": "data.val_uri"}
-PRECISIONS = ("fp32", "bf16", "fp16")
-PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_SPREAD")
+# `ema_rate: 0.9999` in YAML is a list of one rate (the reference's flag is a comma list).
+Rates = Annotated[list[float], BeforeValidator(lambda v: v if isinstance(v, (list, tuple))
+                                               else [v])]
 
 
-@dataclass
+@config_class
 class ModelSection:
     preset: str | None = None  # a released checkpoint's preset (adm.presets) to take flags from
     flags: dict = field(default_factory=dict)  # guided-diffusion flags, over the preset's
 
 
-@dataclass
+@config_class
 class OptimSection:
     batch_size: int = 256  # global batch, split evenly across workers
     microbatch: int = -1  # per-worker microbatch for gradient accumulation (-1: none)
     lr: float = 1e-4
     weight_decay: float = 0.0
     lr_anneal_steps: int = 0  # anneal lr linearly to 0 over this many steps (0: constant)
-    ema_rate: list[float] = field(default_factory=lambda: [0.9999])
+    ema_rate: Rates = field(default_factory=lambda: [0.9999])
     # Warm the EMAs up (decay min(rate, (1+n)/(10+n)) at update n, adm.train.ema) instead of
     # the reference's fixed rate from step 1: for runs too short for the rate (the quickstart).
     ema_warmup: bool = False
-    schedule_sampler: str = "uniform"  # or "loss-second-moment"
-    precision: str = "fp32"  # fp32 | bf16 (autocast) | fp16 (autocast + grad scaler)
+    schedule_sampler: Literal["uniform", "loss-second-moment"] = "uniform"
+    precision: Precision = "fp32"  # fp32 | bf16 (autocast) | fp16 (autocast + grad scaler)
     grad_clip: float = 0.0  # clip the global grad norm to this (0: off)
     max_steps: int = 1000
     noised: bool = True  # classifier: train on x_t at uniformly drawn t (else on x_0, t=0)
     max_nonfinite_in_row: int = 20  # stop after this many skipped non-finite steps in a row
 
 
-@dataclass
+@config_class
 class RunSection:
     name: str = "run"
-    storage: str = "runs"  # local folder or s3:// URI; the run lives in <storage>/<name>
+    storage: Location = "runs"  # local folder or s3:// URI; the run lives in <storage>/<name>
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
-    placement_strategy: str = "PACK"  # of the worker group: PACK | SPREAD | STRICT_SPREAD
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"  # the worker group's
     log_interval: int = 10
     save_interval: int = 1000
     keep_checkpoints: int = 2
@@ -82,12 +85,14 @@ class RunSection:
     eval_interval: int = 100  # classifier: held-out accuracy every N steps (0: off)
     eval_batches: int = 4
     seed: int = 0
-    init_from: str | None = None  # a released-format state dict to start from (fine-tuning)
+    init_from: OptionalLocation = None  # a released-format state dict to start from (fine-tuning)
 
 
-@dataclass
+@config_class
 class TrainConfig:
-    kind: str
+    """A training run; constructing one checks it (`check`), so a TrainConfig is valid."""
+
+    kind: Kind
     model: ModelSection = field(default_factory=ModelSection)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimSection = field(default_factory=OptimSection)
@@ -116,26 +121,20 @@ class TrainConfig:
     def per_worker_batch(self) -> int:
         return self.optim.batch_size // self.run.num_workers
 
+    def __post_init__(self) -> None:
+        check(self)
 
-def validate(cfg: TrainConfig) -> TrainConfig:
-    """Check everything that can be checked without data or workers; errors name the key."""
-    if cfg.kind not in KINDS:
-        raise ConfigError(f"kind: {cfg.kind!r} is not one of {KINDS}")
+
+def check(cfg: TrainConfig) -> None:
+    """Check everything that can be checked without data or workers; errors name the key.
+    Runs once per TrainConfig, when it is built (it builds the model on the meta device)."""
     o, r = cfg.optim, cfg.run
-    if o.precision not in PRECISIONS:
-        raise ConfigError(f"optim.precision: {o.precision!r} is not one of {PRECISIONS}")
-    if o.schedule_sampler not in ("uniform", "loss-second-moment"):
-        raise ConfigError(f"optim.schedule_sampler: {o.schedule_sampler!r} is not 'uniform' or "
-                          "'loss-second-moment'")
     for key, value in (("run.num_workers", r.num_workers), ("optim.batch_size", o.batch_size),
                        ("optim.max_steps", o.max_steps), ("run.log_interval", r.log_interval),
                        ("run.save_interval", r.save_interval),
                        ("run.keep_checkpoints", r.keep_checkpoints)):
         if value < 1:
             raise ConfigError(f"{key}: {value} must be at least 1")
-    if r.placement_strategy not in PLACEMENT_STRATEGIES:
-        raise ConfigError(f"run.placement_strategy: {r.placement_strategy!r} is not one of "
-                          f"{PLACEMENT_STRATEGIES}")
     if o.batch_size % r.num_workers:
         raise ConfigError(f"optim.batch_size: {o.batch_size} is not divisible by "
                           f"run.num_workers={r.num_workers}")
@@ -155,7 +154,6 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             build_model(cfg)
     except (KeyError, ValueError) as e:
         raise ConfigError(f"model: {e}") from None
-    return cfg
 
 
 def _check_flags(cfg: TrainConfig) -> None:
@@ -181,23 +179,18 @@ def _check_flags(cfg: TrainConfig) -> None:
             f"set optim.precision: fp16, or model.flags.{fp16_flag}: false")
 
 
-BUILDERS = {"diffusion": factory.create_model, "classifier": factory.create_classifier,
-            "upsampler": factory.create_superres_model}
-
-
 def build_model(cfg: TrainConfig) -> torch.nn.Module:
     """The run's model, random weights, built from its flags."""
-    return BUILDERS[cfg.kind](cfg.model_flags)
+    return factory.BUILDERS[cfg.kind](cfg.model_flags)
 
 
 def load_config(path: str, overrides: Sequence[str] = (), **replacements: Any) -> TrainConfig:
     """Read a YAML config, apply `key=value` overrides, then the command line's own options
-    (`data_uri`, `num_workers`, ...: see `jobs/train_*.py`), and validate."""
+    (`run__num_workers=4`, ...: `section__key`, None = not given; see `jobs/train_*.py`), and
+    build (= check) the TrainConfig once."""
     raw = apply_overrides(load_yaml(path), overrides)
-    cfg = from_dict(TrainConfig, raw)
     for dotted, value in replacements.items():
-        if value is None:
-            continue
-        section, key = dotted.split("__")
-        setattr(cfg, section, replace(getattr(cfg, section), **{key: value}))
-    return validate(cfg)
+        if value is not None:
+            section, key = dotted.split("__")
+            raw[section] = {**(raw.get(section) or {}), key: value}
+    return from_dict(TrainConfig, raw)

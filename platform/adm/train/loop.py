@@ -27,11 +27,12 @@ import torch.distributed as dist
 from torch.optim.swa_utils import AveragedModel
 
 from ..compat import openai
-from .. import factory
-from ..config import from_dict, to_dict
+from .. import storage
+from ..checkpoints import AUTOCAST
+from ..config import to_dict
 from .checkpoint import load_state, save_state
 from .ema import ema_multi_avg_fn
-from .config import TrainConfig, build_model, validate
+from .config import TrainConfig, build_model
 from .metrics import MetricAccumulator, TensorBoardLog
 from .objectives import make_objective
 from .progress import StepReporter
@@ -49,9 +50,8 @@ class ResumeError(RuntimeError):
 
 
 def _autocast(device: torch.device, precision: str):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+    dtype = AUTOCAST[precision]
+    return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
 
 def _distributed() -> bool:
@@ -223,23 +223,15 @@ def _step_reporter(w: Worker, counter_name: str | None) -> StepReporter | None:
     return StepReporter(counter_name, w.step) if w.rank == 0 and counter_name else None
 
 
-def _use_s3_settings(endpoint_url: str | None = None, region: str | None = None) -> None:
-    """The driver's S3 endpoint and region, where `adm.storage` reads them (the standard AWS
-    variables) in this worker process."""
-    for name, value in (("AWS_ENDPOINT_URL", endpoint_url), ("AWS_REGION", region)):
-        if value:
-            os.environ[name] = value
-
-
-def _train_report_log_level(level: str) -> None:
+def _quiet_train_reports(level: str) -> None:
     """Ray Train (2.60) logs every report, a dump of all its metrics, at INFO through a logger
-    named after its source file, outside the `ray.train` loggers that its LoggingConfig
-    filters: give that logger the run's level too."""
-    try:
-        from ray.train.v2._internal.execution import context
-    except ImportError:  # another Ray version: nothing to quiet
-        return
-    logging.getLogger(context.__file__).setLevel(level)
+    named after its source file (.../ray/train/v2/_internal/execution/context.py), outside the
+    `ray.train` loggers that its LoggingConfig filters: give that logger the run's level too.
+    Found by name among the process's loggers, so no private Ray module is imported."""
+    suffix = os.path.join("train", "v2", "_internal", "execution", "context.py")
+    for name in list(logging.root.manager.loggerDict):
+        if name.endswith(suffix):
+            logging.getLogger(name).setLevel(level)
 
 
 LOGGED = ("loss", "mse", "vb", "acc_top1", "val_acc_top1", "grad_norm", "lr", "images_per_s",
@@ -247,12 +239,12 @@ LOGGED = ("loss", "mse", "vb", "acc_top1", "val_acc_top1", "grad_norm", "lr", "i
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
-    """Train `loop_config["config"]` (a `TrainConfig` as a dict) from its last checkpoint, if
-    any, to `optim.max_steps`. `loop_config["s3"]` holds the driver's non-secret S3 settings
+    """Train `loop_config["config"]` (a `TrainConfig`, checked on the driver) from its last
+    checkpoint, if any, to `optim.max_steps`. `loop_config["s3"]` holds the driver's non-secret S3 settings
     (endpoint, region); credentials come from the worker's own environment or role."""
-    _use_s3_settings(**loop_config.get("s3", {}))
-    _train_report_log_level(loop_config.get("log_level", "WARNING"))
-    cfg = validate(from_dict(TrainConfig, loop_config["config"]))
+    storage.use_s3_settings(**loop_config.get("s3", {}))
+    _quiet_train_reports(loop_config.get("log_level", "WARNING"))
+    cfg: TrainConfig = loop_config["config"]
     o, r = cfg.optim, cfg.run
     w = build_worker(cfg)
     restore(w, ray.train.get_checkpoint())

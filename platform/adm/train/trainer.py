@@ -8,7 +8,6 @@ same config again resumes from the last checkpoint (Ray Train finds the run by i
 from __future__ import annotations
 
 import concurrent.futures
-import os
 from dataclasses import replace
 from typing import Callable, Sequence
 
@@ -98,19 +97,6 @@ def build_datasets(cfg: TrainConfig) -> dict[str, ray.data.Dataset]:
     return datasets
 
 
-def _absolute(uri: str | None) -> str | None:
-    """A local path made absolute on the driver: workers and Ray Data tasks run elsewhere."""
-    return uri if not uri or storage.is_s3(uri) else os.path.abspath(os.path.expanduser(uri))
-
-
-def resolve_paths(cfg: TrainConfig) -> TrainConfig:
-    """`cfg` with its local paths absolute."""
-    return replace(cfg, data=replace(cfg.data, uri=_absolute(cfg.data.uri),
-                                     val_uri=_absolute(cfg.data.val_uri)),
-                   run=replace(cfg.run, storage=_absolute(cfg.run.storage),
-                               init_from=_absolute(cfg.run.init_from)))
-
-
 def warn_local_paths_on_a_cluster(cfg: TrainConfig) -> None:
     """Every node must reach the data and the run folder: on a multi-node cluster a local path
     works only where it is a shared file system (or all nodes share one machine)."""
@@ -132,7 +118,6 @@ def fit(cfg: TrainConfig, callbacks: Sequence[ray.train.UserCallback] = (),
     """Train (or resume) the run of `cfg` to `optim.max_steps`, then export its last
     checkpoint to `<run>/export`. `callbacks` are Ray Train's, run on the Train controller;
     `log_level` is that of Ray Train's own messages in the terminal (all go to its log files)."""
-    cfg = resolve_paths(cfg)
     with driver_bar(cfg.kind, cfg.optim.max_steps) as progress:
         result = make_trainer(cfg, callbacks, log_level=log_level, progress=progress).fit()
     if result.error is not None:
@@ -145,7 +130,7 @@ def fit(cfg: TrainConfig, callbacks: Sequence[ray.train.UserCallback] = (),
 def make_trainer(cfg: TrainConfig, callbacks: Sequence[ray.train.UserCallback] = (),
                  train_loop: Callable[[dict], None] = train_loop_per_worker,
                  log_level: str = "WARNING", progress: str | None = None) -> TorchTrainer:
-    """The `TorchTrainer` of a run (paths already absolute): its data checked, its config and
+    """The `TorchTrainer` of a run: its data checked, its config and
     classes recorded in the run folder. `train_loop` wraps or replaces the per-worker loop;
     `progress` names the step counter of the driver's bar (`adm.train.progress`)."""
     check_data(cfg)
@@ -165,7 +150,7 @@ def make_trainer(cfg: TrainConfig, callbacks: Sequence[ray.train.UserCallback] =
     s3 = storage.default_s3_options()
     return TorchTrainer(
         train_loop,
-        train_loop_config={"config": to_dict(cfg), "log_level": log_level, "progress": progress,
+        train_loop_config={"config": cfg, "log_level": log_level, "progress": progress,
                            "s3": {"endpoint_url": s3.endpoint_url, "region": s3.region}},
         scaling_config=ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
                                      resources_per_worker={"CPU": cfg.run.cpus_per_worker},
