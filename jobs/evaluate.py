@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from adm.runtime import run_job
+from adm.runtime import CHECK_HELP, check_passed, run_job
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -37,6 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     add("--verbose", action="store_true", help="let Ray's own logs through")
     add("--no-progress", action="store_true", help="no progress bar")
+    add("--check", action="store_true", help=CHECK_HELP)
     return p.parse_args(argv)
 
 
@@ -49,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
 
     configure_output(args.verbose)
     FeatureJob(args.batch_size, args.num_workers, args.cpus_per_worker, args.gpus)  # checked
+    if args.check:
+        return check_passed("evaluate.py")
     plan = make_plan(args.reference, args.samples, args.features,
                      image_size=args.image_size)  # every input checked: before Ray
     if needs_features(plan):  # both sets cached: no Ray at all

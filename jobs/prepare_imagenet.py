@@ -16,7 +16,7 @@ import argparse
 
 from adm.data.prepare import check_prepare_inputs, prepare_imagenet
 from adm.data.shards import ShardWriterConfig
-from adm.runtime import init_ray, run_job
+from adm.runtime import CHECK_HELP, check_passed, init_ray, run_job
 from adm.storage import S3Options
 
 
@@ -40,6 +40,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL)")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else local)")
     p.add_argument("--verbose", action="store_true", help="let Ray's own logs through")
+    p.add_argument("--check", action="store_true", help=CHECK_HELP)
     return p.parse_args(argv)
 
 
@@ -52,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
                                num_cpus_per_task=args.num_cpus_per_task,
                                max_in_flight=args.max_in_flight,
                                progress_interval_s=args.progress_interval)
+    if args.check:
+        return check_passed("prepare_imagenet.py")
     check_prepare_inputs(args.out, src=args.src, val=args.val, val_labels=args.val_labels, s3=s3)
     init_ray(args.address, args.verbose)
     # InputErrors found while running: no usable images, a foreign --out, ...

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 
-from adm.runtime import run_job
+from adm.runtime import CHECK_HELP, check_passed, run_job
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,6 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     add("--verbose", action="store_true", help="let Ray's own logs through")
     add("--no-progress", action="store_true", help="no progress bar")
+    add("--check", action="store_true", help=CHECK_HELP)
     add("overrides", nargs="*", metavar="key=value", help="any other setting")
     return p.parse_args(argv)
 
@@ -79,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
             lambda_min=args.lambda_min, cfg_scale=args.cfg_scale, num_samples=args.num_samples,
             batch_size=args.batch_size, classes=args.classes, seed=args.seed, out=args.out,
             num_workers=args.num_workers, gpus=args.gpus)
+    if args.check:
+        return check_passed("sample.py")
     plan = make_plan(cfg)  # every file read and checked: before Ray starts
 
     if is_finished(plan.cfg.out):  # nothing to do: no Ray either

@@ -148,3 +148,14 @@ def run_job(main: Callable[..., int]) -> Callable[..., int]:
             return 2
 
     return job
+
+
+CHECK_HELP = ("check the command line and the settings it names, then exit: no data, model or "
+              "output location is read, and Ray is not started (for CI and deploy manifests)")
+
+
+def check_passed(job: str) -> int:
+    """What a job's ``--check`` prints when its command line and settings are valid; status 0."""
+    print(f"{job}: the command line and its settings are valid (--check: nothing was read, "
+          "written or started)", flush=True)
+    return 0

@@ -16,7 +16,7 @@ import argparse
 from .. import storage
 from ..config import ConfigError
 from ..data.manifest import MANIFEST
-from ..runtime import run_job
+from ..runtime import CHECK_HELP, check_passed, run_job
 from .config import TrainConfig, load_config
 
 
@@ -34,6 +34,7 @@ def parse_args(kind: str, argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--init-from", help="a released-format state dict to fine-tune from")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else local)")
     p.add_argument("--verbose", action="store_true", help="let Ray's own logs through")
+    p.add_argument("--check", action="store_true", help=CHECK_HELP)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     return p.parse_args(argv)
 
@@ -45,8 +46,10 @@ def _held_out(root: str) -> str | None:
 
 def resolve_config(kind: str, args: argparse.Namespace) -> TrainConfig:
     """The run's config from the file, the overrides and the command line's options (built,
-    and so checked, once)."""
-    held_out = args.val_data or ((_held_out(args.data) or "") if args.data else None)
+    and so checked, once). With `--check`, `--data` is not looked into for a val split."""
+    held_out = args.val_data
+    if held_out is None and args.data and not getattr(args, "check", False):
+        held_out = _held_out(args.data) or ""
     cfg = load_config(
         args.config, args.overrides,
         run__num_workers=args.num_workers, run__use_gpu=True if args.gpus else None,
@@ -67,6 +70,8 @@ def main(kind: str, argv: list[str] | None = None) -> int:
 
     configure_output(args.verbose)
     cfg = resolve_config(kind, args)
+    if args.check:
+        return check_passed(f"train_{kind}.py")
     from .trainer import check_data, fit, run_uri
 
     check_data(cfg)  # before Ray starts: bad data fails in one line
