@@ -76,6 +76,15 @@ def load_job(name: str):
     return module
 
 
+def run_main(name: str, argv: list[str]) -> int:
+    """Run `jobs/<name>.py`'s main(argv) in the test process; its exit status."""
+    if name.startswith("train_"):  # jobs/train_<kind>.py is one call of the shared main
+        from adm.train.cli import main
+
+        return main(name.removeprefix("train_"), argv)
+    return load_job(name).main(argv)
+
+
 def export_random(folder: Path, net: torch.nn.Module, flags: dict, seed: int) -> str:
     """`net` with random N(0, 0.1²) weights (ADM zero-initialises its output layers, which
     would make every sample alike), saved as training exports it: `folder/model.pt` with

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import load_job
+from helpers import run_main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,14 +22,6 @@ def readme_commands() -> dict[str, list[str]]:
             argv = shlex.split(line.split(" -- ", 1)[1])
             commands[Path(argv[1]).stem] = argv[2:]
     return commands
-
-
-def run_main(name: str, argv: list[str]) -> int:
-    if name.startswith("train_"):
-        from adm.train.cli import main
-
-        return main(name.removeprefix("train_"), argv)
-    return load_job(name).main(argv)
 
 
 @pytest.fixture

@@ -16,8 +16,10 @@ reports what it guards against.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
+import io
 import json
 import re
 import shlex
@@ -30,7 +32,7 @@ import yaml
 from ray.serve.schema import ServeDeploySchema
 
 from adm.config import ConfigError
-from helpers import load_job
+from helpers import load_job, run_main
 from test_cluster_yaml import (capacity_problems, credential_findings, load_cluster, model_paths,
                                pinning_problems)
 
@@ -273,6 +275,16 @@ def entrypoint_problems(doc: dict) -> list[str]:
     script, args = Path(argv[1]).name, argv[2:]
     if not (ROOT / argv[1]).is_file():
         return [f"entrypoint: {argv[1]} is not in the repository"]
+    # The job's own --check: its parser and its settings, nothing read or started.
+    err = io.StringIO()
+    with contextlib.chdir(ROOT), contextlib.redirect_stderr(err), \
+            contextlib.redirect_stdout(io.StringIO()):
+        try:
+            status = run_main(Path(script).stem, [*args, "--check"])
+        except SystemExit as e:  # argparse's way of refusing
+            status = e.code
+    if status != 0:
+        return [f"entrypoint: {script} --check refuses it: {err.getvalue().strip()}"]
     try:
         gpus = job_gpus(script, args)
     except SystemExit:  # argparse's way of refusing
@@ -388,11 +400,11 @@ BROKEN: dict[str, tuple[Callable[[dict], None], Callable[[dict], list[str]], str
     "missing-entrypoint": (lambda d: d["spec"].pop("entrypoint"), entrypoint_problems,
                            "is not `python jobs/<job>.py`"),
     "unknown-flag": (lambda d: d["spec"].update(entrypoint=d["spec"]["entrypoint"] + " --nodes 2"),
-                     entrypoint_problems, "parser refuses"),
+                     entrypoint_problems, "unrecognized arguments: --nodes"),
     "too-many-gpus": (lambda d: d["spec"].update(entrypoint=d["spec"]["entrypoint"].replace(
         "--num-workers 16", "--num-workers 32")), entrypoint_problems, "32 GPU actors"),
     "bad-override": (lambda d: d["spec"].update(entrypoint=d["spec"]["entrypoint"] + " optim.lr=x"),
-                     entrypoint_problems, "config: optim.lr"),
+                     entrypoint_problems, "optim.lr: expected float"),
     "latest-image": (lambda d: ray_container(_worker(d)).update(image="adm-platform:latest"),
                      image_problems, ":latest"),
     "untagged-image": (lambda d: ray_container(_worker(d)).update(image="rayproject/ray"),
