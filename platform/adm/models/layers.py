@@ -199,8 +199,12 @@ def split_qkv(qkv: torch.Tensor, num_heads: int, legacy_order: bool):
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Softmax attention over [N, H, T, C] tensors -> [N, H*C, T], by PyTorch's fused
     `scaled_dot_product_attention` (which kernel runs is `torch.nn.attention.sdpa_kernel`'s
-    choice; benchmarks/models.py compares it with the unfused MATH form)."""
-    a = F.scaled_dot_product_attention(q, k, v)
+    choice; benchmarks/models.py compares it with the unfused MATH form).
+
+    q, k and v are made contiguous first: `split_qkv`'s are transposed views, and on CPU the
+    fused (flash) kernel takes only a unit-stride last dimension, so strided inputs fall back to
+    the unfused form, 2-4x slower at 16x16 tokens and above (benchmarks/profile_step.py)."""
+    a = F.scaled_dot_product_attention(q.contiguous(), k.contiguous(), v.contiguous())
     n, h, t, c = a.shape
     return a.transpose(-1, -2).reshape(n, h * c, t)
 
