@@ -34,13 +34,17 @@ in turn, and each variant's rounds are merged; the table gives their median.
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import torch
 from torch.utils import benchmark
 
+from adm.checkpoints import AUTOCAST
 from adm.compat import openai
 from adm.diffusion import sample, sampling_diffusion
+from adm.stage import COMPILE_PAYS_AFTER_CALLS, resolve_fast_path
+from reference_loop import reference_ddim
 
 CONFIGS = {
     # A small ADM: class-conditional, learned sigma, BigGAN up/down, attention at 16 and 8.
@@ -69,14 +73,25 @@ def imagenet128() -> dict:
 
 CONFIGS["imagenet128"] = imagenet128
 
+
+def at_size(config: dict, size: int) -> dict:
+    """`config` with its model and classifier built for `size` x `size` images."""
+    return {**config, "size": size,
+            "model": {**openai.parse_flags(config["model"]), "image_size": size},
+            "classifier": {**openai.parse_flags(config["classifier"]), "image_size": size}}
+
 VARIANTS = {
+    # The reference's own loop (benchmarks/reference_loop.py): the baseline of every ratio.
+    "reference loop": {"reference": True},
     "float32 eager": {},
     "bf16 autocast": {"autocast_dtype": torch.bfloat16},
     "channels-last": {"channels_last": True},
     "torch.compile": {"compile": True},
+    "bf16 + compile": {"autocast_dtype": torch.bfloat16, "compile": True},
     "bf16+CL+compile": {"autocast_dtype": torch.bfloat16, "channels_last": True, "compile": True},
 }
-CUDA_VARIANTS = {"fp16 autocast": {"autocast_dtype": torch.float16}}
+CUDA_VARIANTS = {"fp16 autocast": {"autocast_dtype": torch.float16},
+                 "fp16 + compile": {"autocast_dtype": torch.float16, "compile": True}}
 # Rows of the samplers table: sampler, steps (model calls), classifier guidance (at the config's
 # scale) and classifier-free guidance weight (1 = off).
 CFG_SCALE = 3.0
@@ -113,35 +128,13 @@ def build(config: dict, device: torch.device, null_class: bool = False):
     return model, classifier, openai.create_diffusion(config["model"])
 
 
-class BackwardTimer:
-    """Replaces torch.autograd.grad (which the guidance function calls) with a version that
-    synchronises and times itself."""
-
-    def __init__(self, device):
-        self.device, self.durations, self._orig = device, [], torch.autograd.grad
-
-    def __enter__(self):
-        def timed(*args, **kwargs):
-            sync(self.device)
-            start = time.perf_counter()
-            out = self._orig(*args, **kwargs)
-            sync(self.device)
-            self.durations.append(time.perf_counter() - start)
-            return out
-
-        torch.autograd.grad = timed
-        return self
-
-    def __exit__(self, *exc):
-        torch.autograd.grad = self._orig
-
-
 def prepare(name: str, options: dict, config: dict, device: torch.device, batch: int,
-            steps: int, seed: int, sampling: dict = DEFAULT_SAMPLING):
+            steps: int, seed: int, sampling: dict = DEFAULT_SAMPLING, quick: bool = False):
     """Fresh networks for one row (channels-last converts them in place), a function that
     samples one seeded batch and its `benchmark.Timer`; returns (once, timer, warm-up seconds):
-    the first run (warm-up, compilation) is timed apart. `sampling`: sampler, steps (else
-    `steps`), classifier (bool) and cfg_scale of the row."""
+    the first run (warm-up, compilation) is timed apart; `quick`: the warm-up is a two-step
+    run (same shapes, so the same compiled graphs). `sampling`: sampler, steps (else `steps`),
+    classifier (bool) and cfg_scale of the row."""
     cfg_scale = sampling.get("cfg_scale", 1.0)
     model, classifier, diffusion = build(config, device, null_class=cfg_scale != 1.0)
     size = model.image_size
@@ -150,16 +143,20 @@ def prepare(name: str, options: dict, config: dict, device: torch.device, batch:
                       generator=torch.Generator().manual_seed(seed)).to(device)
     guide = classifier if sampling.get("classifier") else None
 
-    def once():
+    def once(run_steps=sampling.get("steps", steps)):
         generator = torch.Generator(device).manual_seed(seed)
+        if options.get("reference"):
+            noise = torch.randn(shape, generator=generator, device=device)
+            spaced = sampling_diffusion(diffusion, "ddim", run_steps)
+            return reference_ddim(model, guide, spaced, noise, y, config["scale"]).clamp(-1, 1)
         return sample(model, diffusion, shape, sampler=sampling["sampler"],
-                      steps=sampling.get("steps", steps), classifier=guide,
+                      steps=run_steps, classifier=guide,
                       classifier_scale=config["scale"], cfg_scale=cfg_scale, y=y,
                       generator=generator, **options)
 
     sync(device)
     start = time.perf_counter()
-    out = once()
+    out = once(2) if quick else once()
     sync(device)
     warmup = time.perf_counter() - start
     assert out.shape == shape and torch.isfinite(out).all() and out.abs().max() <= 1
@@ -170,49 +167,55 @@ def prepare(name: str, options: dict, config: dict, device: torch.device, batch:
 
 
 def time_rows(rows_spec: dict, config: dict, device: torch.device, batch: int, steps: int,
-              seed: int, repeats: int) -> dict:
+              seed: int, repeats: int, quick: bool = False) -> dict:
     """Warm up every row, then time them round-robin (`repeats` rounds), so that a burst of
     load on a shared machine hits every row alike rather than one of them. `rows_spec`:
-    name -> (execution options, sampling). Returns name -> {"warmup_s", "median_s", "timer"}."""
+    name -> (execution options, sampling). `quick`: two-step warm-ups and one timed call per
+    round (the GPU check's budget). Returns name -> {"warmup_s", "median_s", "timer"}."""
     runs = {}
     for name, (options, sampling) in rows_spec.items():
-        _, timer, warmup = prepare(name, options, config, device, batch, steps, seed, sampling)
+        _, timer, warmup = prepare(name, options, config, device, batch, steps, seed, sampling,
+                                   quick)
         runs[name] = {"warmup_s": warmup, "timer": timer, "measurements": []}
         print(f"  warmed up {name} ({warmup:.1f} s)", flush=True)
     for _ in range(repeats):
         for run in runs.values():
-            run["measurements"].append(run["timer"].blocked_autorange(min_run_time=0.0))
+            run["measurements"].append(run["timer"].timeit(1) if quick
+                                       else run["timer"].blocked_autorange(min_run_time=0.0))
     for run in runs.values():
         run["median_s"] = benchmark.Measurement.merge(run.pop("measurements"))[0].median
     return runs
 
 
+DEFAULT_ROW = "default (auto settings, a long run)"
+
+
+def default_options(device: torch.device) -> dict:
+    """What `jobs/sample.py` and Serve run by default (`adm.stage.resolve_fast_path` with
+    precision and compile "auto") for a long run on `device`, as `sample` options."""
+    precision, compile = resolve_fast_path("auto", "auto", device, COMPILE_PAYS_AFTER_CALLS)
+    return {"autocast_dtype": AUTOCAST[precision], "compile": compile}
+
+
 def variants_table(variants: dict, config: dict, device, batch: int, steps: int, seed: int,
-                   repeats: int) -> None:
+                   repeats: int, quick: bool = False) -> list[dict]:
     """Classifier-guided DDIM-`steps` by execution option (see the module docstring)."""
     runs = time_rows({k: (v, DEFAULT_SAMPLING) for k, v in variants.items()}, config, device,
-                     batch, steps, seed, repeats)
-    rows = []
-    for name, run in runs.items():
-        # The guidance gradient's share, in a separate measurement with every backward
-        # synchronised and timed (per run: backward seconds over the run's mean time).
-        # Only the last timed block counts: blocked_autorange also runs untimed calls first.
-        with BackwardTimer(device) as backward:
-            m = run["timer"].blocked_autorange(min_run_time=0.0)
-        assert len(backward.durations) % steps == 0, (len(backward.durations), steps)
-        last_block = backward.durations[-m.number_per_run * steps:]
-        rows.append(dict(variant=name, warmup_s=run["warmup_s"],
-                         images_per_s=batch / run["median_s"], s_per_step=run["median_s"] / steps,
-                         backward_fraction=sum(last_block) / m.number_per_run / m.times[-1]))
-    base = next((r["images_per_s"] for r in rows if r["variant"] == "float32 eager"), None)
-    print(f"\n## classifier-guided DDIM-{steps} by execution option\n")
-    print("| variant | images/s | vs float32 eager | s/step | classifier backward share "
-          "| warm-up s |")
+                     batch, steps, seed, repeats, quick)
+    rows = [dict(variant=name, first_call_s=run["warmup_s"], images_per_s=batch / run["median_s"],
+                 s_per_step=run["median_s"] / steps) for name, run in runs.items()]
+    by_name = {r["variant"]: r["images_per_s"] for r in rows}
+    print(f"\n## classifier-guided DDIM-{steps}, {config['size']}x{config['size']}, batch "
+          f"{batch}, by execution option\n")
+    print("| variant | images/s | vs reference loop | vs float32 eager | s/step "
+          "| first call s (compiles) |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        ratio = f"{r['images_per_s'] / base:.2f}x" if base else "-"
-        print(f"| {r['variant']} | {r['images_per_s']:.3f} | {ratio} | {r['s_per_step']:.4f} | "
-              f"{100 * r['backward_fraction']:.0f}% | {r['warmup_s']:.1f} |")
+        ratios = [f"{r['images_per_s'] / by_name[b]:.2f}x" if b in by_name else "-"
+                  for b in ("reference loop", "float32 eager")]
+        print(f"| {r['variant']} | {r['images_per_s']:.3f} | {ratios[0]} | {ratios[1]} | "
+              f"{r['s_per_step']:.4f} | {r['first_call_s']:.1f} |")
+    return rows
 
 
 def samplers_table(config: dict, device, batch: int, seed: int, repeats: int) -> None:
@@ -322,7 +325,13 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--config", choices=sorted(CONFIGS), default=None,
                         help="default: imagenet128 on CUDA, small32 on CPU")
-    parser.add_argument("--batch-size", type=int, default=None, help="default: 64 CUDA, 8 CPU")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="samplers table's batch (default: 64 CUDA, 8 CPU)")
+    parser.add_argument("--cases", default=None,
+                        help="variants table: size:batch,... (default: 128:64 CUDA, 32:4,64:8 CPU)")
+    parser.add_argument("--quick", action="store_true",
+                        help="variants: two-step warm-ups, one timed call per round")
+    parser.add_argument("--json", default=None, help="also write the tables' rows to this file")
     parser.add_argument("--steps", type=int, default=25,
                         help="DDIM steps of the variants table (ddimN respacing)")
     parser.add_argument("--repeats", type=int, default=2)
@@ -336,7 +345,8 @@ def main() -> None:
     parser.add_argument("--quality-seeds", default="0,1",
                         help="quality: comma-separated seeds (FID is compared seed by seed)")
     parser.add_argument("--variants", default=None,
-                        help="comma-separated subset of: " + ", ".join({**VARIANTS, **CUDA_VARIANTS}))
+                        help="comma-separated subset of: " + ", ".join(
+                            [*VARIANTS, *CUDA_VARIANTS, DEFAULT_ROW]))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args()
@@ -347,6 +357,7 @@ def main() -> None:
     config_name = args.config or ("imagenet128" if device.type == "cuda" else "small32")
     batch = args.batch_size or (64 if device.type == "cuda" else 8)
     variants = dict(VARIANTS, **(CUDA_VARIANTS if device.type == "cuda" else {}))
+    variants[DEFAULT_ROW] = default_options(device)
     if args.variants:
         variants = {k: variants[k] for k in args.variants.split(",")}
     tables = set(args.tables.split(","))
@@ -358,17 +369,26 @@ def main() -> None:
         what = torch.cuda.get_device_name(device)
     else:
         what = f"CPU, {torch.get_num_threads()} threads"
-    print(f"# guided sampling, {config_name}, batch {batch}, {what}, torch {torch.__version__}")
+    print(f"# guided sampling, {config_name}, {what}, torch {torch.__version__}")
 
     config = CONFIGS[config_name]
     config = config() if callable(config) else config
+    results = {"device": what, "config": config_name, "variants": []}
     if "variants" in tables:
-        variants_table(variants, config, device, batch, args.steps, args.seed, args.repeats)
+        cases = args.cases or ("128:64" if device.type == "cuda" else "32:4,64:8")
+        for case in cases.split(","):
+            size, rows = (int(v) for v in case.split(":"))
+            table = variants_table(variants, at_size(config, size), device, rows, args.steps,
+                                   args.seed, args.repeats, args.quick)
+            results["variants"].append({"size": size, "batch": rows, "rows": table})
     if "samplers" in tables:
         samplers_table(config, device, batch, args.seed, args.repeats)
     if "quality" in tables:
         quality_table(args.models, args.reference, device, args.quality_samples,
                       [int(x) for x in args.quality_seeds.split(",")])
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
 
 
 if __name__ == "__main__":

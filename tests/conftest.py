@@ -13,12 +13,20 @@ import pytest
 from s3_server import s3_server  # noqa: F401 - the session's S3 server, for every test module
 
 
-def pytest_collection_modifyitems(items):
+def pytest_collection_modifyitems(config, items):
     """Mark the tests that use the session's Ray (directly or through a fixture) `cluster`, so
-    that `make test-fast` (-m "not cluster and not slow") can leave them out."""
+    that `make test-fast` (-m "not cluster and not slow") can leave them out. Deselect the
+    `gpu` tests where there is no CUDA device (CI): they run in benchmarks/gpu_check.sh."""
     for item in items:
         if "ray_session" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.cluster)
+    import torch
+
+    if not torch.cuda.is_available():
+        gpu = [item for item in items if item.get_closest_marker("gpu")]
+        if gpu:
+            config.hook.pytest_deselected(items=gpu)
+            items[:] = [item for item in items if not item.get_closest_marker("gpu")]
 
 
 @pytest.fixture(scope="session")

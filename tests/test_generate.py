@@ -111,9 +111,9 @@ def test_a_sample_is_computed_at_its_own_row_whatever_came_with_it(nets, tmp_pat
     import adm.stage
     from adm.generate.pipeline import StageSampler
 
-    plan = make_plan(settings(nets, tmp_path / "x", batch_size=5, sampler="ddim"))
-    stage = StageSampler(plan.base, seed=3, precision="fp32", clip_denoised=True, eta=0.0,
-                         gpus=False)
+    plan = make_plan(settings(nets, tmp_path / "x", batch_size=5, sampler="ddim",
+                              precision="fp32"))
+    stage = StageSampler(plan.base, seed=3, clip_denoised=True, eta=0.0, gpus=False)
     labels = labels_for(np.arange(10), 3, "uniform", 10)
     calls = []  # the float32 output [5, C, H, W] of each model call
 
@@ -145,7 +145,8 @@ def test_chained_run_upsamples_each_base_sample(ray_session, nets, tmp_path):
     """Stage 2 makes sample i from sample i's base image and label, with its own noise."""
     out = tmp_path / "chain"
     run(nets, out, num_samples=6, shard_size=4, batch_size=2, upsampler=nets["upsampler"],
-        upsampler_steps=3, upsampler_batch_size=3, upsampler_workers=2, sampler="ddim")
+        upsampler_steps=3, upsampler_batch_size=3, upsampler_workers=2, sampler="ddim",
+        precision="fp32")  # the float32 loop written out below
     with np.load(out / "samples.npz") as z:
         images, labels = z["arr_0"], z["arr_1"]
     with np.load(out / "base_samples.npz") as z:
@@ -474,3 +475,34 @@ def test_merge_streams_shards_in_order_and_checks_them(tmp_path):
     with pytest.raises(RuntimeError, match=r"shard-000001.npz: does not hold indices 3..5"):
         output.merge(out, n, size, chained=True)
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["shards"]
+
+
+def test_auto_precision_and_compile_are_decided_in_the_plan(nets, tmp_path):
+    """precision and compile "auto" are decided when the run is planned, per stage, and
+    recorded with the decisive settings: bf16 on a CPU with native bf16 (as /proc/cpuinfo
+    lists it), and compile once a stage's busiest actor makes COMPILE_PAYS_AFTER_CALLS model
+    calls; a rerun whose settings decide otherwise is refused, naming the setting."""
+    from adm.stage import COMPILE_PAYS_AFTER_CALLS
+
+    flags = Path("/proc/cpuinfo").read_text().split()
+    native_bf16 = "avx512_bf16" in flags or "amx_bf16" in flags
+    # 4 steps per batch of 16 rows: the threshold falls between these two sample counts.
+    below = 16 * (COMPILE_PAYS_AFTER_CALLS // 4 - 1)
+    small = make_plan(settings(nets, tmp_path / "a", num_samples=below, batch_size=16,
+                               upsampler=nets["upsampler"], upsampler_steps="4"))
+    assert small.base.precision == ("bf16" if native_bf16 else "fp32")
+    assert (small.base.compile, small.upsampler.compile) == (False, False)
+    big = make_plan(settings(nets, tmp_path / "b", num_samples=below + 1, batch_size=16))
+    assert big.base.compile is True
+    two = make_plan(settings(nets, tmp_path / "c", num_samples=below + 1, batch_size=16,
+                             num_workers=2))
+    assert two.base.compile is False  # each actor makes half the calls
+    given = make_plan(settings(nets, tmp_path / "d", precision="fp32", compile=True))
+    assert (given.base.precision, given.base.compile) == ("fp32", True)
+    assert given.decisive()["base"]["precision"] == "fp32"
+
+    from adm.generate import output
+
+    output.write_settings(str(tmp_path / "d"), given.decisive(), given.execution())
+    with pytest.raises(ConfigError, match=r"^compile: "):
+        make_plan(settings(nets, tmp_path / "d", precision="fp32", compile=False))

@@ -23,6 +23,10 @@ T = TypeVar("T")
 # How the networks run: float32, or bfloat16 / float16 autocast (fp16 training adds a grad
 # scaler). The one definition every config uses.
 Precision = Literal["fp32", "bf16", "fp16"]
+# Sampling's settings also take "auto": the fastest measured choice for the device the networks
+# run on (`adm.stage.resolve_fast_path`). Compile: `torch.compile` the networks, or not, or "auto".
+SamplingPrecision = Literal["auto", "fp32", "bf16", "fp16"]
+CompileSetting = bool | Literal["auto"]
 
 
 def _absolute(uri: str) -> str:

@@ -14,6 +14,8 @@ a crowd).
 """
 from __future__ import annotations
 
+import math
+import time
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -26,6 +28,37 @@ from .checkpoints import AUTOCAST, from_uint8, to_uint8
 from .config import ConfigError
 from .diffusion import GaussianDiffusion, sample, sampling_diffusion
 from .presets import preset
+
+
+# "auto" compiles a generation stage that makes at least this many model calls per actor: on
+# the 2-core CPU box compiling a guided 32 px stage (about 80 s) costs about what this many
+# eager bf16 calls lose to compiled ones (README "Sampling speed"; benchmarks/sampling.py).
+COMPILE_PAYS_AFTER_CALLS = 3000
+
+
+def auto_precision(device: torch.device) -> str:
+    """The precision setting "auto" picks on `device`: bf16 on a GPU that has it (else fp16),
+    bf16 on a CPU with native bf16 arithmetic (AVX-512 BF16 or AMX, as oneDNN reports), else
+    fp32 (an emulated bf16 is slower than fp32)."""
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return "bf16" if native else "fp32"
+
+
+def resolve_fast_path(precision: str, compile: bool | str, device: torch.device,
+                      calls: int | None) -> tuple[str, bool]:
+    """(precision, compile) with "auto" settings decided for `device`: `auto_precision`, and
+    compilation when the stage will make at least COMPILE_PAYS_AFTER_CALLS model calls
+    (`calls`; None: a server, whose replicas live long: compiled on a GPU, where it takes a
+    minute, not on a CPU, where a replica would spend several minutes compiling before it
+    could answer)."""
+    if precision == "auto":
+        precision = auto_precision(device)
+    if compile == "auto":
+        compile = (device.type == "cuda" if calls is None
+                   else calls >= COMPILE_PAYS_AFTER_CALLS)
+    return precision, bool(compile)
 
 
 class Defaults(NamedTuple):
@@ -70,6 +103,17 @@ def check_steps(name: str, net: checkpoints.ModelSpec, sampler: str, steps: int 
         raise ConfigError(f"{name}: {e}") from None
 
 
+def stage_calls(net: checkpoints.ModelSpec, sampler: str, steps: int | str,
+                timesteps: str | None, lambda_min: float | None, num_samples: int, rows: int,
+                workers: int) -> int:
+    """Model calls one actor of a generation stage makes (the busiest, when the batches do not
+    split evenly): its batches of `rows` times the steps the sampler runs."""
+    chain = factory.create_diffusion({**net.flags, "timestep_respacing": ""})
+    per_batch = sampling_diffusion(chain, sampler, steps or None, timesteps,
+                                   lambda_min).num_timesteps
+    return math.ceil(math.ceil(num_samples / rows) / workers) * per_batch
+
+
 def model_calls(slots: np.ndarray, rows: int) -> list[np.ndarray]:
     """Positions in `slots` [n] by the model call that computes them (slot // rows), calls in
     ascending order and positions in input order within each."""
@@ -92,16 +136,30 @@ class Stage:
     classifier: nn.Module | None = None
     autocast: torch.dtype | None = None
     device: torch.device = torch.device("cpu")
+    compile: bool = False
+    low_res_size: int | None = None  # an upsampler's input side
 
     @classmethod
     def load(cls, spec: checkpoints.ModelSpec, classifier: checkpoints.ModelSpec | None,
-             precision: str, device: torch.device, rows: int) -> "Stage":
-        """Load `spec` (and `classifier`) onto `device`; `precision` is a key of AUTOCAST."""
-        return cls(checkpoints.load(spec, device),
-                   factory.create_diffusion({**spec.flags, "timestep_respacing": ""}),
+             precision: str, device: torch.device, rows: int, compile: bool = False) -> "Stage":
+        """Load `spec` (and `classifier`) onto `device`; `precision` is a key of AUTOCAST;
+        `compile`: every model call goes through `torch.compile`d networks (see `warm_up`)."""
+        net = checkpoints.load(spec, device)
+        return cls(net, factory.create_diffusion({**spec.flags, "timestep_respacing": ""}),
                    checkpoints.image_size(spec), rows,
                    checkpoints.load(classifier, device) if classifier else None,
-                   AUTOCAST[precision], device)
+                   AUTOCAST[precision], device, compile,
+                   checkpoints.small_size(spec) if spec.kind == "upsampler" else None)
+
+    def warm_up(self) -> float:
+        """Make one model call of each kind this stage makes (the networks compile now, not in
+        the first request); returns its seconds."""
+        start = time.perf_counter()
+        low = (None if self.low_res_size is None
+               else np.zeros((1, self.low_res_size, self.low_res_size, 3), np.uint8))
+        self.sample(np.zeros(1, np.int64), [0], low_res=low, steps="2",
+                    classifier_scale=1.0 if self.classifier is not None else 0.0)
+        return time.perf_counter() - start
 
     def sample(self, labels: np.ndarray, seeds, slots: np.ndarray | None = None,
                low_res: np.ndarray | None = None, **args) -> np.ndarray:
@@ -128,7 +186,7 @@ class Stage:
                        y=torch.from_numpy(labels[take]).to(self.device),
                        model_kwargs={"low_res": low[take]} if low is not None else None,
                        seeds=[seeds[i] for i in take], autocast_dtype=self.autocast,
-                       device=self.device)
+                       compile=self.compile, device=self.device)
             images[mine] = to_uint8(x)[row]
         return images
 

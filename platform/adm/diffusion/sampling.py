@@ -368,31 +368,24 @@ def _starting_noise(shape: tuple, device: torch.device, noise: torch.Tensor | No
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-@contextlib.contextmanager
+def _compile_options(compile: bool | dict) -> dict | None:
+    """`torch.compile` keyword arguments for `sample`'s `compile` (None: off). Shapes are static
+    by default: a stage's model calls all have the same shape, and a dynamic-shape graph would
+    be both slower and recompiled once more on the second call."""
+    if not compile:
+        return None
+    return {"dynamic": False, **(compile if isinstance(compile, dict) else {})}
+
+
 def _prepared(model: nn.Module, classifier: nn.Module | None, channels_last: bool,
-              compile: bool | dict):
-    """(model, classifier) for one `sample` call: converted to channels-last in place and/or
-    wrapped by `torch.compile` (options: `compile` if a dict). A compiled classifier's weights
-    stop requiring grad inside and are restored on the way out, whatever happens."""
+              compile: dict | None) -> nn.Module:
+    """The model for one `sample` call: converted to channels-last in place (the classifier
+    too) and/or wrapped by `torch.compile(**compile)`."""
     if channels_last:
         for module in (model, classifier):
             if isinstance(module, nn.Module):
                 module.to(memory_format=torch.channels_last)
-    restore = []
-    if compile:
-        options = compile if isinstance(compile, dict) else {}
-        model = torch.compile(model, **options)
-        if classifier is not None:
-            # A compiled backward computes every input's gradient: keep the weights out of it.
-            restore = [p for p in classifier.parameters() if p.requires_grad]
-            for p in restore:
-                p.requires_grad_(False)
-            classifier = torch.compile(classifier, **options)
-    try:
-        yield model, classifier
-    finally:
-        for p in restore:
-            p.requires_grad_(True)
+    return torch.compile(model, **compile) if compile is not None else model
 
 
 def _check_cfg(model, cfg_scale: float, y) -> int | None:
@@ -484,8 +477,10 @@ def sample(
         arithmetic and the guidance gradient stay float32).
     :param channels_last: move x, the model and the classifier to channels-last memory format
         (the modules are converted in place).
-    :param compile: `torch.compile` the model and the classifier (True, or a dict of
-        torch.compile keyword arguments). The first call compiles; later ones reuse it.
+    :param compile: `torch.compile` the model and the classifier's gradient (True, or a dict
+        of torch.compile keyword arguments; shapes static unless it says `dynamic`). The first
+        call compiles; later calls with the same shapes and networks reuse it (and inductor's
+        on-disk cache makes a new process's compile shorter).
     :param progress: show a progress bar.
     :return: [N, C, H, W] float32 samples in [-1, 1] (clamped), contiguous.
     """
@@ -502,11 +497,14 @@ def sample(
     pass_y = getattr(model, "num_classes", True) is not None
     precision = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
                  else contextlib.nullcontext())
-    with _prepared(model, classifier, channels_last, compile) as (model, classifier), precision:
+    options = _compile_options(compile)
+    model = _prepared(model, classifier, channels_last, options)
+    with precision:
         model_fn = _model_fn(model, pass_y)
         if null_label is not None:
             model_fn = classifier_free_guidance(model_fn, cfg_scale, null_label)
-        cond_fn = None if classifier is None else classifier_cond_fn(classifier, classifier_scale)
+        cond_fn = None if classifier is None else classifier_cond_fn(
+            classifier, classifier_scale, compile=options or False)
         out = SAMPLERS[sampler](diffusion, model_fn, x, cond_fn=cond_fn, model_kwargs=model_kwargs,
                                 clip_denoised=clip_denoised, eta=eta, generator=generator,
                                 noise_fn=row_noise, progress=progress)

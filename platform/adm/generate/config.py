@@ -11,8 +11,8 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
-from ..config import (ConfigError, Location, Precision, apply_overrides, config_class,
-                      from_dict, load_yaml)
+from ..config import (CompileSetting, ConfigError, Location, SamplingPrecision,
+                      apply_overrides, config_class, from_dict, load_yaml)
 from ..diffusion import SamplerName, SpacingName
 
 
@@ -39,7 +39,10 @@ class SampleConfig:
     num_samples: int = 10000
     classes: str = "uniform"  # "uniform", "balanced" or a list "3,7,9" (ids or class names)
     seed: int = 0
-    precision: Precision = "fp32"  # autocast of the networks
+    precision: SamplingPrecision = "auto"  # autocast of the networks; auto: bf16 on a CPU with
+    #                           native bf16, fp16 on a GPU, else fp32 (adm.stage.auto_precision)
+    compile: CompileSetting = "auto"  # torch.compile the networks; auto: when a stage makes
+    #                                 enough model calls per actor to pay for it
     clip_denoised: bool = True
     shard_size: int = 1000  # samples per shard file (the unit of resumption)
     out: Location = "samples"  # output folder, local or s3://
@@ -58,7 +61,7 @@ DECISIVE = ("model", "model_preset", "classifier", "classifier_preset", "classif
             "upsampler", "upsampler_preset", "upsampler_steps", "upsampler_sampler", "sampler",
             "steps", "timesteps", "lambda_min", "cfg_scale", "eta", "num_samples", "classes",
             "seed",
-            "precision", "clip_denoised", "shard_size")
+            "precision", "compile", "clip_denoised", "shard_size")
 
 
 def load_sample_config(config: str | None, overrides: Sequence[str] = (), **cli: Any

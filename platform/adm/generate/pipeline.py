@@ -29,12 +29,11 @@ class StageSampler:
     labels passed on). With an input "image" (stage 2) the upsampler is conditioned on it, and
     it is passed on as "base"."""
 
-    def __init__(self, stage: StagePlan, seed: int, precision: str, clip_denoised: bool,
-                 eta: float, gpus: bool):
+    def __init__(self, stage: StagePlan, seed: int, clip_denoised: bool, eta: float, gpus: bool):
         self.seed, self.stream = seed, stage.stream
         device = torch.device("cuda" if gpus and torch.cuda.is_available() else "cpu")
-        self.stage = Stage.load(stage.net, stage.classifier, precision, device,
-                                stage.batch_size)
+        self.stage = Stage.load(stage.net, stage.classifier, stage.precision, device,
+                                stage.batch_size, stage.compile)
         self.args = dict(sampler=stage.sampler, steps=stage.steps or None,
                          timesteps=stage.timesteps, lambda_min=stage.lambda_min,
                          cfg_scale=stage.cfg_scale, classifier_scale=stage.classifier_scale,
@@ -61,8 +60,7 @@ def _map_stage(ds, stage: StagePlan, plan: Plan):
 
     return ds.map_batches(
         StageSampler, batch_size=stage.batch_size, batch_format="numpy",
-        fn_constructor_kwargs=dict(stage=stage, seed=cfg.seed, precision=cfg.precision,
-                                   clip_denoised=cfg.clip_denoised, eta=cfg.eta, gpus=cfg.gpus),
+        fn_constructor_kwargs=dict(stage=stage, seed=cfg.seed, clip_denoised=cfg.clip_denoised, eta=cfg.eta, gpus=cfg.gpus),
         compute=ray.data.ActorPoolStrategy(size=stage.workers),
         num_cpus=cfg.cpus_per_worker, num_gpus=1 if cfg.gpus else None)
 

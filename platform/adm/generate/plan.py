@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import torch
+
 from .. import checkpoints, storage
 from ..config import ConfigError
-from ..stage import check_steps, preset_defaults
+from ..stage import check_steps, preset_defaults, resolve_fast_path, stage_calls
 from . import output
 from .config import SampleConfig, decisive
 from .labels import parse_classes
@@ -32,11 +34,13 @@ class StagePlan:
     timesteps: str | None = None
     cfg_scale: float = 1.0
     lambda_min: float | None = None
+    precision: str = "fp32"  # resolved: never "auto"
+    compile: bool = False
 
     def settings(self) -> dict:
         return {"net": self.net.settings(), "sampler": self.sampler, "steps": self.steps,
                 "timesteps": self.timesteps, "lambda_min": self.lambda_min,
-                "stream": self.stream,
+                "stream": self.stream, "precision": self.precision, "compile": self.compile,
                 "classifier": self.classifier.settings() if self.classifier else None,
                 "classifier_scale": self.classifier_scale, "cfg_scale": self.cfg_scale}
 
@@ -87,17 +91,24 @@ def make_plan(cfg: SampleConfig) -> Plan:
     classes = parse_classes(cfg.classes, num_classes, base.classes or
                             (classifier.classes if classifier else None))
 
+    device = torch.device("cuda" if cfg.gpus else "cpu")
+    calls = stage_calls(base, sampler, steps, cfg.timesteps, cfg.lambda_min, cfg.num_samples,
+                        cfg.batch_size, cfg.num_workers)
     stage1 = StagePlan(base, sampler, steps, "base", cfg.batch_size, cfg.num_workers,
-                       classifier, scale, cfg.timesteps, cfg.cfg_scale, cfg.lambda_min)
+                       classifier, scale, cfg.timesteps, cfg.cfg_scale, cfg.lambda_min,
+                       *resolve_fast_path(cfg.precision, cfg.compile, device, calls))
     stage2 = None
     if cfg.upsampler:
         up = checkpoints.resolve("upsampler", cfg.upsampler, cfg.upsampler_preset, "upsampler")
         checkpoints.check_chain(base, None, up)
         up_sampler, up_steps, _ = preset_defaults(up, cfg.upsampler_sampler, cfg.upsampler_steps)
         check_steps("upsampler_steps", up, up_sampler, up_steps, None)
-        stage2 = StagePlan(up, up_sampler, up_steps, "upsampler",
-                           cfg.upsampler_batch_size or cfg.batch_size,
-                           cfg.upsampler_workers or cfg.num_workers)
+        rows = cfg.upsampler_batch_size or cfg.batch_size
+        workers = cfg.upsampler_workers or cfg.num_workers
+        calls = stage_calls(up, up_sampler, up_steps, None, None, cfg.num_samples, rows, workers)
+        precision, compile = resolve_fast_path(cfg.precision, cfg.compile, device, calls)
+        stage2 = StagePlan(up, up_sampler, up_steps, "upsampler", rows, workers,
+                           precision=precision, compile=compile)
 
     if cfg.eta and sampler != "ddim" and (stage2 is None or stage2.sampler != "ddim"):
         raise ConfigError(f"eta: {cfg.eta} is a DDIM parameter; no stage samples with DDIM")

@@ -15,7 +15,8 @@ import torch
 from ray import serve
 
 from .. import checkpoints
-from ..stage import Job, Output, Stage, run_batch
+from ..checkpoints import AUTOCAST
+from ..stage import Job, Output, Stage, resolve_fast_path, run_batch
 
 logger = logging.getLogger("ray.serve")
 
@@ -27,19 +28,26 @@ class _Replica:
 
     def _setup(self, spec: checkpoints.ModelSpec, classifier: checkpoints.ModelSpec | None,
                precision: str, max_batch_requests: int, batch_wait_s: float,
-               batch_rows: int) -> None:
+               batch_rows: int, compile: bool | str) -> None:
         # The replica's GPU when Ray gave it one (num_gpus in ray_actor_options), else the CPU.
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.stage = Stage.load(spec, classifier, precision, device, batch_rows)
+        precision, compile = resolve_fast_path(precision, compile, device, None)
+        self.stage = Stage.load(spec, classifier, precision, device, batch_rows, compile)
+        # Compiled networks compile in the constructor, so the replica is ready (and counted
+        # by the autoscaler) only once requests will not wait for it.
+        warm_up_s = self.stage.warm_up() if compile else 0.0
         self.run.set_max_batch_size(max_batch_requests)
         self.run.set_batch_wait_timeout_s(batch_wait_s)
-        logger.info("%s: loaded %s (%s) on %s; batches of up to %d requests, model calls of "
-                    "%d rows", self.role, spec.uri, spec.sha256[:12], device,
-                    max_batch_requests, batch_rows)
+        logger.info("%s: loaded %s (%s) on %s, %s%s; batches of up to %d requests, model "
+                    "calls of %d rows", self.role, spec.uri, spec.sha256[:12], device, precision,
+                    f", compiled in {warm_up_s:.0f} s" if compile else "", max_batch_requests,
+                    batch_rows)
 
     def ready(self) -> dict:
         """Answers once this replica has loaded its networks (GET /healthz)."""
-        return {"device": str(self.stage.device), "image_size": self.stage.size}
+        return {"device": str(self.stage.device), "image_size": self.stage.size,
+                "precision": next(k for k, v in AUTOCAST.items() if v == self.stage.autocast),
+                "compile": self.stage.compile}
 
     # One batch queue per process, and each replica is its own actor process; _setup sets the
     # limits from the config before the first call.
@@ -61,9 +69,10 @@ class GuidedSampler(_Replica):
     role = "GuidedSampler"
 
     def __init__(self, base: checkpoints.ModelSpec, classifier: checkpoints.ModelSpec | None,
-                 precision: str = "fp32", max_batch_requests: int = 8, batch_wait_s: float = 0.05,
-                 batch_rows: int = 8):
-        self._setup(base, classifier, precision, max_batch_requests, batch_wait_s, batch_rows)
+                 precision: str = "auto", max_batch_requests: int = 8, batch_wait_s: float = 0.05,
+                 batch_rows: int = 8, compile: bool | str = "auto"):
+        self._setup(base, classifier, precision, max_batch_requests, batch_wait_s, batch_rows,
+                    compile)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=16)
@@ -73,6 +82,8 @@ class Upsampler(_Replica):
 
     role = "Upsampler"
 
-    def __init__(self, upsampler: checkpoints.ModelSpec, precision: str = "fp32",
-                 max_batch_requests: int = 8, batch_wait_s: float = 0.05, batch_rows: int = 8):
-        self._setup(upsampler, None, precision, max_batch_requests, batch_wait_s, batch_rows)
+    def __init__(self, upsampler: checkpoints.ModelSpec, precision: str = "auto",
+                 max_batch_requests: int = 8, batch_wait_s: float = 0.05, batch_rows: int = 8,
+                 compile: bool | str = "auto"):
+        self._setup(upsampler, None, precision, max_batch_requests, batch_wait_s, batch_rows,
+                    compile)

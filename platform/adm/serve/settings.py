@@ -17,7 +17,7 @@ from typing import Annotated, Any, Mapping
 from pydantic import BeforeValidator
 
 from .. import checkpoints, factory, storage
-from ..config import ConfigError, Precision, config_class, from_dict
+from ..config import CompileSetting, ConfigError, SamplingPrecision, config_class, from_dict
 from ..diffusion import SamplerName
 from ..presets import preset
 from ..stage import check_steps, preset_defaults
@@ -66,7 +66,10 @@ class ServeSettings:
     batch_wait_s: float = 0.05
     batch_rows: int = 8
     upsampler_batch_rows: int | None = None  # default: batch_rows
-    precision: Precision = "fp32"  # autocast of the networks
+    precision: SamplingPrecision = "auto"  # autocast of the networks (auto: bf16 on a CPU with
+    #                        native bf16, fp16 on a GPU, else fp32: adm.stage.auto_precision)
+    compile: CompileSetting = "auto"  # torch.compile the networks at replica start (auto: on a
+    #                                 GPU; a CPU replica would compile for minutes)
     gpus: bool = False  # one GPU per model replica (a config file sets ray_actor_options)
     api_key_env: str = DEFAULT_API_KEY_ENV  # the environment variable holding the API key
     require_api_key: bool = False  # refuse to start without a key (a public bind)
