@@ -332,7 +332,8 @@ def plot(timeline: Timeline, marks: list, out: Path) -> None:
                  where="post", linestyle="--", label=f"{BASE} replicas RUNNING")
     axes[1].set_ylabel("count")
     axes[1].yaxis.get_major_locator().set_params(integer=True)
-    axes[1].legend(loc="upper left")
+    axes[1].set_ylim(0, max(s.nodes.get("gpu_serve", 0) for s in timeline.samples) + 1.5)
+    axes[1].legend(loc="upper left", ncol=2)
     axes[2].plot(t, [s.p50 if s.p50 is not None else np.nan for s in timeline.samples],
                  label="p50")
     axes[2].plot(t, [s.p95 if s.p95 is not None else np.nan for s in timeline.samples],

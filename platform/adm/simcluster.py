@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .nodetypes import NodeType, node_types, publish_node_types
-from .runtime import free_port
+from .runtime import free_ports
 
 FAKE_HEAD_TYPE = "ray.head.default"  # ray.autoscaler._private.fake_multi_node's own name
 
@@ -196,7 +196,7 @@ class SimulatedCluster:
     def _command(self, config_path: Path) -> list[str]:
         head = scale_resources(_head(node_types(self.cluster)).resources, self.settings)
         cpus, gpus = head.pop("CPU"), head.pop("GPU", 0)
-        ports = [free_port("127.0.0.1") for _ in range(6)]
+        ports = free_ports(6)
         return [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block",
                 f"--temp-dir={self.temp_dir}", f"--port={self.gcs_port}",
                 "--node-ip-address=127.0.0.1", f"--num-cpus={cpus}", f"--num-gpus={gpus}",
@@ -215,7 +215,7 @@ class SimulatedCluster:
         """Start the head and wait until its job server answers; a start that lost a port to
         another process on the machine meanwhile is tried again with new ones."""
         for attempt in range(attempts):
-            self.gcs_port, self.dashboard_port = free_port("127.0.0.1"), free_port("127.0.0.1")
+            self.gcs_port, self.dashboard_port = free_ports(2)
             config = fake_multinode_config(self.cluster, self.gcs_address, self.settings)
             config_path = self.temp_dir / "autoscaling.json"
             config_path.write_text(json.dumps(config))
@@ -233,8 +233,9 @@ class SimulatedCluster:
                 return self
             text = self.log_path.read_text()
             self.stop()
-            if "already in use" not in text and "used by other" not in text \
-                    or attempt == attempts - 1:
+            retry = any(t in text for t in ("already in use", "used by other components",
+                                            "timed out during startup"))
+            if not retry or attempt == attempts - 1:
                 raise RuntimeError(f"the simulated cluster's head did not start:\n{text[-3000:]}")
         raise AssertionError("unreachable")
 
