@@ -268,8 +268,10 @@ def test_generation_on_batch_nodes_writes_exactly_n_samples(sim, batch_jobs):
 def test_on_a_local_ray_a_request_no_node_fits_fails_at_once(ray_session):
     """Without an autoscaler, the nodes alive are all there will be: `--gpus` on a machine
     without GPUs fails at once, naming GPU and the node, instead of pending forever."""
-    from adm.nodetypes import NodeTypeMismatch, check_fits, worker_demand
+    from adm.nodetypes import NodeTypeMismatch, check_fits, cluster_node_types, worker_demand
 
+    # (until the monitor's first report, a few seconds after Ray starts, nothing is checked)
+    bench.wait_until("the monitor's report", lambda: cluster_node_types() is not None, 30, 0.5)
     check_fits(worker_demand(1), "training workers")
     with pytest.raises(NodeTypeMismatch, match="no node type offers GPU. Node types: "):
         check_fits(worker_demand(1, 1), "training workers")

@@ -10,9 +10,10 @@ Where the node types come from, in order:
   Ray's own record, which Ray Data reads too). cluster.yaml's head publishes its node types
   there after `ray start` (`python -m adm.nodetypes publish ~/ray_bootstrap_config.yaml`), and
   so does `adm.simcluster`.
-* Else, where no autoscaler runs (a laptop, a fixed cluster), the nodes alive now: nothing
-  will ever be added.
-* Else (an autoscaler that did not publish its node types), no check: nothing to check against.
+* Else, where Ray's monitor reports that no autoscaler runs (a laptop, a fixed cluster), the
+  nodes alive now: nothing will ever be added.
+* Else (an autoscaler that did not publish its node types, or no report yet), no check:
+  nothing to check against.
 
 Units: the amounts are Ray's (CPU and GPU counts, custom resources as declared).
 """
@@ -139,10 +140,14 @@ def cluster_node_types() -> list[NodeType] | None:
     from ray.experimental.internal_kv import _internal_kv_get
     from ray._private import ray_constants
 
+    from ray.autoscaler.v2.utils import is_autoscaler_v2
+
+    # Every Ray runs a monitor, which reports on an autoscaler only when it has one (that may
+    # add nodes not foreseeable here). Before its first report nothing is known either (a
+    # KubeRay RayJob can start that early): only a report without one means a fixed cluster.
     status = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
-    # Every Ray runs a monitor; only one with an autoscaling config reports on an autoscaler,
-    # which may add nodes that cannot be foreseen here.
-    if status and "autoscaler_report" in json.loads(status):
+    if (not status or "autoscaler_report" in json.loads(status)
+            or is_autoscaler_v2(fetch_from_server=True)):
         return None
     return [NodeType(n.get("Labels", {}).get("ray.io/node-type", n["NodeManagerAddress"]),
                      {k: float(v) for k, v in n["Resources"].items()
