@@ -94,8 +94,10 @@ def deploy(sim: SimulatedCluster, config: dict, folder: Path, timeout: float = 1
     """`serve deploy` the config to the cluster; returns the app's URL once it answers."""
     path = folder / "serve.yaml"
     path.write_text(yaml.safe_dump(config))
-    subprocess.run([SERVE, "deploy", str(path), "--address", sim.address], env=sim.env_for_clients(),
-                   check=True, capture_output=True, timeout=120)
+    done = subprocess.run([SERVE, "deploy", str(path), "--address", sim.address],
+                          env=sim.env_for_clients(), capture_output=True, text=True, timeout=120)
+    if done.returncode:
+        raise RuntimeError(f"serve deploy failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
     port = config["http_options"]["port"]
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + timeout
