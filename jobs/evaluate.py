@@ -2,7 +2,8 @@
 the ADM evaluator computes them, on features computed by a Ray Data job:
 
     python jobs/evaluate.py REFERENCE SAMPLES [--features inception:PATH|classifier:URI]
-        [--out JSON] [--batch-size B] [--num-workers N] [--gpus] [--image-size S]
+        [--out JSON] [--batch-size B] [--num-workers N] [--gpus] [--resources NAME=N]
+        [--image-size S]
         [--address ADDR]
 
 REFERENCE and SAMPLES: an ADM .npz (arr_0 uint8 NHWC; a reference batch's mu/sigma/mu_s/sigma_s
@@ -32,6 +33,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--num-workers", type=int, default=1, help="feature actors")
     add("--cpus-per-worker", type=float, default=1.0, help="CPUs each actor reserves")
     add("--gpus", action="store_true", help="one GPU per actor")
+    add("--resources", default="", help="custom Ray resources per actor, NAME=AMOUNT[,...] "
+        "(adm_batch=1: cluster.yaml's batch nodes)")
     add("--image-size", type=int, help="crop of shard and image-folder inputs (default: the "
         "other input's size, else the first image's short side)")
     add("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
@@ -49,7 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     from adm.runtime import configure_output, init_ray
 
     configure_output(args.verbose)
-    FeatureJob(args.batch_size, args.num_workers, args.cpus_per_worker, args.gpus)  # checked
+    from adm.nodetypes import parse_resources
+
+    resources = parse_resources(args.resources)
+    FeatureJob(args.batch_size, args.num_workers, args.cpus_per_worker, args.gpus,
+               resources)  # checked
     if args.check:
         return check_passed("evaluate.py")
     plan = make_plan(args.reference, args.samples, args.features,
@@ -58,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         init_ray(args.address, args.verbose)
     # An image that does not decode, found by a worker, is an InputError too.
     report = run(plan, batch_size=args.batch_size, num_workers=args.num_workers,
-                 gpus=args.gpus, cpus_per_worker=args.cpus_per_worker,
+                 gpus=args.gpus, cpus_per_worker=args.cpus_per_worker, resources=resources,
                  progress=not args.no_progress)
     print(format_table(report))
     if args.out:

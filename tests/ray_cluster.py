@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,42 +23,12 @@ from typing import Iterator
 
 from ray.util.state import list_actors, list_nodes
 
+from adm.runtime import free_ports
+# Every live process below a pid (from /proc: no psutil in the venv).
+from adm.simcluster import descendants as _descendants
+
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
-
-
-def free_ports(n: int) -> list[int]:
-    """`n` distinct free ports: all held open while they are picked, since the OS may hand a
-    port just closed out again (two of a node's ports once came out equal and `ray start`
-    refused them: "trying to use a port number ... used by other components")."""
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-def _descendants(pid: int) -> list[int]:
-    """Every live process below `pid` (from /proc: no psutil in the venv)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])  # the name may hold spaces and ')'
-        children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
 
 
 def _cmdline(pid: int) -> list[str]:

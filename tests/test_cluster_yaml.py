@@ -34,13 +34,19 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 from ray.serve.config import AutoscalingConfig
 from ray.serve.schema import RayActorOptionsSchema, ServeDeploySchema
 
+from adm.config import ConfigError, from_dict
+from adm.evaluate.evaluation import FeatureJob
+from adm.generate.config import SampleConfig
+from adm.nodetypes import (BATCH_RESOURCE, SERVE_RESOURCE, TRAIN_RESOURCE, NodeTypeMismatch,
+                           check_fits, fits, node_types, parse_resources, worker_demand)
+from adm.simcluster import SimSettings, fake_multinode_config
+from adm.train.config import RunSection, TrainConfig
+
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_YAML = ROOT / "cluster.yaml"
 SERVE_DIR = ROOT / "serve_configs"
 SERVE_CONFIGS = sorted(SERVE_DIR.glob("*.yaml"))
 
-# The custom resource that keeps GPU Serve replicas on the serving nodes (cluster.yaml's header).
-SERVE_RESOURCE = "adm_serve"
 # Serve gives a replica 1 CPU when its ray_actor_options leave num_cpus out.
 SERVE_DEFAULT_NUM_CPUS = 1.0
 
@@ -482,3 +488,154 @@ def test_nodes_that_run_a_gpu_serve_config_have_its_checkpoints(path: Path) -> N
         missing = {Path(m).name for m in local} - fetched_files(commands)
         assert all(Path(m).parent == Path("models") for m in local), local
         assert not missing, f"{path.name}: {node_type} nodes do not fetch {sorted(missing)}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Every workload on its own node type: training, serving and batch work each ask for a custom
+# resource that only their node type offers (adm.nodetypes), so none takes another's GPU.
+
+WORKLOADS = {TRAIN_RESOURCE: "training workers", SERVE_RESOURCE: "Serve replicas",
+             BATCH_RESOURCE: "generation and evaluation actors"}
+TRAIN_CONFIGS = sorted((ROOT / "jobs/configs/imagenet").glob("*.yaml"))
+
+
+def hosts(cluster: dict, demand: dict[str, float]) -> set[str]:
+    """The node types one worker with this demand can be placed on."""
+    return {t.name for t in node_types(cluster) if fits(demand, t.resources)}
+
+
+def offering(cluster: dict, resource: str) -> set[str]:
+    return {t.name for t in node_types(cluster) if t.resources.get(resource)}
+
+
+def landing_problems(cluster: dict, where: str, demand: dict[str, float]) -> list[str]:
+    """A GPU demand must land on exactly the node types of one workload resource it asks
+    for; anything else could take another workload's GPU."""
+    if not demand.get("GPU"):
+        return []
+    asked = [r for r in WORKLOADS if demand.get(r)]
+    if len(asked) != 1:
+        return [f"{where}: asks for GPU {demand['GPU']:g} but for {asked or 'no'} workload "
+                f"resource; it could land on {sorted(hosts(cluster, demand))}"]
+    own = offering(cluster, asked[0])
+    if hosts(cluster, demand) != own or demand[asked[0]] != demand["GPU"]:
+        return [f"{where}: {demand} lands on {sorted(hosts(cluster, demand))}, not only on "
+                f"{sorted(own)}"]
+    return []
+
+
+def train_demand(path: Path) -> dict[str, float]:
+    """One Train worker's request under a training config's run section."""
+    run = from_dict(RunSection, yaml.safe_load(path.read_text()).get("run", {}))
+    return worker_demand(run.cpus_per_worker, int(run.use_gpu), run.resources)
+
+
+def test_each_gpu_node_type_offers_one_workload_resource_as_many_as_its_gpus() -> None:
+    cluster = load_cluster()
+    for t in node_types(cluster):
+        offered = [r for r in WORKLOADS if t.resources.get(r)]
+        if t.resources.get("GPU"):
+            assert len(offered) == 1, f"{t.name}: offers {offered}, not one of {list(WORKLOADS)}"
+            assert t.resources[offered[0]] == t.resources["GPU"], t
+        else:
+            assert not offered, f"{t.name} has no GPU but offers {offered}"
+    for resource in WORKLOADS:
+        assert offering(cluster, resource), f"no node type offers {resource}"
+
+
+@pytest.mark.parametrize("path", TRAIN_CONFIGS, ids=[p.name for p in TRAIN_CONFIGS])
+def test_imagenet_training_workers_land_on_training_nodes_only(path: Path) -> None:
+    cluster, demand = load_cluster(), train_demand(path)
+    assert demand.get("GPU") and demand.get(TRAIN_RESOURCE), f"{path.name}: {demand}"
+    assert landing_problems(cluster, path.name, demand) == []
+    assert hosts(cluster, demand) == {"gpu_train"}
+
+
+@pytest.mark.parametrize("path", SERVE_CONFIGS, ids=[p.name for p in SERVE_CONFIGS])
+def test_serve_replicas_land_on_serving_nodes_only(path: Path) -> None:
+    cluster = load_cluster()
+    for rep in replicas(serve_config(path), f"{path.name}: "):
+        assert landing_problems(cluster, rep.where, rep.demand) == []
+        if rep.demand.get("GPU"):
+            assert hosts(cluster, rep.demand) == {"gpu_serve"}, rep
+
+
+def test_training_never_takes_a_serving_gpu_and_the_reverse() -> None:
+    """Even an idle serving node (one waiting out its idle timeout, every GPU free) cannot take
+    a Train worker, nor a training node a replica or a batch actor; without the custom
+    resource, the same demands could (the check is not vacuous)."""
+    cluster = load_cluster()
+    types = {t.name: t.resources for t in node_types(cluster)}
+    train = train_demand(ROOT / "jobs/configs/imagenet/adm256.yaml")
+    serve = next(r.demand for r in replicas(serve_config(SERVE_DIR / "imagenet256.yaml"))
+                 if r.demand.get("GPU"))
+    batch = worker_demand(1, 1, {BATCH_RESOURCE: 1})
+    for demand, own in ((train, "gpu_train"), (serve, "gpu_serve"), (batch, "gpu_batch")):
+        for name, resources in types.items():
+            assert fits(demand, resources) == (name == own), (demand, name)
+        bare = {k: v for k, v in demand.items() if k not in WORKLOADS}  # GPU only
+        assert hosts(cluster, bare) >= {"gpu_train", "gpu_serve", "gpu_batch"}
+        assert landing_problems(cluster, "bare", bare), bare
+
+
+def test_the_head_publishes_the_node_types_after_ray_start() -> None:
+    """A job asking for what no node type offers fails at once (adm.nodetypes.check_fits)
+    only if the node types are in the GCS: the head records them right after `ray start`."""
+    start = " ".join(c for c in load_cluster()["head_start_ray_commands"] if "ray start" in c)
+    assert re.search(r"ray start --head.*&&\s*\S*python -m adm\.nodetypes publish "
+                     r"~/ray_bootstrap_config\.yaml --address 127\.0\.0\.1:6379", start), start
+    assert "RAY_AUTH_MODE=token" in start.split("ray start")[0]
+
+
+def test_on_a_laptop_nothing_asks_for_a_custom_resource() -> None:
+    assert RunSection().resources == {} and SampleConfig(model="m.pt").resources == {}
+    assert FeatureJob().resources == {}
+    for path in sorted((ROOT / "jobs/configs/quickstart").glob("*.yaml")):
+        run = yaml.safe_load(path.read_text()).get("run", {})
+        assert not run.get("resources") and not run.get("use_gpu"), path.name
+    local = serve_config(SERVE_DIR / "local.yaml")
+    assert all(set(r.demand) == {"CPU"} for r in replicas(local)), replicas(local)
+
+
+def test_a_request_no_node_type_fits_names_the_resource_and_the_types() -> None:
+    types = node_types(load_cluster())
+    check_fits(worker_demand(1, 1, {TRAIN_RESOURCE: 1}), "training workers", types)
+    with pytest.raises(NodeTypeMismatch) as e:
+        check_fits(worker_demand(1, 1, {"adm_tpu": 1}), "training workers", types)
+    text = str(e.value)
+    assert "no node type offers adm_tpu" in text
+    assert all(t.name in text for t in types), text
+    with pytest.raises(NodeTypeMismatch, match="no node type has enough GPU"):
+        check_fits(worker_demand(1, 16), "sampling actors", types)
+    with pytest.raises(NodeTypeMismatch, match="no single node type offers all"):
+        check_fits(worker_demand(1, 1, {TRAIN_RESOURCE: 1, SERVE_RESOURCE: 1}), "x", types)
+    assert parse_resources("adm_batch=1, b=0.5") == {"adm_batch": 1.0, "b": 0.5}
+    with pytest.raises(ConfigError, match="NAME=AMOUNT"):
+        parse_resources("adm_batch")
+    with pytest.raises(ConfigError, match=r"run\.resources\.GPU"):
+        from_dict(TrainConfig, {"kind": "diffusion", "data": {"uri": "d"},
+                                "run": {"resources": {"GPU": 1}}})
+
+
+def test_the_simulated_cluster_keeps_cluster_yamls_node_types() -> None:
+    """Same worker type names, min/max workers and custom resources; CPUs and GPUs scaled
+    down to this machine; a config Ray's autoscaler accepts."""
+    cluster = load_cluster()
+    sim = fake_multinode_config(cluster, "127.0.0.1:1", SimSettings(max_cpus=2, max_gpus=2))
+    jsonschema.validate(sim, ray_schema())
+    want = {t.name: t for t in node_types(cluster) if not t.head}
+    got = {n: t for n, t in sim["available_node_types"].items() if n != sim["head_node_type"]}
+    assert set(got) == set(want)
+    for name, t in got.items():
+        assert (t["min_workers"], t["max_workers"]) == (want[name].min_workers,
+                                                         want[name].max_workers)
+        res = t["resources"]
+        assert 1 <= res["CPU"] <= 2 and res.get("GPU", 0) <= 2
+        assert bool(res.get("GPU")) == bool(want[name].resources.get("GPU")), name
+        for r in WORKLOADS:
+            assert bool(res.get(r)) == bool(want[name].resources.get(r)), (name, r)
+            if res.get(r):
+                assert res[r] == res["GPU"], name
+    assert sim["provider"]["type"] == "fake_multinode"
+    assert sim["provider"]["gcs_address"] == "127.0.0.1:1"
+    assert sim["max_workers"] == cluster["max_workers"]

@@ -64,6 +64,20 @@ def configure_output(verbose: bool = False) -> None:
 _started_address: str | None = None  # RAY_ADDRESS of the local Ray this process started
 
 
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """`n` distinct TCP ports free on `host` now: all held open while they are picked, since
+    the OS may hand a port just closed out again (two of a node's ports once came out equal and
+    `ray start` refused them: "trying to use a port number ... used by other components")."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
 def free_port(host: str = "") -> int:
     """A TCP port free on `host` now (all interfaces by default)."""
     with socket.socket() as s:

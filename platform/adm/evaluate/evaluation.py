@@ -17,10 +17,11 @@ features from its cache or from the Ray feature job, then computes:
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..config import ConfigError, config_class
 from .. import checkpoints
+from ..nodetypes import check_resources
 from . import inception
 from .features import Features, has_cache, load_cache, run_feature_job, summarize
 from .metrics import frechet_distance, inception_score, precision_recall, softmax, split_sizes
@@ -41,8 +42,11 @@ class FeatureJob:
     num_workers: int = 1  # feature actors
     cpus_per_worker: float = 1.0  # CPUs each actor reserves
     gpus: bool = False  # one GPU per actor
+    # Custom Ray resources each actor asks for ({adm_batch: 1}: cluster.yaml's batch nodes).
+    resources: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        check_resources(self.resources, "resources")
         if self.batch_size < 1 or self.num_workers < 1 or self.cpus_per_worker <= 0:
             raise ConfigError(f"batch size ({self.batch_size}) and workers ({self.num_workers}) "
                               f"must be >= 1, CPUs per worker ({self.cpus_per_worker}) > 0")
@@ -145,9 +149,11 @@ def _statistics(plan: EvalPlan, source: ImageSource, feats: Features) -> tuple:
 
 
 def run(plan: EvalPlan, *, batch_size: int = 64, num_workers: int = 1, gpus: bool = False,
-        cpus_per_worker: float = 1.0, progress: bool = True) -> dict:
+        cpus_per_worker: float = 1.0, resources: dict[str, float] | None = None,
+        progress: bool = True) -> dict:
     """Features (cache or Ray job) and the five numbers; returns the JSON report."""
-    job = dataclasses.asdict(FeatureJob(batch_size, num_workers, cpus_per_worker, gpus))
+    job = dataclasses.asdict(FeatureJob(batch_size, num_workers, cpus_per_worker, gpus,
+                                        resources or {}))
     job["progress"] = progress
     if plan.reference == plan.samples:
         ref = smp = features_of([plan.reference], plan, **job)[0]

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import storage
+from ..nodetypes import check_fits, worker_demand
 from ..progress import progress_bar
 from .metrics import fid_statistics
 from .networks import FeatureExtractor, FeatureNetwork
@@ -119,6 +120,7 @@ def load_cache(source: ImageSource, net: FeatureNetwork) -> Features | None:
 
 def run_feature_job(sources: list[ImageSource], net: FeatureNetwork, *, batch_size: int = 64,
                     num_workers: int = 1, gpus: bool = False, cpus_per_worker: float = 1.0,
+                    resources: dict[str, float] | None = None,
                     chunk_rows: int | None = None, progress: bool = True
                     ) -> list[dict[str, np.ndarray]]:
     """Every image's features, per source in index order: ``pool``, ``logits`` (and
@@ -126,6 +128,7 @@ def run_feature_job(sources: list[ImageSource], net: FeatureNetwork, *, batch_si
     once per actor for all the sources (Ray must be running)."""
     import ray
 
+    check_fits(worker_demand(cpus_per_worker, int(gpus), resources), "feature actors")
     rows = chunk_rows or batch_size * 4
     chunks = [{"source": i, **c.__dict__} for i, s in enumerate(sources) for c in s.chunks(rows)]
     ds = ray.data.from_items(chunks, override_num_blocks=len(chunks))
@@ -133,7 +136,7 @@ def run_feature_job(sources: list[ImageSource], net: FeatureNetwork, *, batch_si
         FeatureWorker, batch_size=1, batch_format="numpy",
         fn_constructor_kwargs=dict(sources=sources, net=net, batch_size=batch_size, gpus=gpus),
         compute=ray.data.ActorPoolStrategy(size=max(1, min(num_workers, len(chunks)))),
-        num_cpus=cpus_per_worker, num_gpus=1 if gpus else None)
+        num_cpus=cpus_per_worker, num_gpus=1 if gpus else None, resources=resources or None)
     outs: list[dict[str, np.ndarray]] = [{} for _ in sources]
     seen = [np.zeros(s.num_images, dtype=bool) for s in sources]
     total = sum(s.num_images for s in sources)

@@ -9,11 +9,13 @@ sample's randomness comes from (seed, index) alone (`adm.diffusion.sampling.inde
 from __future__ import annotations
 
 import math
+from dataclasses import field
 from typing import Any, Sequence
 
 from ..config import (CompileSetting, ConfigError, Location, SamplingPrecision,
                       apply_overrides, config_class, from_dict, load_yaml)
 from ..diffusion import SamplerName, SpacingName
+from ..nodetypes import check_resources
 
 
 @config_class(frozen=True)
@@ -52,6 +54,9 @@ class SampleConfig:
     upsampler_workers: int | None = None  # stage 2 actors (default num_workers)
     gpus: bool = False  # one GPU per actor
     cpus_per_worker: float = 1.0  # logical CPUs each actor reserves
+    # Custom Ray resources each actor asks for: {adm_batch: 1} keeps them on cluster.yaml's
+    # batch nodes (nodetypes.BATCH_RESOURCE); none on a laptop.
+    resources: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_numbers(self)
@@ -88,6 +93,7 @@ def check_numbers(cfg: SampleConfig) -> None:
             raise ConfigError(f"{name}: must be positive, got {value}")
     if cfg.cpus_per_worker <= 0:
         raise ConfigError(f"cpus_per_worker: must be positive, got {cfg.cpus_per_worker}")
+    check_resources(cfg.resources, "resources")
     if cfg.eta < 0:
         raise ConfigError(f"eta: must be >= 0, got {cfg.eta}")
     if cfg.lambda_min is not None and (math.isnan(cfg.lambda_min) or cfg.lambda_min > 20):

@@ -16,6 +16,7 @@ import torch
 
 from .. import storage
 from ..diffusion.sampling import index_seeds
+from ..nodetypes import check_fits, worker_demand
 from ..progress import progress_bar
 from ..stage import Stage, model_calls
 from . import output
@@ -62,7 +63,8 @@ def _map_stage(ds, stage: StagePlan, plan: Plan):
         StageSampler, batch_size=stage.batch_size, batch_format="numpy",
         fn_constructor_kwargs=dict(stage=stage, seed=cfg.seed, clip_denoised=cfg.clip_denoised, eta=cfg.eta, gpus=cfg.gpus),
         compute=ray.data.ActorPoolStrategy(size=stage.workers),
-        num_cpus=cfg.cpus_per_worker, num_gpus=1 if cfg.gpus else None)
+        num_cpus=cfg.cpus_per_worker, num_gpus=1 if cfg.gpus else None,
+        resources=cfg.resources or None)
 
 
 def build_dataset(plan: Plan, skip: set[int]):
@@ -150,6 +152,8 @@ def generate(plan: Plan, progress: bool = True, log=print) -> str:
         log(f"resuming: {len(skip)} finished shard(s), {done} of {cfg.num_samples} samples")
     writer = ShardWriter(plan, skip)
     if writer.missing:
+        check_fits(worker_demand(cfg.cpus_per_worker, int(cfg.gpus), cfg.resources),
+                   "sampling actors")
         with progress_bar(total=cfg.num_samples, initial=done, unit="sample",
                           desc="samples", disable=not progress) as bar:
             for batch in build_dataset(plan, skip).iter_batches(batch_size=None,

@@ -21,6 +21,7 @@ from .. import factory
 from ..config import (ConfigError, Location, OptionalLocation, Precision, apply_overrides,
                       config_class, from_dict, load_yaml)
 from ..data.config import DataConfig
+from ..nodetypes import check_resources
 
 Kind = Literal["diffusion", "classifier", "upsampler"]
 # The flags each kind's model and diffusion are built from (the reference's
@@ -77,6 +78,9 @@ class RunSection:
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    # Custom Ray resources each worker asks for besides CPU/GPU: {adm_train: 1} keeps the
+    # workers on cluster.yaml's training nodes (nodetypes.TRAIN_RESOURCE); none on a laptop.
+    resources: dict[str, float] = field(default_factory=dict)
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"  # the worker group's
     log_interval: int = 10
     save_interval: int = 1000
@@ -148,6 +152,7 @@ def check(cfg: TrainConfig) -> None:
         raise ConfigError(f"optim.ema_rate: {o.ema_rate} must be rates in (0, 1)")
     if not cfg.data.uri:
         raise ConfigError("data.uri: no training shards given (set it or pass --data)")
+    check_resources(r.resources, "run.resources")
     _check_flags(cfg)
     try:  # the model must build from its flags (on the meta device: no memory, no time)
         with torch.device("meta"):

@@ -115,10 +115,19 @@ def _ema_params(ema: AveragedModel) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in ema.module.state_dict().items()}
 
 
+def worker_device() -> torch.device:
+    """The device Ray Train gave this worker; CPU when it is a GPU this torch cannot use (a
+    GPU that Ray declares but a CPU build of torch cannot reach: the simulated cluster)."""
+    device = ray.train.torch.get_device()
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return torch.device("cpu")
+    return device
+
+
 def build_worker(cfg: TrainConfig) -> Worker:
     """The model, EMAs, optimizer, scaler and objective of this worker, at step 0."""
     ctx = ray.train.get_context()
-    device = ray.train.torch.get_device()
+    device = worker_device()
     torch.manual_seed(cfg.run.seed)  # the initial weights (DDP then broadcasts rank 0's)
     model = build_model(cfg).to(device)
     emas = {float(rate): AveragedModel(

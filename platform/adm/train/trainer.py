@@ -14,14 +14,16 @@ from typing import Callable, Sequence
 import pyarrow.parquet as pq
 import ray
 import ray.train
+import torch
 import yaml
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
+from ray.train.torch import TorchConfig, TorchTrainer
 
 from .. import storage
 from ..config import ConfigError, to_dict
 from ..data.datasets import image_dataset, superres_dataset, train_data_config
 from ..data.manifest import CLASSES, load_split
+from ..nodetypes import check_fits, worker_demand
 from .checkpoint import export_run
 from .config import TrainConfig
 from .loop import train_loop_per_worker
@@ -148,12 +150,15 @@ def make_trainer(cfg: TrainConfig, callbacks: Sequence[ray.train.UserCallback] =
     # its run state); credentials come from each node's environment or instance role, or from
     # the job's runtime env, the standard AWS ways.
     s3 = storage.default_s3_options()
+    per_worker = {"CPU": cfg.run.cpus_per_worker, **cfg.run.resources}
+    check_fits(worker_demand(cfg.run.cpus_per_worker, int(cfg.run.use_gpu), cfg.run.resources),
+               "training workers")
     return TorchTrainer(
         train_loop,
         train_loop_config={"config": cfg, "log_level": log_level, "progress": progress,
                            "s3": {"endpoint_url": s3.endpoint_url, "region": s3.region}},
         scaling_config=ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
-                                     resources_per_worker={"CPU": cfg.run.cpus_per_worker},
+                                     resources_per_worker=per_worker,
                                      placement_strategy=cfg.run.placement_strategy),
         run_config=RunConfig(
             name=cfg.run.name,
@@ -165,6 +170,9 @@ def make_trainer(cfg: TrainConfig, callbacks: Sequence[ray.train.UserCallback] =
             logging_config=ray.LoggingConfig(log_level=log_level),
         ),
         datasets=build_datasets(cfg),
+        # A CPU build of torch has no NCCL: workers that were given a GPU by Ray (a simulated
+        # GPU node) then train on CPU over gloo, as the loop does (loop.worker_device).
+        torch_config=TorchConfig(backend=None if torch.version.cuda else "gloo"),
         # Only the training set is split between workers; every worker evaluates the whole
         # (small) held-out set.
         dataset_config=train_data_config(datasets_to_split=["train"]),

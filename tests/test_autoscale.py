@@ -1,0 +1,277 @@
+"""Scaling, end to end, on a simulated multi-node cluster built from cluster.yaml.
+
+`adm.simcluster` starts a head whose autoscaler is Ray's own (fake multi-node provider), with
+cluster.yaml's node types scaled down to this machine and a 10 s idle timeout. One cluster serves
+every scenario of this module. The training and generation jobs (b, c) are submitted when the
+module starts and run on their own node types while the serving scenarios (a, d) run:
+
+a. Serving: a config like serve_configs/local.yaml whose base replicas ask for `adm_serve` (min
+   1, max 3), under a 1 -> 8 -> 1 client ramp: serving nodes come and go, replicas follow, every
+   request gets a 200 (or a counted 503), and no replica runs on a training or batch node.
+d. Losing a serving node: its raylet is SIGKILLed under load; Serve replaces the replica, the
+   autoscaler launches a node, and the requests that fail are counted and bounded.
+b. Training: `ray job submit` of jobs/train_diffusion.py --gpus with run.resources={adm_train: 1}
+   launches a training node (never a serving one), trains, exports; its node is removed after
+   the idle timeout. A job asking for a resource no node type offers fails at once.
+c. Generation: jobs/sample.py with its actors on `adm_batch` launches a batch node and writes
+   exactly N samples.
+
+Every assertion on nodes and replicas is on what Ray reports: its state API (nodes, actors) and
+Serve's REST API (what `serve status` shows), never the test's own bookkeeping. The pytest process
+may host the session's Ray, so nothing here calls `ray.init`: jobs go through `ray job submit`,
+the app through `serve deploy`, observations through HTTP APIs with the cluster's address.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from ray.util.state import list_actors
+
+from adm.simcluster import SimSettings, SimulatedCluster
+from test_cluster import small_config  # the quickstart diffusion config, shrunk
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]
+
+
+def _load_benchmark():
+    spec = importlib.util.spec_from_file_location("adm_bench_autoscale",
+                                                  ROOT / "benchmarks" / "autoscale.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # (dataclasses look their module up there)
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load_benchmark()
+RAY = str(Path(sys.executable).with_name("ray"))
+IDLE_S = 10
+SAMPLES = 12
+
+
+@pytest.fixture(scope="module")
+def sim(tmp_path_factory, other_ray):
+    """The simulated cluster; stopped at the end, after which the other Ray on the machine (and
+    so the test session's) must still be there and none of this cluster's processes left."""
+    cluster = SimulatedCluster(yaml.safe_load((ROOT / "cluster.yaml").read_text()),
+                               SimSettings(idle_timeout_minutes=IDLE_S / 60),
+                               workdir=tmp_path_factory.mktemp("sim"))
+    pids: list[int] = []
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        pids = cluster.stop()
+        cluster.cleanup()
+    time.sleep(1)
+    assert pids, "the cluster had processes"
+    left = [p for p in pids if Path(f"/proc/{p}").exists()
+            and Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
+    assert not left, f"processes of the simulated cluster still running: {left}"
+    other_ray()
+
+
+@pytest.fixture(scope="module")
+def app(sim, tmp_path_factory):
+    """The serving app deployed on the cluster; its URL."""
+    from adm.runtime import free_port
+
+    folder = tmp_path_factory.mktemp("app")
+    url = bench.deploy(sim, bench.serve_config(folder / "models", free_port("127.0.0.1")), folder)
+    bench.wait_until("one serving node", lambda: len(bench.serving_nodes(sim)) == 1, 120)
+    return url
+
+
+def kinds_of(sim: SimulatedCluster) -> dict[str, str]:
+    """Node id -> kind, for every node the cluster ever had (Ray's state API)."""
+    return {n.node_id: bench.node_kind(n) for n in sim.nodes()}
+
+
+def replica_nodes(sim: SimulatedCluster, deployment: str) -> list[str]:
+    """The nodes every replica actor of a deployment ever ran on (any state)."""
+    actors = list_actors(address=sim.address, detail=True, raise_on_missing_output=False,
+                         filters=[("class_name", "=", f"ServeReplica:{bench.APP}:{deployment}")])
+    return [a.node_id for a in actors if a.node_id]
+
+
+def test_serving_scales_serving_nodes_up_and_back_with_every_request_answered(sim, app,
+                                                                              batch_jobs):
+    load = bench.Load(app)
+    recorder = bench.Recorder(sim, load).start()
+    try:
+        marks = bench.ramp(load, ((1, 4.0), (8, 25.0), (1, 4.0)))
+        load.stop()
+        end = marks[-1][0]
+        bench.wait_until("back to one serving node and one replica", lambda: any(
+            s.t > end and s.nodes.get("gpu_serve", 0) == 1
+            and sum(s.replicas.get(bench.BASE, {}).values()) == 1
+            for s in recorder.timeline.samples), 120)
+    finally:
+        load.stop()
+        timeline = recorder.stop()
+    figs = bench.figures(timeline, marks, load)
+    print(f"\nserving ramp: {json.dumps(figs)}")
+    codes = [r.status for r in load.requests]
+    others = [(r.status, r.error) for r in load.requests if r.status not in (200, 503)]
+    assert not others, f"{len(others)} requests neither 200 nor 503: {others[:5]}"
+    assert codes.count(200) >= 20, codes
+    peak = max(s.nodes.get("gpu_serve", 0) for s in timeline.samples)
+    assert peak >= 2, f"serving nodes never went above 1: {[s.nodes for s in timeline.samples]}"
+    assert max(s.replicas.get(bench.BASE, {}).get("RUNNING", 0) for s in timeline.samples) >= 2
+    assert figs["load_end_to_minimum_s"] is not None
+    kinds = kinds_of(sim)
+    assert {kinds[n] for n in replica_nodes(sim, bench.BASE)} == {"gpu_serve"}
+    assert {kinds[n] for n in replica_nodes(sim, "Ingress")} == {"head"}
+
+
+def test_a_serving_node_killed_under_load_is_replaced_and_failures_are_bounded(sim, app):
+    load = bench.Load(app)
+    load.set_clients(6)
+    try:
+        def two_serving():
+            running = bench.serve_replicas(sim)[1].get(bench.BASE, [])
+            return len(set(running) & {n.node_id for n in bench.serving_nodes(sim)}) >= 2
+        bench.wait_until("two serving nodes with a replica", two_serving, 120)
+        running = bench.serve_replicas(sim)[1][bench.BASE]
+        victim = sorted(running)[-1]
+        before = {n.node_id for n in sim.nodes()}
+        pid = sim.raylet_pid(victim)
+        assert pid, f"no raylet of node {victim}"
+        killed_at = time.time()
+        os.kill(pid, signal.SIGKILL)
+
+        def replaced():
+            nodes = {n.node_id: n for n in sim.nodes()}
+            states, where = bench.serve_replicas(sim)
+            new = [n for n in nodes.values() if n.node_id not in before
+                   and n.state == "ALIVE" and bench.node_kind(n) == "gpu_serve"]
+            return (nodes[victim].state == "DEAD" and new
+                    and victim not in where.get(bench.BASE, [])
+                    and states.get(bench.BASE, {}).get("RUNNING", 0) >= 2)
+        bench.wait_until("the node DEAD, a new serving node, the replicas RUNNING", replaced, 150)
+        recovered_at = time.time()
+        time.sleep(5)  # requests after the recovery must succeed again
+    finally:
+        load.stop()
+    during = [r for r in load.requests if r.end >= killed_at and r.start <= recovered_at]
+    failed = [r for r in during if r.status not in (200, 503)]
+    after = [r for r in load.requests if r.start > recovered_at]
+    print(f"\nserving node killed: {len(failed)} of {len(during)} requests in flight or sent "
+          f"during the {recovered_at - killed_at:.0f} s until recovery failed "
+          f"({sorted({r.status for r in failed})}); {len(after)} after, all "
+          f"{sorted({r.status for r in after})}")
+    assert all(r.status >= 500 and r.error for r in failed), \
+        [(r.status, r.error) for r in failed]  # a 5xx with a message; none hung (status 0)
+    assert len(failed) <= 12, [(r.status, r.error) for r in failed]  # the in-flight ones
+    assert after and all(r.status == 200 for r in after), [(r.status, r.error) for r in after]
+    assert {kinds_of(sim)[n] for n in replica_nodes(sim, bench.BASE)} == {"gpu_serve"}
+
+
+def submit(sim: SimulatedCluster, *entrypoint: str, timeout: float = 300
+           ) -> subprocess.CompletedProcess:
+    """`ray job submit` (blocking) of a job script of this checkout to the simulated cluster.
+
+    No --working-dir: the simulated nodes share one session dir, so one node's runtime-env
+    agent would delete the unpacked package another node's workers still start in; the
+    nodes import `adm` as installed (or from the PYTHONPATH the cluster inherited)."""
+    script, *args = entrypoint
+    return subprocess.run([RAY, "job", "submit", "--address", sim.address, "--",
+                           sys.executable, str(ROOT / script), *args],
+                          env=sim.env_for_clients(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def batch_jobs(sim, tmp_path_factory):
+    """The training and the generation job, submitted now (`ray job submit`, blocking, each in
+    a thread of its own); the tests below take their results. Yields (folder, futures)."""
+    folder = tmp_path_factory.mktemp("jobs")
+    model = bench.export(folder / "model", bench.openai.create_model(bench.TINY), bench.TINY)
+    train_args = ["--config", str(small_config(folder)), "--data", str(folder / "digits"),
+                  "--storage", str(folder / "runs"), "--gpus"]
+
+    def train() -> dict:
+        out = {"prepare": submit(sim, "jobs/prepare_digits.py", "--out", str(folder / "digits"),
+                                 "--image-size", "16")}
+        if out["prepare"].returncode == 0:
+            start = time.time()
+            out["infeasible"] = submit(sim, "jobs/train_diffusion.py", *train_args,
+                                       "run.resources={adm_tpu: 1}", timeout=120)
+            out["infeasible_s"] = time.time() - start
+            out["train"] = submit(sim, "jobs/train_diffusion.py", *train_args,
+                                  "--num-workers", "2", "--max-steps", "4",
+                                  "run.cpus_per_worker=0.5", "run.resources={adm_train: 1}",
+                                  "run.name=sim", "run.save_interval=4")
+        return out
+
+    def generate() -> subprocess.CompletedProcess:
+        return submit(sim, "jobs/sample.py", "--model", model, "--num-samples", str(SAMPLES),
+                      "--steps", "2", "--batch-size", "4", "--out", str(folder / "samples"),
+                      "--gpus", "--no-progress", "resources={adm_batch: 1}", "shard_size=6")
+
+    with ThreadPoolExecutor(2) as pool:
+        yield folder, {"train": pool.submit(train), "generate": pool.submit(generate)}
+
+
+def failed(job: subprocess.CompletedProcess) -> str:
+    return f"exit {job.returncode}\n{job.stdout[-4000:]}\n{job.stderr[-2000:]}"
+
+
+def test_training_lands_on_training_nodes_exports_and_they_are_removed(sim, batch_jobs):
+    folder, futures = batch_jobs
+    out = futures["train"].result(timeout=600)
+    assert out["prepare"].returncode == 0, failed(out["prepare"])
+    bad = out["infeasible"]
+    assert bad.returncode != 0 and "no node type offers adm_tpu" in bad.stdout, failed(bad)
+    assert all(t in bad.stdout for t in ("gpu_train", "gpu_serve", "gpu_batch")), failed(bad)
+    assert out["infeasible_s"] < 90, out["infeasible_s"]  # at once, not pending forever
+    assert out["train"].returncode == 0, failed(out["train"])
+    assert (folder / "runs/sim/export").is_dir(), list((folder / "runs/sim").iterdir())
+    kinds = kinds_of(sim)
+    workers = list_actors(address=sim.address, detail=True, raise_on_missing_output=False,
+                          filters=[("class_name", "=", "RayTrainWorker")])
+    assert len(workers) >= 2 and {kinds[w.node_id] for w in workers} == {"gpu_train"}, \
+        [(w.node_id, w.state) for w in workers]
+    bench.wait_until("the training nodes removed when idle", lambda: not any(
+        n.state == "ALIVE" and bench.node_kind(n) == "gpu_train" for n in sim.nodes()),
+        IDLE_S + 60)
+
+
+def test_generation_on_batch_nodes_writes_exactly_n_samples(sim, batch_jobs):
+    folder, futures = batch_jobs
+    job = futures["generate"].result(timeout=600)
+    assert job.returncode == 0, failed(job)
+    with np.load(folder / "samples" / "samples.npz") as f:
+        assert f["arr_0"].shape == (SAMPLES, 8, 8, 3) and f["arr_1"].shape == (SAMPLES,)
+    kinds = kinds_of(sim)
+    actors = [a for a in list_actors(address=sim.address, detail=True, limit=10000,
+                                     raise_on_missing_output=False)
+              if "StageSampler" in a.class_name]
+    assert actors and {kinds[a.node_id] for a in actors} == {"gpu_batch"}, \
+        [(a.class_name, a.node_id) for a in actors]
+    bench.wait_until("the batch nodes removed when idle", lambda: not any(
+        n.state == "ALIVE" and bench.node_kind(n) == "gpu_batch" for n in sim.nodes()),
+        IDLE_S + 60)
+
+
+def test_on_a_local_ray_a_request_no_node_fits_fails_at_once(ray_session):
+    """Without an autoscaler, the nodes alive are all there will be: `--gpus` on a machine
+    without GPUs fails at once, naming GPU and the node, instead of pending forever."""
+    from adm.nodetypes import NodeTypeMismatch, check_fits, cluster_node_types, worker_demand
+
+    # (until the monitor's first report, a few seconds after Ray starts, nothing is checked)
+    bench.wait_until("the monitor's report", lambda: cluster_node_types() is not None, 30, 0.5)
+    check_fits(worker_demand(1), "training workers")
+    with pytest.raises(NodeTypeMismatch, match="no node type offers GPU. Node types: "):
+        check_fits(worker_demand(1, 1), "training workers")
