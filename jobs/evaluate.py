@@ -3,8 +3,7 @@ the ADM evaluator computes them, on features computed by a Ray Data job:
 
     python jobs/evaluate.py REFERENCE SAMPLES [--features inception:PATH|classifier:URI]
         [--out JSON] [--batch-size B] [--num-workers N] [--gpus] [--resources NAME=N]
-        [--image-size S]
-        [--address ADDR]
+        [--image-size S] [--inception-inputs tf1|pytorch-fid] [--address ADDR]
 
 REFERENCE and SAMPLES: an ADM .npz (arr_0 uint8 NHWC; a reference batch's mu/sigma/mu_s/sigma_s
 are used), a folder written by jobs/sample.py, a prepared shard dataset, or an image folder;
@@ -37,6 +36,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(adm_batch=1: cluster.yaml's batch nodes)")
     add("--image-size", type=int, help="crop of shard and image-folder inputs (default: the "
         "other input's size, else the first image's short side)")
+    add("--inception-inputs", default="tf1", help="what the Inception is fed: tf1 (default: the "
+        "ADM evaluator's TensorFlow graph, TF1 bilinear resize and (x-128)/128: the paper's "
+        "FIDs) or pytorch-fid (F.interpolate and 2x/255-1: pytorch-fid's FIDs)")
     add("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     add("--verbose", action="store_true", help="let Ray's own logs through")
     add("--no-progress", action="store_true", help="no progress bar")
@@ -55,12 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     from adm.nodetypes import parse_resources
 
     resources = parse_resources(args.resources)
-    FeatureJob(args.batch_size, args.num_workers, args.cpus_per_worker, args.gpus,
-               resources)  # checked
+    job = FeatureJob(args.batch_size, args.num_workers, args.cpus_per_worker, args.gpus,
+                     resources, args.inception_inputs)  # checked
     if args.check:
         return check_passed("evaluate.py")
-    plan = make_plan(args.reference, args.samples, args.features,
-                     image_size=args.image_size)  # every input checked: before Ray
+    plan = make_plan(args.reference, args.samples, args.features, image_size=args.image_size,
+                     inception_inputs=job.inception_inputs)  # every input checked: before Ray
     if needs_features(plan):  # both sets cached: no Ray at all
         init_ray(args.address, args.verbose)
     # An image that does not decode, found by a worker, is an InputError too.

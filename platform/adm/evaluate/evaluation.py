@@ -19,6 +19,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from typing import Literal
+
 from ..config import ConfigError, config_class
 from .. import checkpoints
 from ..nodetypes import check_resources
@@ -36,7 +38,7 @@ POOL_DIM, SPATIAL_DIM = 2048, inception.SPATIAL_CHANNELS * 17 * 17
 @config_class(frozen=True)
 class FeatureJob:
     """How the Ray feature job runs (`jobs/evaluate.py`'s --batch-size, --num-workers,
-    --cpus-per-worker, --gpus)."""
+    --cpus-per-worker, --gpus) and what the Inception is fed (--inception-inputs)."""
 
     batch_size: int = 64  # images per network call
     num_workers: int = 1  # feature actors
@@ -44,6 +46,9 @@ class FeatureJob:
     gpus: bool = False  # one GPU per actor
     # Custom Ray resources each actor asks for ({adm_batch: 1}: cluster.yaml's batch nodes).
     resources: dict[str, float] = field(default_factory=dict)
+    # "tf1": the ADM evaluator's graph (TF1 resize, (x - 128) / 128), FIDs comparable with the
+    # paper's; "pytorch-fid": F.interpolate and 2x/255 - 1, comparable with pytorch-fid's.
+    inception_inputs: Literal["tf1", "pytorch-fid"] = "tf1"
 
     def __post_init__(self) -> None:
         check_resources(self.resources, "resources")
@@ -105,12 +110,13 @@ def _check_source(source: ImageSource, role: str, network: FeatureNetwork, k: in
 
 
 def make_plan(reference: str, samples: str, features: str | None = None, *,
-              image_size: int | None = None, k: int = K, split_size: int = SPLIT_SIZE
-              ) -> EvalPlan:
-    """Check the network and both inputs (InputError, ConfigError, InceptionWeightsError)."""
+              image_size: int | None = None, k: int = K, split_size: int = SPLIT_SIZE,
+              inception_inputs: str = "tf1") -> EvalPlan:
+    """Check the network and both inputs (InputError, ConfigError, InceptionWeightsError).
+    ``inception_inputs``: ``FeatureJob.inception_inputs``."""
     if k < 1 or split_size < 1:
         raise ConfigError(f"k ({k}) and the Inception Score split ({split_size}) must be >= 1")
-    network = resolve_network(features)
+    network = resolve_network(features, inception_inputs)
     ref, smp = _open_pair(reference, samples, image_size)
     _check_source(ref, "reference", network, k)
     _check_source(smp, "samples", network, k)
@@ -154,6 +160,7 @@ def run(plan: EvalPlan, *, batch_size: int = 64, num_workers: int = 1, gpus: boo
     """Features (cache or Ray job) and the five numbers; returns the JSON report."""
     job = dataclasses.asdict(FeatureJob(batch_size, num_workers, cpus_per_worker, gpus,
                                         resources or {}))
+    del job["inception_inputs"]  # part of plan.network, which decides the features
     job["progress"] = progress
     if plan.reference == plan.samples:
         ref = smp = features_of([plan.reference], plan, **job)[0]

@@ -3,8 +3,13 @@
 The layer layout and parameter names are pytorch-fid's (torchvision's ``Inception3`` with 1008
 classes and no auxiliary head, and its FID patches: TensorFlow's average pools leave padding out
 of the average, and the last block max-pools), so its released file
-``pt_inception-2015-12-05-6726825d.pth`` loads with ``strict=True``. So is its input handling:
-images are resized to 299x299 bilinearly (``align_corners=False``) and scaled to [-1, 1].
+``pt_inception-2015-12-05-6726825d.pth`` loads with ``strict=True``.
+
+Its input handling is the TensorFlow graph's by default (``INPUTS``, ``preprocess``): the ADM
+evaluator feeds 0..255 images at their own size, the graph resizes them to 299x299 with TF1's
+legacy ``ResizeBilinear`` (``tf1_resize_bilinear``) and maps them with ``(x - 128) / 128``.
+``"pytorch-fid"`` is pytorch-fid's handling instead: ``F.interpolate`` (half-pixel centres) of
+x / 255, then ``2x - 1``; its FIDs are not comparable with the paper's.
 
 Three features, as the ADM evaluator reads them from the TensorFlow graph:
 
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -38,10 +44,69 @@ WEIGHTS_SOURCE = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid
 NUM_CLASSES = 1008  # the TensorFlow graph's softmax has 1008 outputs (1000 used)
 INPUT_SIZE = 299
 SPATIAL_CHANNELS = 7  # the evaluator keeps mixed_6/conv[..., :7]
+InputMode = Literal["tf1", "pytorch-fid"]
+INPUTS: tuple[str, ...] = ("tf1", "pytorch-fid")
 
 
 class InceptionWeightsError(UserError, FileNotFoundError):
     """The FID Inception weights are missing or are not pytorch-fid's file."""
+
+
+def _legacy_source(in_size: int, out_size: int, device: torch.device
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For each output position: the lower and upper source index and the weight of the
+    upper one, computed as TensorFlow's LegacyScaler does, all in float32 (a float64 scale
+    moves outputs by up to 8e-3 on 0..255 values)."""
+    scale = torch.tensor(in_size, dtype=torch.float32) / torch.tensor(out_size,
+                                                                       dtype=torch.float32)
+    src = torch.arange(out_size, dtype=torch.float32) * scale
+    floor = src.floor()
+    lower = floor.long().clamp(0, in_size - 1)
+    upper = src.ceil().long().clamp(0, in_size - 1)
+    return lower.to(device), upper.to(device), (src - floor).to(device)
+
+
+def tf1_resize_bilinear(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize as TensorFlow 1's ``ResizeBilinear`` (``tf.compat.v1.image.
+    resize_bilinear`` with ``align_corners=False``, ``half_pixel_centers=False``): the op in
+    the 2015 Inception graph that resizes the ADM evaluator's images to 299x299.
+
+    Output pixel (i, j) reads the source at (i * in_h / out_h, j * in_w / out_w), without
+    half-pixel centres, the scale and coordinates in float32, and the source's last row and
+    column repeated past its edge; rows are interpolated first, then columns, in float32, in
+    TensorFlow's order of operations. No antialiasing (a downscale skips pixels, as TF's).
+    Matches TensorFlow's output to within 1e-4 on 0..255 values (tests/fixtures/tf1_resize).
+
+    :param x: float [N, C, H, W]. :param size: (out_h, out_w).
+    :return: float32 [N, C, out_h, out_w]."""
+    if x.ndim != 4 or not x.is_floating_point():
+        raise ValueError(f"tf1_resize_bilinear takes float NCHW images, got {x.dtype} "
+                         f"{tuple(x.shape)}")
+    out_h, out_w = (int(s) for s in size)
+    if out_h < 1 or out_w < 1:
+        raise ValueError(f"tf1_resize_bilinear: output size must be positive, got {size}")
+    x = x.float()
+    left, right, wx = _legacy_source(x.shape[-1], out_w, x.device)
+    top, bottom, wy = _legacy_source(x.shape[-2], out_h, x.device)
+    a, b = x[..., top, :], x[..., bottom, :]
+    tl, tr, bl, br = a[..., left], a[..., right], b[..., left], b[..., right]
+    upper = tl + (tr - tl) * wx
+    lower = bl + (br - bl) * wx
+    return upper + (lower - upper) * wy[:, None]
+
+
+def preprocess(images: torch.Tensor, inputs: InputMode = "tf1") -> torch.Tensor:
+    """uint8 (or float 0..255) NHWC images of any size -> float32 NCHW [N, 3, 299, 299] in
+    [-1, 1]. ``"tf1"``: the evaluator's graph (TF1 legacy resize of the 0..255 values, then
+    (x - 128) / 128); ``"pytorch-fid"``: ``F.interpolate`` of x / 255, then 2x - 1."""
+    x = images.permute(0, 3, 1, 2).float()
+    if inputs == "tf1":
+        return (tf1_resize_bilinear(x, (INPUT_SIZE, INPUT_SIZE)) - 128) / 128
+    if inputs == "pytorch-fid":
+        x = F.interpolate(x / 255.0, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear",
+                          align_corners=False)
+        return 2 * x - 1
+    raise ValueError(f"Inception inputs {inputs!r}: expected one of {', '.join(INPUTS)}")
 
 
 class BasicConv2d(nn.Module):
@@ -180,8 +245,11 @@ class FIDInceptionV3(nn.Module):
     """The FID Inception-v3 (pytorch-fid's parameter names); ``forward`` returns the features
     the ADM evaluator uses."""
 
-    def __init__(self):
+    def __init__(self, inputs: InputMode = "tf1"):
         super().__init__()
+        if inputs not in INPUTS:
+            raise ValueError(f"Inception inputs {inputs!r}: expected one of {', '.join(INPUTS)}")
+        self.inputs = inputs
         self.Conv2d_1a_3x3 = BasicConv2d(3, 32, kernel_size=3, stride=2)
         self.Conv2d_2a_3x3 = BasicConv2d(32, 32, kernel_size=3)
         self.Conv2d_2b_3x3 = BasicConv2d(32, 64, kernel_size=3, padding=1)
@@ -200,14 +268,10 @@ class FIDInceptionV3(nn.Module):
         self.Mixed_7c = InceptionE(2048, max_pool=True)
         self.fc = nn.Linear(2048, NUM_CLASSES)
 
-    @staticmethod
-    def preprocess(images: torch.Tensor) -> torch.Tensor:
-        """uint8 (or float 0..255) NHWC images of any size -> float32 NCHW [N, 3, 299, 299] in
-        [-1, 1], as pytorch-fid: bilinear resize of x/255, then 2x - 1."""
-        x = images.permute(0, 3, 1, 2).float() / 255.0
-        x = F.interpolate(x, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear",
-                          align_corners=False)
-        return 2 * x - 1
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 NHWC images -> float32 [N, 3, 299, 299]: ``preprocess`` with this network's
+        ``inputs``."""
+        return preprocess(images, self.inputs)
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """:param images: uint8 [N, H, W, 3] (any H, W).
@@ -263,10 +327,11 @@ def weights_sha256(raw: bytes) -> str:
     return hashlib.sha256(raw).hexdigest()
 
 
-def load_inception(state: dict[str, torch.Tensor], device: torch.device | str = "cpu"
-                   ) -> FIDInceptionV3:
-    """The network with ``state`` loaded strictly, in eval mode, without gradients."""
+def load_inception(state: dict[str, torch.Tensor], device: torch.device | str = "cpu",
+                   inputs: InputMode = "tf1") -> FIDInceptionV3:
+    """The network with ``state`` loaded strictly, in eval mode, without gradients, taking
+    its input as ``inputs`` says (``preprocess``)."""
     with torch.device("meta"):  # no random initialisation of 24M parameters to overwrite
-        net = FIDInceptionV3()
+        net = FIDInceptionV3(inputs)
     net.load_state_dict(state, strict=True, assign=True)
     return net.eval().requires_grad_(False).to(device)

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 # The evaluator's pairwise-distance blocks (ManifoldEstimator row/col batch sizes): memory is
-# bounded by one [ROWS, N] distance block, whatever N.
+# bounded by one [ROWS, COLS] distance block (400 MB in float32, a few times that with the
+# temporaries of its computation), whatever N.
 ROW_BATCH = 10000
 COL_BATCH = 10000
 
@@ -111,15 +112,21 @@ def manifold_radii(features: torch.Tensor, k: int = 3, rows: int = ROW_BATCH,
                    cols: int = COL_BATCH) -> torch.Tensor:
     """Each point's squared distance to its k-th nearest neighbour [N], the point itself being
     the 0th (so a set needs at least k + 1 points). Rows in blocks of ``rows``, each against
-    all points in blocks of ``cols``."""
+    all points in blocks of ``cols``, keeping only each row's k + 1 smallest distances so far:
+    memory is one [rows, cols] block whatever N (the k-th smallest of a row is the k-th
+    smallest of its blocks' k + 1 smallest)."""
     n = len(features)
     if n < k + 1:
         raise ValueError(f"k-NN radii with k={k} need at least {k + 1} points, got {n}")
     radii = torch.empty(n, dtype=features.dtype, device=features.device)
     for r in range(0, n, rows):
-        block = torch.cat([_distances(features[r:r + rows], features[c:c + cols])
-                           for c in range(0, n, cols)], dim=1)
-        radii[r:r + rows] = block.kthvalue(k + 1, dim=1).values
+        best = None
+        for c in range(0, n, cols):
+            d = _distances(features[r:r + rows], features[c:c + cols])
+            if best is not None:
+                d = torch.cat([best, d], dim=1)
+            best = d.topk(min(k + 1, d.shape[1]), dim=1, largest=False).values
+        radii[r:r + rows] = best.kthvalue(k + 1, dim=1).values
     return radii
 
 

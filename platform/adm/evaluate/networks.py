@@ -2,7 +2,9 @@
 driver (``resolve_network``), and built on a worker (``FeatureExtractor``).
 
 * ``inception:PATH``: the FID Inception-v3 (``adm.evaluate.inception``): ``pool`` [N, 2048],
-  ``spatial`` [N, 2023] (sFID), ``logits`` [N, 1008].
+  ``spatial`` [N, 2023] (sFID), ``logits`` [N, 1008]. Its input handling (``inputs``) is the
+  TensorFlow evaluator's (``"tf1"``, the default) or pytorch-fid's (``"pytorch-fid"``); it is
+  part of the cache key, since the features differ.
 * ``classifier:URI``: one of our noisy classifiers, at t = 0 (clean images). ``pool`` is its
   penultimate feature -- the input of its last layer: the pooled channels (``adaptive``), the
   attention pool's query token before its output projection (``attention``), the MLP's hidden
@@ -40,10 +42,14 @@ class FeatureNetwork:
     uri: str
     sha256: str
     spec: checkpoints.ModelSpec | None = None
+    inputs: inception.InputMode = "tf1"  # the Inception's input handling
 
     @property
     def key(self) -> str:
-        """The cache key: the network kind and the first 16 hex digits of its file's hash."""
+        """The cache key: the network kind (with the Inception's input handling) and the first
+        16 hex digits of its file's hash."""
+        if self.kind == "inception":
+            return f"{self.kind}-{self.inputs}-{self.sha256[:16]}"
         return f"{self.kind}-{self.sha256[:16]}"
 
     @property
@@ -52,6 +58,8 @@ class FeatureNetwork:
 
     def describe(self) -> dict:
         out = {"kind": self.kind, "uri": self.uri, "sha256": self.sha256}
+        if self.kind == "inception":
+            out["inputs"] = self.inputs
         if self.spec is not None:
             out["flags"] = self.spec.flags
         return out
@@ -74,8 +82,12 @@ def parse_features(text: str | None) -> tuple[str, str]:
     return kind, uri
 
 
-def resolve_network(text: str | None) -> FeatureNetwork:
-    """Read and check the network's file (keys and shapes), before any image is touched."""
+def resolve_network(text: str | None, inception_inputs: str = "tf1") -> FeatureNetwork:
+    """Read and check the network's file (keys and shapes), before any image is touched.
+    ``inception_inputs``: the Inception's input handling (``inception.INPUTS``)."""
+    if inception_inputs not in inception.INPUTS:
+        raise ConfigError(f"inception_inputs: {inception_inputs!r} is not one of "
+                          f"{', '.join(inception.INPUTS)}")
     kind, uri = parse_features(text)
     if kind == "classifier":
         spec = checkpoints.resolve("classifier", uri, None, "classifier")
@@ -84,7 +96,7 @@ def resolve_network(text: str | None) -> FeatureNetwork:
         raise inception.InceptionWeightsError(inception.missing_weights_message(uri))
     raw = storage.read_bytes(uri)
     inception.read_weights(raw, uri)
-    return FeatureNetwork(kind, uri, inception.weights_sha256(raw))
+    return FeatureNetwork(kind, uri, inception.weights_sha256(raw), inputs=inception_inputs)
 
 
 def penultimate_layer(classifier: nn.Module) -> nn.Module:
@@ -126,7 +138,8 @@ def build_network(net: FeatureNetwork, device: torch.device) -> nn.Module:
     """The feature network on ``device``, eval mode, with its weights (on a worker)."""
     if net.kind == "inception":
         raw = storage.read_bytes(net.uri)
-        return inception.load_inception(inception.read_weights(raw, net.uri), device)
+        return inception.load_inception(inception.read_weights(raw, net.uri), device,
+                                        net.inputs)
     classifier = checkpoints.load(net.spec, device)
     return ClassifierFeatures(classifier, checkpoints.image_size(net.spec)).to(device)
 
