@@ -3,6 +3,8 @@
     python benchmarks/sampling.py                 # CPU: a small ADM; GPU (if any): ImageNet-128
     python benchmarks/sampling.py --device cpu --batch-size 8 --repeats 3
     python benchmarks/sampling.py --tables samplers   # only the sampler/guidance table
+    python benchmarks/sampling.py --tables quality --models runs/quickstart/models \
+        --reference runs/quickstart/data/digits --quality-stop-after 2
 
 Table "variants": for each execution option — float32 eager, bf16 autocast, channels-last,
 torch.compile, and all three together (plus fp16 autocast on CUDA) — images/s of
@@ -17,12 +19,17 @@ batch per step; the model gets the null-class embedding row), alone and with the
 It measures speed at a step count, not quality.
 
 Table "quality" (`--tables quality`, after `make quickstart`: its models and digits): on the
-trained quickstart models, images/s and classifier-feature FID (the quickstart judge's features
-against the real digits), per seed, of DDIM-25 (the reference's), DDIM-50, and DPM-Solver++(2M)
-at 10, 15 and 20 steps on its default grid (log-SNR from λ = −5.1), at 10 steps over the whole
-chain, on DDIM-25's own interval (from t = 960) and uniform in t; unguided and classifier-guided
-(scale 2), every row from the same seeds and labels. Then the quality-matched speed-up: the
-images/s of the fastest DPM-Solver++ row no worse than DDIM-25 on every seed, over DDIM-25's.
+trained quickstart models, classifier-guided at scale 2 (`--quality-scales`; 0 is unguided),
+judge-feature FID (the quickstart judge's features against the real digits) per seed
+(`--quality-seeds`, `--quality-samples` each) of DDIM-25 (the reference's sampler, through
+`adm.diffusion.sample`) and of DPM-Solver++(2M) and (3M) down a descending sweep of step counts
+(`--quality-steps`, their default log-SNR grid; a solver's sweep stops after
+`--quality-stop-after` rows worse than DDIM-25 on some seed), every row from the same seeds
+and labels; images/s of every row and of the reference loop's DDIM-25
+(`reference_loop.reference_ddim`, checked to give DDIM-25's images), timed round-robin on one
+batch first. Then, per solver: the fewest model calls no worse than DDIM-25 on every seed, and
+its images/s over the reference loop's DDIM-25's. `--precision`, `--compile` and
+`--channels-last` set the `sample` rows' execution (default float32 eager).
 
 On CPU it runs a small 32x32 ADM and classifier (the 2-core CI box would take minutes per image
 at 128x128); when CUDA is available it runs the ImageNet-128 model and classifier of the

@@ -430,3 +430,23 @@ def test_3m_guidance_and_starting_steps_through_sample():
     assert "dpmpp_3m" in get_args(SamplerName)
     assert sampling_diffusion(base, "dpmpp_3m", 10).timestep_map == logsnr_timesteps(
         np.cumprod(1 - base.base_betas), 10)
+
+
+def test_3m_is_a_choice_wherever_2m_is():
+    """The job's --sampler, the sample config and a Serve request take dpmpp_3m as they take
+    dpmpp_2m (a Serve request gets its log-SNR grid's default start, -5.1)."""
+    from helpers import load_job
+
+    from adm.generate import load_sample_config
+    from adm.serve.api import Limits, parse_generate
+
+    assert load_job("sample").parse_args(["--sampler", "dpmpp_3m"]).sampler == "dpmpp_3m"
+    assert load_sample_config(None, ["model=m.pt", "sampler=dpmpp_3m"]).sampler == "dpmpp_3m"
+    lim = Limits(max_images=4, max_steps=50, samplers=("ddim", "dpmpp_3m"),
+                 max_guidance_scale=10.0, max_cfg_scale=5.0, max_body_bytes=8192,
+                 num_classes=10, class_names=None, diffusion_steps=100, has_classifier=False,
+                 has_null_class=True, has_upsampler=False, default_sampler="ddim",
+                 default_steps=10, default_guidance_scale=0.0)
+    req = parse_generate(b'{"class_id": 2, "sampler": "dpmpp_3m", "steps": 7}', lim)
+    assert req.sample_args() == {"classifier_scale": 0.0, "cfg_scale": 1.0,
+                                 "sampler": "dpmpp_3m", "steps": 7, "lambda_min": LOGSNR_MIN}

@@ -131,8 +131,8 @@ def log_snr(alphas_cumprod: np.ndarray) -> np.ndarray:
 # (diffusers' `lambda_min_clipped`, used by DeepFloyd IF). ADM's cosine chain caps β at 0.999,
 # so its last steps fall to λ = −6.5 and −9.9 (ᾱ ~ 1e−8), where nothing of the image forms yet;
 # a grid over the whole chain spends a third of its calls there (at 10 steps, 4 of its 9 calls
-# below λ = −3; quickstart judge FID 5.55 unclipped vs 4.88 clipped, DDIM-25 4.50: see
-# benchmarks/sampling.py). A linear chain ends at λ = −5.06, inside it.
+# below λ = −3; quickstart judge FID 5.55 unclipped vs 4.88 clipped, DDIM-25 4.50: the
+# quality table of benchmarks/sampling.py as of b3530f2). A linear chain ends at λ = −5.06.
 LOGSNR_MIN = -5.1
 
 
@@ -228,7 +228,7 @@ def _data_prediction(diffusion: GaussianDiffusion, model, x, t, cond_fn, model_k
     The second clamp is where this differs from DDIM, on purpose: the guided x_0 carries
     σ_t²·s·g/α_t, which is huge at high noise, and the second-order step extrapolates from two
     x_0's, so unbounded guided data predictions blow up (on the quickstart models, scale 2,
-    10 steps: judge-feature FID 12.6 without it; see benchmarks/sampling.py's quality table).
+    10 steps: judge-feature FID 12.6 without it; benchmarks/sampling.py's quality table).
     DDIM's first-order update uses x_0 and ε' together and stays exact without it."""
     out = diffusion.p_mean_variance(model, x, t, clip_denoised, None, model_kwargs)
     if cond_fn is None:
