@@ -195,7 +195,9 @@ def _dpmpp_3m_coefs(alphas_cumprod: np.ndarray) -> list[tuple[float, ...]]:
     last three data predictions (at λ_i, λ_{i+1}, λ_{i+2}; Newton's divided differences give
     its first and second derivative at λ_i) and the integral is taken exactly:
     ∫₀ʰ e^{u−h}·uᵏ/k! du is φ = 1 − e^{−h}, ψ₁ = h − φ and ψ₂ = h²/2 − ψ₁ for k = 0, 1, 2. So
-    the step is exact for a quadratic x0(λ) (local error O(h⁴), global O(h³)); c + d + e = 1.
+    the step is exact for a quadratic x0(λ) (local error O(h⁴), global O(h³); the first-order
+    first step adds an O(h²) term, small since x0 hardly moves in λ at the grid's noisy end);
+    c + d + e = 1.
     The first two steps have fewer predictions behind them and are `_dpmpp_2m_coefs`' steps
     (e = 0): DDIM's first order, then 2M's second order, as the paper starts its multistep
     solvers."""
@@ -291,7 +293,9 @@ def dpmpp_3m(diffusion: GaussianDiffusion, model, x: torch.Tensor, *, cond_fn=No
     with the third-order multistep update (`_dpmpp_3m_coefs`: the last three data predictions'
     quadratic in λ, integrated exactly), so one model call per step buys a global error O(h³)
     instead of O(h²). Its first step is DDIM's, its second 2M's; the data prediction, guidance,
-    clipping, last step and `eta` (0 only) are `dpmpp_2m`'s."""
+    clipping, last step and `eta` (0 only) are `dpmpp_2m`'s. Classifier-guided (scale 2, the
+    quickstart models) it is the worse sampler: no step count from 20 down matches DDIM-25's FID,
+    where 2M does at 8 (benchmarks/sampling.py's quality table, README)."""
     _check_eta("dpmpp_3m", eta)
     return _multistep(diffusion, model, x, _dpmpp_3m_coefs(diffusion.alphas_cumprod), cond_fn,
                       model_kwargs, clip_denoised, progress)
