@@ -249,6 +249,7 @@ def quality_table(models_dir: str, reference: str, device: torch.device, n: int,
                   seeds: list[int], *, scales: tuple[float, ...] = (2.0,),
                   solvers: tuple[str, ...] = tuple(SWEEP_SOLVERS),
                   sweep: tuple[int, ...] = SWEEP_STEPS, stop_after: int = 1,
+                  lambda_min: float | None = None,
                   autocast_dtype: torch.dtype | None = None, compile: bool = False,
                   channels_last: bool = False, batch: int = 250, repeats: int = 3) -> list[dict]:
     """Images/s and judge-feature FID on the trained quickstart models: DDIM-25 (the
@@ -260,7 +261,8 @@ def quality_table(models_dir: str, reference: str, device: torch.device, n: int,
     FID: `n` samples per seed (labels i mod 10, per-index noise `index_seeds(seed, i)`, so every
     row starts from the same x_T), the judge's pooled features against the real digits'.
     A solver's sweep stops after `stop_after` consecutive rows worse than DDIM-25 on some seed
-    (its step counts below are not run). Images/s: of one batch of `batch` samples per row,
+    (its step counts below are not run); `lambda_min` moves the solvers' grid start (None:
+    −5.1, `LOGSNR_MIN`). Images/s: of one batch of `batch` samples per row,
     every row timed in turn, `repeats` rounds, the median (see `speeds`), before the FIDs.
     The execution options (`autocast_dtype`, `compile`, `channels_last`) apply to every
     `sample` row, not to the reference loop, which is the reference's float32 eager loop
@@ -302,13 +304,15 @@ def quality_table(models_dir: str, reference: str, device: torch.device, n: int,
             labels, row_seeds, images = torch.arange(n) % 10, index_seeds(seed, range(n)), []
             for s, rows in batches:
                 x = sample(net, diffusion, shape(rows), sampler=sampler, steps=steps,
+                           lambda_min=None if sampler == "ddim" else lambda_min,
                            classifier=classifier if scale else None, classifier_scale=scale,
                            y=labels[s:s + rows].to(device), seeds=row_seeds[s:s + rows],
                            device=device, **options)
                 images.append(to_uint8(x))
             feats = judge(np.concatenate(images))["pool"].astype(np.float64)
             fids.append(frechet_distance(*fid_statistics(feats), ref_mu, ref_sigma))
-        calls = sampling_diffusion(diffusion, sampler, steps).num_timesteps
+        calls = sampling_diffusion(diffusion, sampler, steps, None,
+                                   None if sampler == "ddim" else lambda_min).num_timesteps
         return dict(scale=scale, sampler=sampler, steps=steps, calls=calls, fids=fids,
                     fid=float(np.mean(fids)))
 
@@ -328,6 +332,7 @@ def quality_table(models_dir: str, reference: str, device: torch.device, n: int,
         for sampler, steps in [("ddim", 25)] + [(v, k) for v in solvers for k in sweep]:
             fns[sampler, steps] = functools.partial(
                 sample, net, diffusion, shape(rows), sampler=sampler, steps=steps,
+                lambda_min=None if sampler == "ddim" else lambda_min,
                 classifier=guide, classifier_scale=scale, y=y, seeds=row_seeds, device=device,
                 **options)
         ours = sample(ref_net, diffusion, shape(rows), sampler="ddim", steps=25,
@@ -350,6 +355,7 @@ def quality_table(models_dir: str, reference: str, device: torch.device, n: int,
                device=device, **options)
     rows = []
     what = (f"{autocast_dtype or 'float32'}{', compiled' if compile else ''}"
+            f"{'' if lambda_min is None else f', solvers from λ = {lambda_min:g}'}"
             f"{', channels-last' if channels_last else ''}")
     print(f"\n## Quality at equal FID: quickstart models, {n} samples per seed, seeds {seeds}, "
           f"judge-feature FID vs {real.num_images} real digits; `sample` rows: {what}\n")
@@ -437,6 +443,8 @@ def main() -> None:
     parser.add_argument("--quality-stop-after", type=int, default=1,
                         help="quality: a solver's sweep stops after this many consecutive rows "
                              "worse than DDIM-25 on some seed")
+    parser.add_argument("--quality-lambda-min", type=float, default=None,
+                        help="quality: the log-SNR where the solvers' grid starts (default -5.1)")
     parser.add_argument("--quality-repeats", type=int, default=3,
                         help="quality: rounds of the round-robin timing of every row")
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
@@ -483,7 +491,7 @@ def main() -> None:
                       scales=tuple(float(x) for x in args.quality_scales.split(",")),
                       solvers=tuple(args.quality_solvers.split(",")),
                       sweep=tuple(int(x) for x in args.quality_steps.split(",")),
-                      stop_after=args.quality_stop_after,
+                      stop_after=args.quality_stop_after, lambda_min=args.quality_lambda_min,
                       autocast_dtype=dtypes[args.precision], compile=args.compile,
                       channels_last=args.channels_last, repeats=args.quality_repeats)
 
