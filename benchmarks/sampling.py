@@ -3,6 +3,8 @@
     python benchmarks/sampling.py                 # CPU: a small ADM; GPU (if any): ImageNet-128
     python benchmarks/sampling.py --device cpu --batch-size 8 --repeats 3
     python benchmarks/sampling.py --tables samplers   # only the sampler/guidance table
+    python benchmarks/sampling.py --tables quality --models runs/quickstart/models \
+        --reference runs/quickstart/data/digits --quality-stop-after 2
 
 Table "variants": for each execution option — float32 eager, bf16 autocast, channels-last,
 torch.compile, and all three together (plus fp16 autocast on CUDA) — images/s of
@@ -17,12 +19,17 @@ batch per step; the model gets the null-class embedding row), alone and with the
 It measures speed at a step count, not quality.
 
 Table "quality" (`--tables quality`, after `make quickstart`: its models and digits): on the
-trained quickstart models, images/s and classifier-feature FID (the quickstart judge's features
-against the real digits), per seed, of DDIM-25 (the reference's), DDIM-50, and DPM-Solver++(2M)
-at 10, 15 and 20 steps on its default grid (log-SNR from λ = −5.1), at 10 steps over the whole
-chain, on DDIM-25's own interval (from t = 960) and uniform in t; unguided and classifier-guided
-(scale 2), every row from the same seeds and labels. Then the quality-matched speed-up: the
-images/s of the fastest DPM-Solver++ row no worse than DDIM-25 on every seed, over DDIM-25's.
+trained quickstart models, classifier-guided at scale 2 (`--quality-scales`; 0 is unguided),
+judge-feature FID (the quickstart judge's features against the real digits) per seed
+(`--quality-seeds`, `--quality-samples` each) of DDIM-25 (the reference's sampler, through
+`adm.diffusion.sample`) and of DPM-Solver++(2M) and (3M) down a descending sweep of step counts
+(`--quality-steps`, their default log-SNR grid; a solver's sweep stops after
+`--quality-stop-after` rows worse than DDIM-25 on some seed), every row from the same seeds
+and labels; images/s of every row and of the reference loop's DDIM-25
+(`reference_loop.reference_ddim`, checked to give DDIM-25's images), timed round-robin on one
+batch first. Then, per solver: the fewest model calls no worse than DDIM-25 on every seed, and
+its images/s over the reference loop's DDIM-25's. `--precision`, `--compile` and
+`--channels-last` set the `sample` rows' execution (default float32 eager).
 
 On CPU it runs a small 32x32 ADM and classifier (the 2-core CI box would take minutes per image
 at 128x128); when CUDA is available it runs the ImageNet-128 model and classifier of the
@@ -34,6 +41,7 @@ in turn, and each variant's rounds are merged; the table gives their median.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 
@@ -235,22 +243,52 @@ def samplers_table(config: dict, device, batch: int, seed: int, repeats: int) ->
               f"{run['warmup_s']:.1f} |")
 
 
+# Samplers of the quality table's sweep, by name: the label its rows carry.
+SWEEP_SOLVERS = {"dpmpp_2m": "DPM-Solver++(2M)", "dpmpp_3m": "DPM-Solver++(3M)"}
+SWEEP_STEPS = (20, 15, 12, 10, 8, 7, 6, 5)
+
+
 def quality_table(models_dir: str, reference: str, device: torch.device, n: int,
-                  seeds: list[int]) -> None:
-    """Images/s and judge-feature FID per sampler on the trained quickstart models."""
+                  seeds: list[int], *, scales: tuple[float, ...] = (2.0,),
+                  solvers: tuple[str, ...] = tuple(SWEEP_SOLVERS),
+                  sweep: tuple[int, ...] = SWEEP_STEPS, stop_after: int = 1,
+                  lambda_min: float | None = None,
+                  autocast_dtype: torch.dtype | None = None, compile: bool = False,
+                  channels_last: bool = False, batch: int = 250, repeats: int = 3) -> list[dict]:
+    """Images/s and judge-feature FID on the trained quickstart models: DDIM-25 (the
+    reference's sampler, through `adm.diffusion.sample`), the reference loop's DDIM-25
+    (`reference_loop.reference_ddim`, float32 eager: its images/s), and each solver of
+    `solvers` down the descending `sweep` of step counts (its default log-SNR grid), for each
+    classifier scale of `scales`.
+
+    FID: `n` samples per seed (labels i mod 10, per-index noise `index_seeds(seed, i)`, so every
+    row starts from the same x_T), the judge's pooled features against the real digits'.
+    A solver's sweep stops after `stop_after` consecutive rows worse than DDIM-25 on some seed
+    (its step counts below are not run); `lambda_min` moves the solvers' grid start (None:
+    −5.1, `LOGSNR_MIN`). Images/s: of one batch of `batch` samples per row,
+    every row timed in turn, `repeats` rounds, the median (see `speeds`), before the FIDs.
+    The execution options (`autocast_dtype`, `compile`, `channels_last`) apply to every
+    `sample` row, not to the reference loop, which is the reference's float32 eager loop
+    whatever they are. Prints the table and, per scale and
+    solver, the fewest model calls no worse than DDIM-25 on every seed and its images/s over
+    the reference loop's DDIM-25; returns the rows."""
     import numpy as np
 
-    from adm.diffusion.sampling import index_seeds, log_snr, logsnr_timesteps
+    from reference_loop import reference_ddim
+
+    from adm import checkpoints
+    from adm.checkpoints import to_uint8
+    from adm.diffusion.sampling import RowNoise, index_seeds
     from adm.evaluate import fid_statistics, frechet_distance
     from adm.evaluate.networks import FeatureExtractor, resolve_network
     from adm.evaluate.sources import open_source, read_rows
-    from adm import checkpoints
-    from adm.checkpoints import to_uint8
 
     specs = {role: checkpoints.resolve(role, f"{models_dir}/{role}/model.pt", None, kind)
              for role, kind in (("diffusion", "diffusion"), ("classifier", "classifier"))}
-    net = checkpoints.load(specs["diffusion"], device)
-    classifier = checkpoints.load(specs["classifier"], device)
+    # The reference loop gets its own copies: channels-last converts `sample`'s in place.
+    net, classifier = (checkpoints.load(specs[r], device) for r in ("diffusion", "classifier"))
+    ref_net, ref_classifier = (checkpoints.load(specs[r], device)
+                               for r in ("diffusion", "classifier"))
     diffusion = openai.create_diffusion({**specs["diffusion"].flags, "timestep_respacing": ""})
     size = checkpoints.image_size(specs["diffusion"])
     judge = FeatureExtractor(resolve_network(f"classifier:{models_dir}/judge/model.pt"),
@@ -258,66 +296,127 @@ def quality_table(models_dir: str, reference: str, device: torch.device, n: int,
     real = open_source(reference, size)
     real_images = np.concatenate([read_rows(real, c) for c in real.chunks(1000)])
     ref_mu, ref_sigma = fid_statistics(judge(real_images)["pool"].astype(np.float64))
-    alphas_cumprod = np.cumprod(1 - np.asarray(diffusion.base_betas, dtype=np.float64))
-    ddim25_start = 1000 - 1000 // 25  # "ddim25" starts at t = 960 of 1000
-    lam = log_snr(alphas_cumprod)
-    rows_spec = [  # (name, sampler, steps, timesteps)
-        ("DDIM-25 (the reference's)", "ddim", 25, None),
-        ("DDIM-50", "ddim", 50, None),
-        ("DPM++ 10, log-SNR from λ=-5.1 (default)", "dpmpp_2m", 10, None),
-        ("DPM++ 15, log-SNR from λ=-5.1 (default)", "dpmpp_2m", 15, None),
-        ("DPM++ 20, log-SNR from λ=-5.1 (default)", "dpmpp_2m", 20, None),
-        ("DPM++ 10, log-SNR over the whole chain", "dpmpp_2m",
-         logsnr_timesteps(alphas_cumprod, 10, lambda_min=-np.inf), None),
-        (f"DPM++ 10, log-SNR on DDIM-25's interval (from t={ddim25_start})", "dpmpp_2m",
-         logsnr_timesteps(alphas_cumprod, 10, lambda_min=lam[ddim25_start]), None),
-        ("DPM++ 10, uniform in t", "dpmpp_2m", 10, "uniform"),
-    ]
-    batch, rows = 250, []
-    sample(net, diffusion, (batch, 3, size, size), sampler="ddim", steps=2,  # warm-up
-           classifier=classifier, y=torch.zeros(batch, dtype=torch.int64), device=device)
-    for scale in (0.0, 2.0):
-        for name, sampler, steps, spacing in rows_spec:
-            fids, seconds = [], 0.0
-            for seed in seeds:
-                labels, row_seeds, images = torch.arange(n) % 10, index_seeds(seed, range(n)), []
+    options = dict(autocast_dtype=autocast_dtype, compile=compile, channels_last=channels_last)
+    shape = lambda rows: (rows, 3, size, size)  # noqa: E731
+    batches = [(s, min(batch, n - s)) for s in range(0, n, batch)]
+
+    def run(scale: float, sampler: str, steps: int) -> dict:
+        """One row's FID: every seed's n samples."""
+        fids = []
+        for seed in seeds:
+            labels, row_seeds, images = torch.arange(n) % 10, index_seeds(seed, range(n)), []
+            for s, rows in batches:
+                x = sample(net, diffusion, shape(rows), sampler=sampler, steps=steps,
+                           lambda_min=None if sampler == "ddim" else lambda_min,
+                           classifier=classifier if scale else None, classifier_scale=scale,
+                           y=labels[s:s + rows].to(device), seeds=row_seeds[s:s + rows],
+                           device=device, **options)
+                images.append(to_uint8(x))
+            feats = judge(np.concatenate(images))["pool"].astype(np.float64)
+            fids.append(frechet_distance(*fid_statistics(feats), ref_mu, ref_sigma))
+        calls = sampling_diffusion(diffusion, sampler, steps, None,
+                                   None if sampler == "ddim" else lambda_min).num_timesteps
+        return dict(scale=scale, sampler=sampler, steps=steps, calls=calls, fids=fids,
+                    fid=float(np.mean(fids)))
+
+    def speeds(scale: float) -> dict:
+        """Images/s of every row (the reference loop, DDIM-25 and the whole sweep) on one
+        batch of the first seed, timed round-robin, `repeats` rounds, median: a burst of load
+        on a shared machine hits every row alike. Checks that the reference loop's images are
+        `sample`'s DDIM-25 (float32 eager) on that batch (max |diff| in the row)."""
+        rows = batches[0][1]
+        y = (torch.arange(rows) % 10).to(device)
+        row_seeds = index_seeds(seeds[0], range(rows))
+        x_T = RowNoise(row_seeds, shape(rows), device)()
+        respaced = sampling_diffusion(diffusion, "ddim", 25)
+        guide, ref_guide = (classifier, ref_classifier) if scale else (None, None)
+        fns = {("reference", 25): lambda: reference_ddim(ref_net, ref_guide, respaced, x_T, y,
+                                                         scale)}
+        for sampler, steps in [("ddim", 25)] + [(v, k) for v in solvers for k in sweep]:
+            fns[sampler, steps] = functools.partial(
+                sample, net, diffusion, shape(rows), sampler=sampler, steps=steps,
+                lambda_min=None if sampler == "ddim" else lambda_min,
+                classifier=guide, classifier_scale=scale, y=y, seeds=row_seeds, device=device,
+                **options)
+        ours = sample(ref_net, diffusion, shape(rows), sampler="ddim", steps=25,
+                      classifier=ref_guide, classifier_scale=scale, y=y, noise=x_T, device=device)
+        diff = (fns["reference", 25]().clamp(-1, 1) - ours).abs().max().item()
+        seconds = {key: [] for key in fns}
+        for _ in range(repeats):
+            for key, fn in fns.items():
+                sync(device)
                 start = time.perf_counter()
-                for s in range(0, n, batch):
-                    x = sample(net, diffusion, (min(batch, n - s), 3, size, size),
-                               sampler=sampler, steps=steps, timesteps=spacing,
-                               classifier=classifier if scale else None,
-                               classifier_scale=scale, y=labels[s:s + batch].to(device),
-                               seeds=row_seeds[s:s + batch], device=device)
-                    images.append(to_uint8(x))
-                seconds += time.perf_counter() - start  # sampling only, not the judge
-                feats = judge(np.concatenate(images))["pool"].astype(np.float64)
-                fids.append(frechet_distance(*fid_statistics(feats), ref_mu, ref_sigma))
-            rate = n * len(seeds) / seconds
-            calls = sampling_diffusion(diffusion, sampler, steps, spacing).num_timesteps
-            rows.append(dict(scale=scale, name=name, calls=calls, rate=rate, fids=fids,
-                             fid=float(np.mean(fids))))
+                fn()
+                sync(device)
+                seconds[key].append(time.perf_counter() - start)
+        return {key: rows / float(np.median(t)) for key, t in seconds.items()}, diff
+
+    # Warm-up (and compilation) of every sampler at the timed batch shape, then the rows.
+    for sampler in ("ddim", *solvers):
+        sample(net, diffusion, shape(batches[0][1]), sampler=sampler, steps=4,
+               classifier=classifier, y=torch.zeros(batches[0][1], dtype=torch.int64),
+               device=device, **options)
+    rows = []
+    what = (f"{autocast_dtype or 'float32'}{', compiled' if compile else ''}"
+            f"{'' if lambda_min is None else f', solvers from λ = {lambda_min:g}'}"
+            f"{', channels-last' if channels_last else ''}")
     print(f"\n## Quality at equal FID: quickstart models, {n} samples per seed, seeds {seeds}, "
-          f"judge-feature FID vs {real.num_images} real digits\n")
+          f"judge-feature FID vs {real.num_images} real digits; `sample` rows: {what}\n")
     print("| classifier scale | sampler | model calls | images/s | FID (mean) | FID per seed | "
-          "vs DDIM-25, per seed |\n|---|---|---|---|---|---|---|")
-    for r in rows:
-        ddim = next(d for d in rows if d["scale"] == r["scale"])
-        print(f"| {r['scale']:g} | {r['name']} | {r['calls']} | {r['rate']:.1f} | "
-              f"{r['fid']:.3f} | {', '.join(f'{f:.3f}' for f in r['fids'])} | "
-              f"{', '.join(f'{f - g:+.3f}' for f, g in zip(r['fids'], ddim['fids']))} |")
-    for scale in (0.0, 2.0):
+          "vs DDIM-25, per seed |\n|---|---|---|---|---|---|---|", flush=True)
+
+    def show(r: dict, ddim: dict) -> None:
+        name = {"ddim": "DDIM-25 (`sample`)", "reference": "DDIM-25, the reference loop "
+                f"(float32 eager; max |diff| to `sample`'s {r.get('max_abs_diff', 0):.1e})"
+                }.get(r["sampler"], f"{SWEEP_SOLVERS.get(r['sampler'], r['sampler'])}-{r['steps']}")
+        if r["fid"] is None:
+            print(f"| {r['scale']:g} | {name} | {r['calls']} | {r['rate']:.1f} | (DDIM-25's) "
+                  "| - | - |", flush=True)
+            return
+        print(f"| {r['scale']:g} | {name} | {r['calls']} | {r['rate']:.1f} | {r['fid']:.3f} | "
+              f"{', '.join(f'{f:.3f}' for f in r['fids'])} | "
+              f"{', '.join(f'{f - g:+.3f}' for f, g in zip(r['fids'], ddim['fids']))} |",
+              flush=True)
+
+    for scale in scales:
+        rate, diff = speeds(scale)
+        print(f"(scale {scale:g}: images/s of each row timed first, on {batches[0][1]} samples, "
+              f"median of {repeats} rounds)", flush=True)
+        ddim = {**run(scale, "ddim", 25), "rate": rate["ddim", 25]}
+        rows.append(ddim)
+        show(ddim, ddim)
+        rows.append(dict(scale=scale, sampler="reference", steps=25, calls=25, fids=[], fid=None,
+                         rate=rate["reference", 25], max_abs_diff=diff))
+        show(rows[-1], ddim)
+        for solver in solvers:
+            misses = 0
+            for steps in sweep:
+                r = {**run(scale, solver, steps), "rate": rate[solver, steps]}
+                rows.append(r)
+                show(r, ddim)
+                matched = all(f <= g for f, g in zip(r["fids"], ddim["fids"]))
+                misses = 0 if matched else misses + 1
+                if misses >= stop_after:
+                    break
+    for scale in scales:
         here = [r for r in rows if r["scale"] == scale]
-        ddim = here[0]
-        matched = [r for r in here[1:] if r["name"].startswith("DPM")
-                   and all(f <= g for f, g in zip(r["fids"], ddim["fids"]))]
-        if matched:
-            best = max(matched, key=lambda r: r["rate"])
-            print(f"scale {scale:g}: {best['name']}, FID {best['fid']:.3f} vs DDIM-25's "
-                  f"{ddim['fid']:.3f} (no worse on every seed): {best['rate'] / ddim['rate']:.2f}x "
-                  "the images/s at equal FID")
-        else:
-            print(f"scale {scale:g}: no DPM-Solver++ row reached DDIM-25's FID on every seed "
-                  f"({ddim['fid']:.3f})")
+        ddim, ref = here[0], here[1]
+        print(f"\nscale {scale:g}: DDIM-25 FID {ddim['fid']:.3f}; `sample` {ddim['rate']:.1f} "
+              f"images/s = {ddim['rate'] / ref['rate']:.2f}x the reference loop's "
+              f"{ref['rate']:.1f}")
+        for solver in solvers:
+            matched = [r for r in here if r["sampler"] == solver
+                       and all(f <= g for f, g in zip(r["fids"], ddim["fids"]))]
+            if not matched:
+                print(f"scale {scale:g}: {SWEEP_SOLVERS[solver]}: no row reached DDIM-25's FID "
+                      "on every seed")
+                continue
+            best = min(matched, key=lambda r: (r["calls"], -r["rate"]))
+            print(f"scale {scale:g}: {SWEEP_SOLVERS[solver]}: fewest model calls at DDIM-25's "
+                  f"FID: {best['calls']} (FID {best['fid']:.3f}); {best['rate']:.1f} images/s = "
+                  f"{best['rate'] / ref['rate']:.2f}x the reference loop's DDIM-25 "
+                  f"({best['rate'] / ddim['rate']:.2f}x `sample`'s)")
+    return rows
 
 
 def main() -> None:
@@ -344,6 +443,25 @@ def main() -> None:
     parser.add_argument("--quality-samples", type=int, default=2000)
     parser.add_argument("--quality-seeds", default="0,1",
                         help="quality: comma-separated seeds (FID is compared seed by seed)")
+    parser.add_argument("--quality-scales", default="2",
+                        help="quality: comma-separated classifier scales (0: unguided)")
+    parser.add_argument("--quality-solvers", default=",".join(SWEEP_SOLVERS),
+                        help="quality: the solvers swept")
+    parser.add_argument("--quality-steps", default=",".join(map(str, SWEEP_STEPS)),
+                        help="quality: the solvers' step counts, descending")
+    parser.add_argument("--quality-stop-after", type=int, default=1,
+                        help="quality: a solver's sweep stops after this many consecutive rows "
+                             "worse than DDIM-25 on some seed")
+    parser.add_argument("--quality-lambda-min", type=float, default=None,
+                        help="quality: the log-SNR where the solvers' grid starts (default -5.1)")
+    parser.add_argument("--quality-repeats", type=int, default=3,
+                        help="quality: rounds of the round-robin timing of every row")
+    parser.add_argument("--precision", choices=sorted(AUTOCAST), default="fp32",
+                        help="quality: autocast of the `sample` rows (not the reference loop)")
+    parser.add_argument("--compile", action="store_true",
+                        help="quality: torch.compile the networks of the `sample` rows")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="quality: channels-last `sample` rows")
     parser.add_argument("--variants", default=None,
                         help="comma-separated subset of: " + ", ".join(
                             [*VARIANTS, *CUDA_VARIANTS, DEFAULT_ROW]))
@@ -385,7 +503,13 @@ def main() -> None:
         samplers_table(config, device, batch, args.seed, args.repeats)
     if "quality" in tables:
         quality_table(args.models, args.reference, device, args.quality_samples,
-                      [int(x) for x in args.quality_seeds.split(",")])
+                      [int(x) for x in args.quality_seeds.split(",")],
+                      scales=tuple(float(x) for x in args.quality_scales.split(",")),
+                      solvers=tuple(args.quality_solvers.split(",")),
+                      sweep=tuple(int(x) for x in args.quality_steps.split(",")),
+                      stop_after=args.quality_stop_after, lambda_min=args.quality_lambda_min,
+                      autocast_dtype=AUTOCAST[args.precision], compile=args.compile,
+                      channels_last=args.channels_last, repeats=args.quality_repeats)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

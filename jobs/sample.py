@@ -4,8 +4,8 @@ ADM evaluator's `samples.npz`:
     python jobs/sample.py --model URI [--model-preset NAME]
         [--classifier URI [--classifier-preset NAME] --classifier-scale S]
         [--upsampler URI [--upsampler-preset NAME] [--upsampler-steps N]]
-        [--sampler ddim|ddpm|dpmpp_2m] [--steps N] [--timesteps uniform|logsnr] [--lambda-min L]
-        [--cfg-scale W] [--num-samples N] [--batch-size B]
+        [--sampler ddim|ddpm|dpmpp_2m|dpmpp_3m] [--steps N] [--timesteps uniform|logsnr]
+        [--lambda-min L] [--cfg-scale W] [--num-samples N] [--batch-size B]
         [--classes uniform|balanced|3,7,9] [--seed S] [--out URI]
         [--num-workers N] [--gpus] [--config YAML] [--address ADDR] [key=value ...]
 
@@ -34,11 +34,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--upsampler", help="upsampler state dict: stage 2")
     add("--upsampler-preset", help="flags of a released upsampler")
     add("--upsampler-steps", help="stage 2 steps (int) or respacing ('250', 'ddim25')")
-    add("--sampler", choices=("ddim", "ddpm", "dpmpp_2m"), help="stage 1 sampler")
+    add("--sampler", choices=("ddim", "ddpm", "dpmpp_2m", "dpmpp_3m"), help="stage 1 sampler")
     add("--steps", help="stage 1 steps (int) or respacing ('250', 'ddim25')")
     add("--timesteps", choices=("uniform", "logsnr"),
         help="how an int --steps is spaced (default: the sampler's own)")
-    add("--lambda-min", type=float, help="log-SNR where a logsnr grid (dpmpp_2m's default) "
+    add("--lambda-min", type=float, help="log-SNR where a logsnr grid (DPM-Solver++'s default) "
         "starts: the noisiest step with lambda >= it (default -5.1; -inf: the whole chain)")
     add("--cfg-scale", type=float, help="classifier-free guidance w (1 = off; a model "
         "trained with label dropout)")

@@ -1,7 +1,7 @@
 """The diffusion core: beta schedules, the Gaussian diffusion (training losses, DDPM and DDIM
 steps, guidance hooks, the bits/dim bound), respacing, timestep samplers, and the fast sampling
-entry point (DDPM, DDIM, DPM-Solver++(2M); classifier and classifier-free guidance; per-sample
-noise streams). Plain PyTorch and numpy; nothing here knows about Ray or the networks' internals."""
+entry point (DDPM, DDIM, DPM-Solver++(2M) and (3M); classifier and classifier-free guidance;
+per-sample noise streams). Plain PyTorch and numpy; nothing here knows about Ray or the networks' internals."""
 from typing import Literal
 
 from .gaussian import GaussianDiffusion, LossType, ModelMeanType, ModelVarType
@@ -23,6 +23,7 @@ from .sampling import (
     ddim,
     ddpm,
     dpmpp_2m,
+    dpmpp_3m,
     index_seeds,
     LOGSNR_MIN,
     logsnr_timesteps,
@@ -36,7 +37,7 @@ __all__ = [
     "get_named_beta_schedule", "betas_for_alpha_bar", "space_timesteps", "respace",
     "create_gaussian_diffusion", "create_named_schedule_sampler", "ScheduleSampler",
     "UniformSampler", "LossAwareSampler", "LossSecondMomentResampler", "sample", "ddim", "ddpm",
-    "dpmpp_2m", "SAMPLERS", "TIMESTEP_SPACINGS", "sampling_diffusion", "LOGSNR_MIN",
+    "dpmpp_2m", "dpmpp_3m", "SAMPLERS", "TIMESTEP_SPACINGS", "sampling_diffusion", "LOGSNR_MIN",
     "logsnr_timesteps", "SamplerName", "SpacingName",
     "classifier_free_guidance", "index_seeds", "RowNoise", "STREAMS", "normal_kl",
     "discretized_gaussian_log_likelihood", "mean_flat",

@@ -15,7 +15,9 @@ call per step); `sample` picks those steps (`steps`, `timesteps`) by respacing t
 - "ddpm": ancestral sampling (the reference's `p_sample_loop`);
 - "ddim": DDIM (the reference's `ddim_sample_loop`), η = `eta`;
 - "dpmpp_2m": DPM-Solver++(2M) (Lu et al. 2022, algorithm 2): the probability-flow ODE solved
-  in log-SNR with the multistep second-order data-prediction update, deterministic (η = 0).
+  in log-SNR with the multistep second-order data-prediction update, deterministic (η = 0);
+- "dpmpp_3m": DPM-Solver++(3M), its third-order multistep sibling (the data prediction
+  interpolated through the last three, integrated exactly in λ), deterministic (η = 0).
 
 Classifier-free guidance (``sample(..., cfg_scale=w)``) wraps the model, so it composes with
 every sampler and with classifier guidance: see `classifier_free_guidance`.
@@ -91,7 +93,7 @@ def _check_eta(sampler: str, eta: float) -> None:
         return
     if sampler == "ddpm":
         raise ValueError(f"eta={eta} is a DDIM parameter; the ddpm sampler takes none")
-    raise ValueError(f"eta={eta}: dpmpp_2m is the deterministic ODE solver (eta must be 0)")
+    raise ValueError(f"eta={eta}: {sampler} is a deterministic ODE solver (eta must be 0)")
 
 
 def ddpm(diffusion: GaussianDiffusion, model, x: torch.Tensor, *, cond_fn=None, model_kwargs=None,
@@ -129,8 +131,8 @@ def log_snr(alphas_cumprod: np.ndarray) -> np.ndarray:
 # (diffusers' `lambda_min_clipped`, used by DeepFloyd IF). ADM's cosine chain caps β at 0.999,
 # so its last steps fall to λ = −6.5 and −9.9 (ᾱ ~ 1e−8), where nothing of the image forms yet;
 # a grid over the whole chain spends a third of its calls there (at 10 steps, 4 of its 9 calls
-# below λ = −3; quickstart judge FID 5.55 unclipped vs 4.88 clipped, DDIM-25 4.50: see
-# benchmarks/sampling.py). A linear chain ends at λ = −5.06, inside it.
+# below λ = −3; quickstart judge FID 5.55 unclipped vs 4.88 clipped, DDIM-25 4.50: the
+# quality table of benchmarks/sampling.py as of b3530f2). A linear chain ends at λ = −5.06.
 LOGSNR_MIN = -5.1
 
 
@@ -183,6 +185,41 @@ def _dpmpp_2m_coefs(alphas_cumprod: np.ndarray) -> list[tuple[float, float, floa
     return coefs
 
 
+def _dpmpp_3m_coefs(alphas_cumprod: np.ndarray) -> list[tuple[float, ...]]:
+    """Per index i ≥ 1 of a (respaced) chain, DPM-Solver++(3M)'s step from index i to i − 1 as
+    x_{i−1} = a·x_i + b·(c·x0_i + d·x0_{i+1} + e·x0_{i+2}), float64; a and b as in
+    `_dpmpp_2m_coefs`.
+
+    The exact solution of the data-prediction ODE over h = λ_{i−1} − λ_i is
+    x_{i−1} = a·x_i + α_{i−1}·∫₀ʰ e^{u−h}·x0(λ_i + u) du. Here x0 is the quadratic through the
+    last three data predictions (at λ_i, λ_{i+1}, λ_{i+2}; Newton's divided differences give
+    its first and second derivative at λ_i) and the integral is taken exactly:
+    ∫₀ʰ e^{u−h}·uᵏ/k! du is φ = 1 − e^{−h}, ψ₁ = h − φ and ψ₂ = h²/2 − ψ₁ for k = 0, 1, 2. So
+    the step is exact for a quadratic x0(λ) (local error O(h⁴), global O(h³); the first-order
+    first step adds an O(h²) term, small since x0 hardly moves in λ at the grid's noisy end);
+    c + d + e = 1.
+    The first two steps have fewer predictions behind them and are `_dpmpp_2m_coefs`' steps
+    (e = 0): DDIM's first order, then 2M's second order, as the paper starts its multistep
+    solvers."""
+    ac = np.asarray(alphas_cumprod, dtype=np.float64)
+    lam = log_snr(ac)
+    coefs = [(a, b, c, d, 0.0) for a, b, c, d in _dpmpp_2m_coefs(ac)]
+    for i in range(1, len(ac) - 2):
+        h, h1, h2 = lam[i - 1] - lam[i], lam[i] - lam[i + 1], lam[i + 1] - lam[i + 2]
+        phi = -np.expm1(-h)
+        psi1 = h - phi
+        psi2 = 0.5 * h * h - psi1
+        # Weights on (x0_i, x0_{i+1}, x0_{i+2}) of the divided differences and derivatives.
+        slope0 = np.array([1.0, -1.0, 0.0]) / h1  # x0[λ_i, λ_{i+1}]
+        slope1 = np.array([0.0, 1.0, -1.0]) / h2  # x0[λ_{i+1}, λ_{i+2}]
+        half_second = (slope0 - slope1) / (h1 + h2)  # x0[λ_i, λ_{i+1}, λ_{i+2}] = x0''/2
+        first = slope0 + h1 * half_second  # the quadratic's x0' at λ_i
+        weights = (phi * np.array([1.0, 0.0, 0.0]) + psi1 * first + 2.0 * psi2 * half_second) / phi
+        a, b = coefs[i][:2]
+        coefs[i] = (a, b, *(float(w) for w in weights))
+    return coefs
+
+
 def _data_prediction(diffusion: GaussianDiffusion, model, x, t, cond_fn, model_kwargs,
                      clip_denoised: bool) -> torch.Tensor:
     """The model's x_0 at x = x_t, indices t [N]: from the ε half of a learned-Σ output, clamped
@@ -193,13 +230,40 @@ def _data_prediction(diffusion: GaussianDiffusion, model, x, t, cond_fn, model_k
     The second clamp is where this differs from DDIM, on purpose: the guided x_0 carries
     σ_t²·s·g/α_t, which is huge at high noise, and the second-order step extrapolates from two
     x_0's, so unbounded guided data predictions blow up (on the quickstart models, scale 2,
-    10 steps: judge-feature FID 12.6 without it; see benchmarks/sampling.py's quality table).
+    10 steps: judge-feature FID 12.6 without it; benchmarks/sampling.py's quality table).
     DDIM's first-order update uses x_0 and ε' together and stays exact without it."""
     out = diffusion.p_mean_variance(model, x, t, clip_denoised, None, model_kwargs)
     if cond_fn is None:
         return out["pred_xstart"]
     x0 = diffusion.condition_score(cond_fn, out, x, t, model_kwargs)["pred_xstart"]
     return x0.clamp(-1, 1) if clip_denoised else x0
+
+
+def _multistep(diffusion: GaussianDiffusion, model, x: torch.Tensor, coefs: list[tuple],
+               cond_fn, model_kwargs, clip_denoised: bool, progress: bool) -> torch.Tensor:
+    """The loop of the multistep data-prediction solvers over every step of `diffusion` from
+    x = x_T [N, C, H, W]: at index i, one model call gives x0_i (`_data_prediction`), and with
+    coefs[i] = (a, b, w_0, w_1, ...) the step to index i − 1 is
+    x ← a·x + b·(w_0·x0_i + w_1·x0_{i+1} + ...), the older predictions being the previous
+    steps' (kept, newest first, as many as there are weights). Index 0 returns x0_0, as DDIM's
+    last step does (to ᾱ = 1, σ = 0)."""
+    diffusion._preload(x.device, x.dtype)
+    n, history = x.shape[0], []
+    for i in _progress(list(range(diffusion.num_timesteps))[::-1], progress):
+        t = torch.full((n,), i, device=x.device, dtype=torch.int64)
+        with torch.no_grad():
+            x0 = _data_prediction(diffusion, model, x, t, cond_fn, model_kwargs, clip_denoised)
+        if i == 0:
+            return x0
+        a, b, *weights = coefs[i]
+        data = x0
+        if any(w != 0.0 for w in weights[1:]):  # a first-order step uses x0 alone, unscaled
+            data = weights[0] * x0
+            for w, older in zip(weights[1:], history):
+                if w != 0.0:
+                    data = data + w * older
+        x, history = a * x + b * data, [x0, *history][:len(weights) - 1]
+    raise AssertionError("unreachable: index 0 returns")
 
 
 def dpmpp_2m(diffusion: GaussianDiffusion, model, x: torch.Tensor, *, cond_fn=None,
@@ -217,26 +281,31 @@ def dpmpp_2m(diffusion: GaussianDiffusion, model, x: torch.Tensor, *, cond_fn=No
     learned Σ, clip_denoised, classifier guidance on ε as the reference's DDIM). `eta` must be
     0: this is the ODE solver (the SDE variant is not implemented)."""
     _check_eta("dpmpp_2m", eta)
-    diffusion._preload(x.device, x.dtype)
-    coefs = _dpmpp_2m_coefs(diffusion.alphas_cumprod)
-    n, previous = x.shape[0], None
-    for i in _progress(list(range(diffusion.num_timesteps))[::-1], progress):
-        t = torch.full((n,), i, device=x.device, dtype=torch.int64)
-        with torch.no_grad():
-            x0 = _data_prediction(diffusion, model, x, t, cond_fn, model_kwargs, clip_denoised)
-        if i == 0:
-            return x0
-        a, b, c, d = coefs[i]
-        data = x0 if previous is None or d == 0.0 else c * x0 + d * previous
-        x, previous = a * x + b * data, x0
-    raise AssertionError("unreachable: index 0 returns")
+    return _multistep(diffusion, model, x, _dpmpp_2m_coefs(diffusion.alphas_cumprod), cond_fn,
+                      model_kwargs, clip_denoised, progress)
+
+
+def dpmpp_3m(diffusion: GaussianDiffusion, model, x: torch.Tensor, *, cond_fn=None,
+             model_kwargs=None, clip_denoised: bool = True, eta: float = 0.0,
+             generator: torch.Generator | None = None, noise_fn: NoiseFn | None = None,
+             progress: bool = False) -> torch.Tensor:
+    """DPM-Solver++(3M) over every step of `diffusion` from x = x_T [N, C, H, W]: `dpmpp_2m`
+    with the third-order multistep update (`_dpmpp_3m_coefs`: the last three data predictions'
+    quadratic in λ, integrated exactly), so one model call per step buys a global error O(h³)
+    instead of O(h²). Its first step is DDIM's, its second 2M's; the data prediction, guidance,
+    clipping, last step and `eta` (0 only) are `dpmpp_2m`'s. Classifier-guided (scale 2, the
+    quickstart models) it is the worse sampler: no step count from 20 down matches DDIM-25's FID,
+    where 2M does at 8 (benchmarks/sampling.py's quality table, README)."""
+    _check_eta("dpmpp_3m", eta)
+    return _multistep(diffusion, model, x, _dpmpp_3m_coefs(diffusion.alphas_cumprod), cond_fn,
+                      model_kwargs, clip_denoised, progress)
 
 
 SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {"ddpm": ddpm, "ddim": ddim,
-                                                     "dpmpp_2m": dpmpp_2m}
+                                                     "dpmpp_2m": dpmpp_2m, "dpmpp_3m": dpmpp_3m}
 # How an int `steps` picks the chain's timesteps, per `timesteps` option (None: per sampler).
 TIMESTEP_SPACINGS = ("uniform", "logsnr")
-DEFAULT_SPACING = {"ddpm": "uniform", "ddim": "ddim", "dpmpp_2m": "logsnr"}
+DEFAULT_SPACING = {"ddpm": "uniform", "ddim": "ddim", "dpmpp_2m": "logsnr", "dpmpp_3m": "logsnr"}
 
 
 @functools.lru_cache(maxsize=32)
@@ -276,7 +345,7 @@ def sampling_diffusion(diffusion: GaussianDiffusion, sampler: str,
                                    or steps is None or isinstance(steps, str)):
         raise ValueError(f"lambda_min={lambda_min!r} sets where a log-SNR grid starts: it needs "
                          f"a number and an int steps spaced 'logsnr' (timesteps='logsnr', or "
-                         f"dpmpp_2m's default); here steps={steps!r} with {spacing!r} spacing")
+                         f"DPM-Solver++'s default); here steps={steps!r} with {spacing!r} spacing")
     if explicit:
         kept = sorted({int(t) for t in steps})
         if not kept or kept[0] < 0 or kept[-1] >= len(diffusion.base_betas):
@@ -436,8 +505,8 @@ def sample(
         upsampler); put it in eval mode first.
     :param diffusion: the diffusion it was trained with (possibly already respaced).
     :param shape: (N, C, H, W).
-    :param sampler: "ddim", "ddpm" (ancestral) or "dpmpp_2m" (DPM-Solver++(2M), η = 0 only);
-        the names are `SAMPLERS`' keys.
+    :param sampler: "ddim", "ddpm" (ancestral), "dpmpp_2m" or "dpmpp_3m" (DPM-Solver++(2M),
+        (3M); η = 0 only); the names are `SAMPLERS`' keys.
     :param steps: respace the diffusion's original chain for this call: an int N is N model
         calls at timesteps spaced as `timesteps` says; a string is any respacing ("250",
         "10,10,10", "ddim25"); a sequence is the original chain's timesteps to keep (e.g.
@@ -470,8 +539,8 @@ def sample(
         `index_seeds`): row i draws x_T (unless `noise` is given) and every step's noise from
         its own generator seeded with seeds[i], so it does not depend on the rest of the batch
         (see `RowNoise`). Excludes `generator`. A single row seeded with s gives exactly what
-        ``generator=torch.Generator().manual_seed(s)`` gives it. (dpmpp_2m draws x_T only.)
-    :param eta: DDIM's η (0 = deterministic); dpmpp_2m takes 0 only.
+        ``generator=torch.Generator().manual_seed(s)`` gives it. (DPM-Solver++ draws x_T only.)
+    :param eta: DDIM's η (0 = deterministic); DPM-Solver++ takes 0 only.
     :param clip_denoised: clamp each x_0 prediction to [-1, 1].
     :param autocast_dtype: e.g. torch.bfloat16: run the networks under autocast (the diffusion
         arithmetic and the guidance gradient stay float32).

@@ -34,7 +34,7 @@ class SampleConfig:
     sampler: SamplerName | None = None  # stage 1
     steps: int | str | None = None  # stage 1: 25 (spaced per `timesteps`), "250", "ddim25"
     timesteps: SpacingName | None = None  # how an int `steps` is spaced; None: the sampler's own
-    #                                   (ddimN, N, log-SNR for dpmpp_2m)
+    #                                   (ddimN, N, log-SNR for dpmpp_*)
     lambda_min: float | None = None  # where a log-SNR grid starts (None: -5.1; -inf: step T)
     cfg_scale: float = 1.0  # classifier-free guidance w of stage 1 (1 = off)
     eta: float = 0.0  # DDIM's eta, for the stages that sample with DDIM

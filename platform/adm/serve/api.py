@@ -108,7 +108,7 @@ class GenerateRequest(BaseModel):
                               json_schema_extra={SAMPLE_ARG: "steps"})
     lambda_min: float | None = Field(
         None, ge=LAMBDA_MIN_RANGE[0], le=LAMBDA_MIN_RANGE[1], allow_inf_nan=False,
-        description="dpmpp_2m: the log-SNR where its grid starts (default -5.1)",
+        description="dpmpp_2m, dpmpp_3m: the log-SNR where the grid starts (default -5.1)",
         json_schema_extra={SAMPLE_ARG: "lambda_min"})
     seed: int | None = Field(None, ge=0, le=MAX_SEED,
                              description="same seed and settings give the same images")
