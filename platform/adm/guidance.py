@@ -35,9 +35,11 @@ def classifier_cond_fn(classifier: nn.Module, scale: float, *, autocast: bool = 
       traced by `torch.compile` as a single graph), so inductor fuses across the backward
       and no autograd graph is built per step; same value to float rounding.
     """
+    gradient = _autograd_log_prob
     if compile:
-        return _compiled_cond_fn(classifier, scale, autocast,
-                                 compile if isinstance(compile, dict) else {})
+        options = compile if isinstance(compile, dict) else {}
+        gradient = torch.compile(_func_grad_log_prob,
+                                 **{"fullgraph": True, "dynamic": False, **options})
 
     def cond_fn(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, **kwargs
                 ) -> torch.Tensor:
@@ -49,13 +51,8 @@ def classifier_cond_fn(classifier: nn.Module, scale: float, *, autocast: bool = 
             x.device.type, enabled=False)
         # The backward runs inside `precision` too: on CPU autograd runs in this thread, where
         # an open autocast would otherwise also recast the backward's matmuls.
-        with torch.enable_grad(), precision:
-            x_in = x.detach().to(dtype).requires_grad_(True)
-            logits = classifier(x_in, t)
-            with torch.autocast(x.device.type, enabled=False):
-                log_probs = torch.log_softmax(logits.to(dtype), dim=-1)
-                selected = log_probs.gather(1, y.view(-1, 1).to(log_probs.device)).sum()
-            (grad,) = torch.autograd.grad(selected, x_in)
+        with precision:
+            grad = gradient(x.detach().to(dtype), t, y.to(x.device), classifier)
         return grad.detach() * scale
 
     return cond_fn
@@ -63,35 +60,25 @@ def classifier_cond_fn(classifier: nn.Module, scale: float, *, autocast: bool = 
 
 def _selected_log_prob(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
                        classifier: nn.Module) -> torch.Tensor:
-    """Σ_i log softmax(classifier(x, t))[i, y_i], the log-softmax in float32: a scalar."""
+    """Σ_i log softmax(classifier(x, t))[i, y_i] for x [N, C, H, W], t [N], y [N]: a scalar,
+    the log-softmax in x's dtype (at least float32) whatever autocast is open."""
     logits = classifier(x, t)
     with torch.autocast(x.device.type, enabled=False):
-        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        log_probs = torch.log_softmax(logits.to(x.dtype), dim=-1)
         return log_probs.gather(1, y.view(-1, 1)).sum()
 
 
-def _grad_log_prob(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
-                   classifier: nn.Module) -> torch.Tensor:
-    """∇_x of `_selected_log_prob`, x's shape; `torch.compile` traces the transform into one
-    graph (a function of our own, so its compiled entries are kept apart from others')."""
+def _autograd_log_prob(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+                       classifier: nn.Module) -> torch.Tensor:
+    """∇_x of `_selected_log_prob` by autograd (eager), x's shape; no parameter gradients."""
+    with torch.enable_grad():
+        x_in = x.requires_grad_(True)
+        (grad,) = torch.autograd.grad(_selected_log_prob(x_in, t, y, classifier), x_in)
+    return grad
+
+
+def _func_grad_log_prob(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+                        classifier: nn.Module) -> torch.Tensor:
+    """∇_x of `_selected_log_prob` by `torch.func.grad`, which `torch.compile` traces into one
+    graph with the forward (a function of our own, so its compiled entries stay apart)."""
     return torch.func.grad(_selected_log_prob)(x, t, y, classifier)
-
-
-def _compiled_cond_fn(classifier: nn.Module, scale: float, autocast: bool, options: dict
-                      ) -> Callable[..., torch.Tensor]:
-    """`classifier_cond_fn` with the gradient compiled (see its docstring)."""
-    grad = torch.compile(_grad_log_prob, **{"fullgraph": True, "dynamic": False, **options})
-
-    def cond_fn(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, **kwargs
-                ) -> torch.Tensor:
-        if y is None:
-            raise ValueError("classifier guidance needs the target labels: pass y=[N] int64 "
-                             "(in model_kwargs)")
-        dtype = torch.promote_types(x.dtype, torch.float32)
-        precision = contextlib.nullcontext() if autocast else torch.autocast(
-            x.device.type, enabled=False)
-        with precision:
-            g = grad(x.detach().to(dtype), t, y.to(x.device), classifier)
-        return g * scale
-
-    return cond_fn
