@@ -52,8 +52,12 @@ def flags(arch: str, size: int) -> tuple[dict, dict]:
     if arch == "adm128":
         from adm.presets import preset
 
-        model = {**preset("128x128_diffusion").model_flags, "use_fp16": False}
-        classifier = {**preset("128x128_classifier").model_flags, "classifier_use_fp16": False}
+        # The 128 px channel multipliers, which the flags leave to the image size, kept at
+        # every size: the same network, on other inputs.
+        model = {**preset("128x128_diffusion").model_flags, "use_fp16": False,
+                 "channel_mult": "1,1,2,3,4"}
+        classifier = {**preset("128x128_classifier").model_flags, "classifier_use_fp16": False,
+                      "classifier_channel_mult": "1,1,2,3,4"}
     else:
         configs = ROOT / "jobs" / "configs" / "quickstart"
         model = yaml.safe_load((configs / "diffusion.yaml").read_text())["model"]["flags"]

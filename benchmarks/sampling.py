@@ -195,7 +195,7 @@ def time_rows(rows_spec: dict, config: dict, device: torch.device, batch: int, s
     return runs
 
 
-DEFAULT_ROW = "default (auto settings, a long run)"
+DEFAULT_ROW = "default (auto settings; a long run)"
 
 
 def default_options(device: torch.device) -> dict:
@@ -477,6 +477,9 @@ def main() -> None:
     variants = dict(VARIANTS, **(CUDA_VARIANTS if device.type == "cuda" else {}))
     variants[DEFAULT_ROW] = default_options(device)
     if args.variants:
+        unknown = set(args.variants.split(",")) - set(variants)
+        if unknown:
+            parser.error(f"--variants: unknown {sorted(unknown)}; known: {sorted(variants)}")
         variants = {k: variants[k] for k in args.variants.split(",")}
     tables = set(args.tables.split(","))
     if tables - {"variants", "samplers", "quality"}:
