@@ -8,8 +8,8 @@ and scored against a 10,000-image reference.
 Generation: `jobs/sample.py` as a user runs it, a separate driver process per run connected to
 one local Ray (started here), on a tiny random-weight 8 px ADM (DDIM-2) chained through a tiny
 8->16 upsampler (DDIM-2), 2 actors per stage. Every setting that decides speed is passed
-explicitly. Per size: wall time, samples/s, the driver's peak RSS (its own ru_maxrss, from
-wait4), the object store's spill during the run. Then the largest run again, its driver SIGKILLed
+explicitly. Per size: wall time, samples/s, the driver's peak RSS (its own VmHWM, which it
+writes as it exits), the object store's spill during the run. Then the largest run again, its driver SIGKILLed
 once half its shards are written, and the same command run again: its samples.npz must equal
 the uninterrupted run's (sha256), and the work redone is the samples the killed driver had
 received (its live progress bar, read through a pseudo-terminal) beyond the shards it wrote.
@@ -33,6 +33,7 @@ import os
 import pty
 import re
 import resource
+import shutil
 import signal
 import struct
 import subprocess
@@ -82,10 +83,10 @@ def tiny_models(root: Path) -> dict[str, str]:
 
 def sample_settings(models: dict[str, str], num_samples: int, *, seed: int = 0,
                     shard_size: int = 1000, batch_size: int = 100, workers: int = 2,
-                    chained: bool = True) -> dict:
+                    chained: bool = True, steps: int = 2) -> dict:
     """Every setting of the run, speed ones included (defaults may change; figures must not)."""
     s = dict(model=models["model"], num_samples=num_samples, seed=seed, sampler="ddim",
-             steps=2, eta=0.0, precision="fp32", shard_size=shard_size, batch_size=batch_size,
+             steps=steps, eta=0.0, precision="fp32", shard_size=shard_size, batch_size=batch_size,
              num_workers=workers, cpus_per_worker=0.5, classes="uniform")
     if chained:
         s.update(upsampler=models["upsampler"], upsampler_sampler="ddim", upsampler_steps=2,
@@ -102,6 +103,19 @@ def spilled_bytes(address: str) -> int:
 
 
 _PROGRESS = re.compile(rb"(\d+)/(\d+) \[")
+# A child's ru_maxrss starts at its parent's RSS (Linux carries it over fork and exec), so a
+# driver forked from this process (over 1 GiB) would report that. The driver writes its own
+# VmHWM (its peak since exec) to ADM_PEAK_FILE as it exits instead.
+_OWN_PEAK = """import atexit, os, runpy, sys
+def report():
+    with open("/proc/self/status") as f:
+        kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    with open(os.environ["ADM_PEAK_FILE"], "w") as f:
+        f.write(str(kib))
+atexit.register(report)
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
 
 
 def run_driver(settings: dict, out: str, address: str, kill_at_shards: int | None = None,
@@ -111,18 +125,21 @@ def run_driver(settings: dict, out: str, address: str, kill_at_shards: int | Non
     redraw every 0.1 s): the last count drawn is what the driver had received. With
     `kill_at_shards`, SIGKILL it once that many shard files exist.
 
-    :return: wall_s, rc, peak_rss_mib (the driver's own, from wait4), received (the last
-    progress count), killed, shards_at_kill, output (stdout and stderr)."""
-    cmd = [sys.executable, str(ROOT / "jobs" / "sample.py"), "--address", address,
-           "--out", out] + [f"{k}={v}" for k, v in settings.items()]
+    :return: wall_s, rc, peak_rss_mib (the driver's own VmHWM, None when killed), received
+    (the last progress count), sampling_s and sampled (from the first draw that counted a
+    sample to the last one: the time spent sampling, without Ray's and the actors' start or
+    the merge), killed, shards_at_kill, output (stdout and stderr)."""
+    peak_file = Path(tempfile.mkdtemp(prefix="adm-peak-")) / "vmhwm_kib"
+    cmd = [sys.executable, "-c", _OWN_PEAK, str(ROOT / "jobs" / "sample.py"), "--address",
+           address, "--out", out] + [f"{k}={v}" for k, v in settings.items()]
     master, slave = pty.openpty()
     # A window of 0 columns draws a bar of nothing: give the terminal a width.
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 160, 0, 0))
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=slave, stderr=slave, stdin=subprocess.DEVNULL,
-                            cwd=ROOT)
+                            cwd=ROOT, env={**os.environ, "ADM_PEAK_FILE": str(peak_file)})
     os.close(slave)
-    chunks: list[bytes] = []
+    chunks: list[tuple[float, bytes]] = []
 
     def read() -> None:
         while True:
@@ -132,7 +149,7 @@ def run_driver(settings: dict, out: str, address: str, kill_at_shards: int | Non
                 return
             if not data:
                 return
-            chunks.append(data)
+            chunks.append((time.perf_counter(), data))
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
@@ -146,17 +163,36 @@ def run_driver(settings: dict, out: str, address: str, kill_at_shards: int | Non
             os.kill(proc.pid, signal.SIGKILL)
             killed, shards_at_kill = True, done
         time.sleep(0.02)
-    _, status, usage = os.wait4(proc.pid, 0)
+    _, status, _ = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)
     reader.join(timeout=5)
     os.close(master)
-    output = b"".join(chunks)
+    output = b"".join(data for _, data in chunks)
     counts = _PROGRESS.findall(output)
-    return {"wall_s": wall, "rc": proc.returncode, "peak_rss_mib": usage.ru_maxrss / 1024,
-            "received": int(counts[-1][0]) if counts else None, "killed": killed,
+    draws = [(t, int(c)) for t, data in chunks for c, _ in _PROGRESS.findall(data)]
+    counting = [d for d in draws if draws and d[1] > draws[0][1]]
+    sampling_s = counting[-1][0] - counting[0][0] if len(counting) > 1 else None
+    sampled = counting[-1][1] - counting[0][1] if len(counting) > 1 else None
+    peak = int(peak_file.read_text()) / 1024 if peak_file.exists() else None
+    shutil.rmtree(peak_file.parent)
+    return {"wall_s": wall, "rc": proc.returncode, "peak_rss_mib": peak,
+            "received": int(counts[-1][0]) if counts else None, "sampling_s": sampling_s,
+            "sampled": sampled, "draws": draws, "killed": killed,
             "shards_at_kill": shards_at_kill,
             "output": output.decode(errors="replace")}
+
+
+def halves(run: dict) -> tuple[float, float]:
+    """Seconds per sample over the first and the second half of a run's sampling (from its
+    first counted batch to half the samples, and from there to the last draw): equal when the
+    time is linear in the samples, the second larger when a sample costs more the more came
+    before it."""
+    draws = [d for d in run["draws"] if d[1] > run["draws"][0][1]]
+    (t0, c0), (t1, c1) = draws[0], draws[-1]
+    mid_c = (c0 + c1) // 2
+    tm, cm = next(d for d in draws if d[1] >= mid_c)
+    return (tm - t0) / (cm - c0), (t1 - tm) / (c1 - cm)
 
 
 def sha256(path: str) -> str:
@@ -192,6 +228,8 @@ def start_ray(num_cpus: int | None) -> str:
 
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
              log_to_driver=False, logging_level="WARNING")
+    ctx = ray.data.DataContext.get_current()  # the feature job's progress: timed, not drawn
+    ctx.enable_progress_bars = ctx.print_on_execution_start = False
     return ray.get_runtime_context().gcs_address
 
 
@@ -289,9 +327,9 @@ def bench_evaluate(args, root: Path, samples: str, reference: str) -> None:
     fid, t_fid = _timed(frechet_distance, smp.mu, smp.sigma, ref.mu, ref.sigma)
     dim = ref.pool.shape[1]
     rows.append([f"FID: statistics + distance ({dim}-d)", f"{took + t_fid:.1f}",
-                 f"FID {fid:.3f}"])
+                 f"FID {fid:.4g} (same model, another seed)"])
     score, took = _timed(inception_score, softmax(smp.logits))
-    rows.append(["Inception Score (splits of 5,000)", f"{took:.1f}", f"{score:.3f}"])
+    rows.append(["Inception Score (splits of 5,000)", f"{took:.1f}", f"{score:.4f}"])
     print(f"after features and FID: peak RSS of this process {_peak_rss_mib():.0f} MiB",
           flush=True)
     device = args.device
@@ -364,9 +402,11 @@ def bench_inputs(args) -> None:
     g = torch.Generator().manual_seed(0)
     net = inception.FIDInceptionV3()
     with torch.no_grad():
+        # He's N(0, 2/fan_in): each ReLU layer keeps its input's scale, so 2048-d pool features
+        # of O(1) (a 1/fan_in scale shrinks them ~sqrt(2) per layer, to FIDs of ~1e-6).
         for name, t in net.state_dict().items():
             if name.endswith("weight") and t.ndim > 1:
-                t.copy_(torch.randn(t.shape, generator=g) / t[0].numel() ** 0.5)
+                t.copy_(torch.randn(t.shape, generator=g) * (2 / t[0].numel()) ** 0.5)
     net.eval()
     fids = {}
     for mode in inception.INPUTS:
@@ -377,8 +417,8 @@ def bench_inputs(args) -> None:
         fids[mode] = frechet_distance(*fid_statistics(fa), *fid_statistics(fb))
     shift = fids["pytorch-fid"] - fids["tf1"]
     print(f"FID of {len(a)} digits vs {len(b)} blurred digits (32 px, random-weight FID "
-          f"Inception): tf1 inputs {fids['tf1']:.4f}, pytorch-fid inputs "
-          f"{fids['pytorch-fid']:.4f}, shift {shift:+.4f} ({shift / fids['tf1'] * 100:+.1f}%)")
+          f"Inception): tf1 inputs {fids['tf1']:.5g}, pytorch-fid inputs "
+          f"{fids['pytorch-fid']:.5g}, shift {shift:+.4g} ({shift / fids['tf1'] * 100:+.1f}%)")
 
 
 def main() -> None:

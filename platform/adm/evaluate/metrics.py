@@ -102,10 +102,11 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 def _distances(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Squared Euclidean distances [len(u), len(v)] as the evaluator writes them:
-    max(|u|^2 - 2 u.v + |v|^2, 0)."""
+    max(|u|^2 - 2 u.v + |v|^2, 0). One [len(u), len(v)] tensor is allocated (addmm, then in
+    place): written as an expression, its temporaries made a block cost four times its size."""
     nu = (u * u).sum(1, keepdim=True)
     nv = (v * v).sum(1)[None]
-    return (nu - 2 * u @ v.T + nv).clamp_min_(0)
+    return torch.addmm(nv, u, v.T, alpha=-2).add_(nu).clamp_min_(0)
 
 
 def manifold_radii(features: torch.Tensor, k: int = 3, rows: int = ROW_BATCH,
@@ -123,9 +124,11 @@ def manifold_radii(features: torch.Tensor, k: int = 3, rows: int = ROW_BATCH,
         best = None
         for c in range(0, n, cols):
             d = _distances(features[r:r + rows], features[c:c + cols])
-            if best is not None:
+            d = d.topk(min(k + 1, d.shape[1]), dim=1, largest=False).values
+            if best is not None:  # merged after the block's own top-k: no block-sized copy
                 d = torch.cat([best, d], dim=1)
-            best = d.topk(min(k + 1, d.shape[1]), dim=1, largest=False).values
+                d = d.topk(min(k + 1, d.shape[1]), dim=1, largest=False).values
+            best = d
         radii[r:r + rows] = best.kthvalue(k + 1, dim=1).values
     return radii
 
@@ -141,6 +144,7 @@ def _in_manifolds(a: torch.Tensor, radii_a: torch.Tensor, b: torch.Tensor,
             d = _distances(a[r:r + rows], b[c:c + cols])
             a_in[r:r + rows] |= (d <= radii_b[None, c:c + cols]).any(dim=1)
             b_in[c:c + cols] |= (d <= radii_a[r:r + rows, None]).any(dim=0)
+            del d  # else the next block is computed while this one is still held
     return a_in, b_in
 
 
