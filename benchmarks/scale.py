@@ -1,7 +1,7 @@
 """The paper's evaluation protocol at its real size: 50,000 samples generated, killed, resumed
 and scored against a 10,000-image reference.
 
-    python benchmarks/scale.py                      # both tables (about 25 min on 2 cores)
+    python benchmarks/scale.py                      # both tables (about 15 min on 2 cores)
     python benchmarks/scale.py --only generate      # or evaluate
     python benchmarks/scale.py --sizes 2000,10000 --eval-samples 10000 --eval-reference 2000
 
