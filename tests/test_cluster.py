@@ -2,24 +2,23 @@
 processes (a head with the dashboard and job server, worker nodes joined to it), jobs submitted
 with `ray job submit`, as on a real cluster.
 
-Both tests share one two-node cluster (the `cluster` fixture: starting one and preparing the
-data on it is a good part of each test's time). Its nodes hold the AWS settings, a secret key
-and a session token in their environment, as a real cluster's nodes do; the digits are prepared
-on S3 (an S3 server of this module's own) by `ray job submit`.
+The cluster (the `cluster` fixture): a head and a worker node whose environment holds the AWS
+settings, a secret key and a session token, as a real cluster's nodes do; the digits are
+prepared on S3 (an S3 server of this module's own) by `ray job submit`. One training run on it,
+data and run folder on S3, proves two things (each training run costs a worker group's start,
+so they share it):
 
+* Losing a node mid-run: the 2-worker run, spread over two nodes, resumes from its last
+  committed checkpoint on a replacement node and finishes (its export written on S3).
 * Credentials: the job must not make Ray record the secret values anywhere (Train's run state,
-  the job info, the run folder on S3, the Ray logs). The same run checks `ray job submit` of
-  the training job on S3 (the export is written) and that a bad config fails before any worker
+  the job info, the run folder on S3, the Ray logs). A bad config fails before any worker
   starts, naming the key.
-* Losing a node mid-run (last: it kills the worker node): the 2-worker run, spread over two
-  nodes, resumes from its last committed checkpoint on a replacement node and finishes.
 
-Both nodes are on this machine, so a local `--storage` path is shared by them; a real
-multi-node cluster needs storage every node reaches (S3, or NFS mounted at the same path).
+Runs and data are on S3, which every node reaches; a local `--storage` path works here only
+because both nodes are on this machine (a real cluster needs S3, or NFS mounted alike).
 """
 from __future__ import annotations
 
-import json
 import re
 import sys
 import time
@@ -73,18 +72,18 @@ def wait_for_job(client: JobSubmissionClient, job_id: str, timeout: float) -> Jo
                     lambda: (s := client.get_job_status(job_id)) in TERMINAL and s, timeout, 2)
 
 
-def committed_checkpoint_steps(run: Path) -> list[int]:
+def committed_checkpoint_steps(run: str, s3=None) -> list[int]:
     """Steps of the checkpoints Ray Train has committed: listed in its snapshot of the run
-    (written after every worker reported) and complete on disk (meta.json written)."""
-    snapshot = run / "checkpoint_manager_snapshot.json"
-    if not snapshot.exists():
+    (written after every worker reported) and complete (meta.json written); local or S3."""
+    snapshot = storage.join(run, "checkpoint_manager_snapshot.json")
+    if not storage.is_file(snapshot, s3):
         return []
-    listed = set(re.findall(r"checkpoint_[0-9_.-]+", snapshot.read_text()))
+    listed = set(re.findall(r"checkpoint_[0-9_.-]+", storage.read_bytes(snapshot, s3).decode()))
     steps = []
     for name in listed:
-        meta = run / name / "meta.json"
-        if meta.exists():
-            steps.append(json.loads(meta.read_text())["step"])
+        meta = storage.join(run, name, "meta.json")
+        if storage.is_file(meta, s3):
+            steps.append(storage.read_json(meta, s3)["step"])
     return sorted(steps)
 
 
@@ -130,8 +129,6 @@ def cluster(tmp_path_factory) -> Iterator[Cluster]:
             yield Cluster(c, head, worker, s3, bucket, data, secrets)
 
 
-# --- Credentials recorded by Ray ----------------------------------------------------------
-
 def json_paths_holding(obj, needle: str, path: str = "") -> list[str]:
     """The JSON paths (`a.b[0].c`) of the keys and string values of `obj` that contain
     `needle`."""
@@ -169,8 +166,8 @@ def s3_objects(s3_server, bucket: str) -> Iterator[tuple[str, bytes]]:
             yield f"s3://{bucket}/{obj['Key']}", body
 
 
-def where_recorded(secrets: dict[str, str], cluster: LocalCluster, job_id: str, s3_server,
-                   bucket: str) -> list[str]:
+def where_recorded(secrets: dict[str, str], cluster: LocalCluster, job_id: str, run_name: str,
+                   s3_server, bucket: str) -> list[str]:
     """Every place where one of `secrets` (name -> value) is recorded: Train's run state as
     the dashboard serves it, the job's info (CLI and REST), every object in the bucket, every
     file of the nodes' Ray dirs (session dirs: logs, runtime resources)."""
@@ -179,7 +176,7 @@ def where_recorded(secrets: dict[str, str], cluster: LocalCluster, job_id: str, 
     assert state.status_code == 200, state.text[:2000]
     runs = state.json()["train_runs"]
     # Not vacuous: the run and its train_loop_config are there.
-    assert any(r["name"] == "creds" and r["run_settings"]["train_loop_config"] for r in runs), \
+    assert any(r["name"] == run_name and r["run_settings"]["train_loop_config"] for r in runs), \
         "the run is not in Train's state: " + state.text[:2000]
     info = requests.get(f"{cluster.address}/api/jobs/{job_id}", timeout=30)
     assert info.status_code == 200, info.text[:2000]
@@ -213,75 +210,44 @@ print(len(nodes), "nodes:", *ray.get([secret.options(scheduling_strategy=
 """
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(900)
-def test_credentials_are_not_recorded_by_ray(cluster: Cluster, tmp_path):
-    """Data and runs on S3; the job is submitted without secrets in its runtime env.
-    Afterwards neither the secret key nor the session token may appear in Train's run state
-    (the dashboard's Train V2 API), the job's info, the run's objects on S3, or any file in the
-    nodes' Ray dirs (session logs)."""
-    secret = cluster.secrets["AWS_SECRET_ACCESS_KEY"]
-    s3_server, bucket, data = cluster.s3, cluster.bucket, cluster.data
-    runs = f"s3://{bucket}/runs"
-    shared, cluster = cluster, cluster.cluster
-    job_id = f"train-{uuid.uuid4().hex[:8]}"
-    # One worker per node: the worker node's worker reaches S3 with its node's settings.
-    train = cluster.job(
-        "submit", "--submission-id", job_id, "--working-dir", str(ROOT), "--",
-        sys.executable, "jobs/train_diffusion.py", "--config", str(small_config(tmp_path)),
-        "--data", data, "--storage", runs, "--num-workers", "2", "--max-steps", "3",
-        "optim.batch_size=16", "run.name=creds", "run.log_interval=1",
-        "run.placement_strategy=STRICT_SPREAD")
-    assert train.returncode == 0, train.stdout[-5000:] + train.stderr[-5000:]
-    assert "step 3/3" in train.stdout
-    export, opts = f"{runs}/creds/export", s3_server.options
-    assert storage.is_file(f"{export}/model000003.pt", opts), storage.listdir(export, opts)
-    assert storage.is_file(f"{export}/flags.json", opts)
-    # A bad config under `ray job submit` fails before any worker starts, naming the key,
-    # and the job exits non-zero.
-    bad = cluster.job(
-        "submit", "--working-dir", str(ROOT), "--", sys.executable,
-        "jobs/train_diffusion.py", "--config", str(small_config(tmp_path)), "--data", data,
-        "--storage", runs, "--num-workers", "2", "optim.batch_size=15")
-    assert bad.returncode != 0
-    assert "optim.batch_size: 15 is not divisible by run.num_workers=2" in (
-        bad.stdout + bad.stderr)
-
-    found = where_recorded(shared.secrets, cluster, job_id, s3_server, bucket)
-    assert not found, "secret values recorded by Ray or the job:\n" + "\n".join(found)
-
-    # Control: every node's environment held the secret (a task on each node says so),
-    # and the file scan finds it once a job prints it to its log.
-    echo = cluster.job("submit", "--", sys.executable, "-c", SECRET_ON_EVERY_NODE)
-    assert echo.returncode == 0, echo.stdout[-3000:] + echo.stderr[-3000:]
-    assert f"2 nodes: {secret} {secret}" in echo.stdout, echo.stdout[-3000:]
-    assert any(secret.encode() in data for _, data in node_files([cluster.head.temp_dir]))
-
-
-# --- Losing a node mid-run (last: it kills the worker node) ---------------------------------
+# --- Losing a node mid-run; no secret recorded -------------------------------------------
 
 MAX_STEPS, SAVE_EVERY = 30, 5
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_training_survives_losing_a_node(cluster: Cluster, tmp_path):
-    """Two nodes, a 2-worker run placed STRICT_SPREAD (one worker per node). Once a checkpoint
-    is committed, the worker node dies (SIGKILL to all its processes); a replacement node joins
-    (STRICT_SPREAD needs two nodes, as a cluster's autoscaler would replace a lost machine). The
-    run must restart from its last checkpoint, not step 0, and finish."""
-    head, worker, data = cluster.head, cluster.worker, cluster.data
+def test_training_survives_losing_a_node_and_records_no_secret(cluster: Cluster, tmp_path):
+    """Data and runs on S3, the job submitted with `ray job submit` and no secrets in its
+    runtime env. A bad config fails before any worker starts, naming the key. Then a 2-worker
+    run placed STRICT_SPREAD (one worker per node): once a checkpoint is committed, the worker
+    node dies (SIGKILL to all its processes); a replacement node joins (STRICT_SPREAD needs two
+    nodes, as a cluster's autoscaler would replace a lost machine). The run must restart from
+    its last checkpoint, not step 0, and finish. Afterwards neither the secret key nor the
+    session token may appear in Train's run state (the dashboard's Train V2 API), the job's
+    info, the run's objects on S3, or any file in the nodes' Ray dirs (session logs)."""
+    head, worker, data, secrets = cluster.head, cluster.worker, cluster.data, cluster.secrets
+    s3_server, bucket, opts = cluster.s3, cluster.bucket, cluster.s3.options
     cluster = cluster.cluster
-    runs = tmp_path / "runs"
-    earlier = {a.pid for a in cluster.actors("RayTrainWorker", state=None)}  # other tests' runs
+    runs = f"s3://{bucket}/runs"
+    train = ["jobs/train_diffusion.py", "--config", str(small_config(tmp_path)), "--data", data,
+             "--storage", runs, "--num-workers", "2"]
+
+    # A bad config under `ray job submit` fails before any worker starts, naming the key, and
+    # the job exits non-zero.
+    bad = cluster.job("submit", "--working-dir", str(ROOT), "--", sys.executable, *train,
+                      "optim.batch_size=15")
+    assert bad.returncode != 0
+    assert "optim.batch_size: 15 is not divisible by run.num_workers=2" in (
+        bad.stdout + bad.stderr)
+
+    earlier = {a.pid for a in cluster.actors("RayTrainWorker", state=None)}  # other runs
     job_id = f"train-{uuid.uuid4().hex[:8]}"
     sub = cluster.job(
         "submit", "--no-wait", "--submission-id", job_id, "--working-dir", str(ROOT), "--",
         # --verbose: the test reads Ray Train's own log lines (worker-group starts, the
         # failure policy), which a job keeps out of its output by default
-        sys.executable, "jobs/train_diffusion.py", "--verbose",
-        "--config", str(small_config(tmp_path)),
-        "--data", str(data), "--storage", str(runs), "--num-workers", "2",
+        sys.executable, train[0], "--verbose", *train[1:],
         "--max-steps", str(MAX_STEPS), "optim.batch_size=16", "run.name=multinode",
         "run.log_interval=1", f"run.save_interval={SAVE_EVERY}", "run.max_failures=2",
         "run.placement_strategy=STRICT_SPREAD")
@@ -303,9 +269,9 @@ def test_training_survives_losing_a_node(cluster: Cluster, tmp_path):
     assert {a.node_id for a in first} == {head.node_id(), worker.node_id()}, first
 
     # A checkpoint is committed; the run is still going; the worker node dies.
-    run = runs / "multinode"
+    run = f"{runs}/multinode"
     steps = wait_for("a committed checkpoint",
-                     lambda: job_running() and committed_checkpoint_steps(run), 300, 0.2)
+                     lambda: job_running() and committed_checkpoint_steps(run, opts), 300, 0.2)
     killed_at = max(steps)
     killed_pids = worker.kill()
     assert killed_at < MAX_STEPS and client.get_job_status(job_id) == JobStatus.RUNNING
@@ -338,8 +304,19 @@ def test_training_survives_losing_a_node(cluster: Cluster, tmp_path):
     assert {a.node_id for a in later} == {head.node_id(), replacement.node_id()}, later
     assert not {a.pid for a in later} & set(killed_pids)
 
-    export = run / "export"
-    assert (export / f"model{MAX_STEPS:06d}.pt").exists(), sorted(p.name for p in
-                                                                 export.iterdir())
-    assert (export / f"ema_0.999_{MAX_STEPS:06d}.pt").exists()
-    assert (export / "flags.json").exists()
+    export = f"{run}/export"
+    assert storage.is_file(f"{export}/model{MAX_STEPS:06d}.pt", opts), \
+        storage.listdir(export, opts)
+    assert storage.is_file(f"{export}/ema_0.999_{MAX_STEPS:06d}.pt", opts)
+    assert storage.is_file(f"{export}/flags.json", opts)
+
+    found = where_recorded(secrets, cluster, job_id, "multinode", s3_server, bucket)
+    assert not found, "secret values recorded by Ray or the job:\n" + "\n".join(found)
+
+    # Control: every node's environment held the secret (a task on each node says so),
+    # and the file scan finds it once a job prints it to its log.
+    secret = secrets["AWS_SECRET_ACCESS_KEY"]
+    echo = cluster.job("submit", "--", sys.executable, "-c", SECRET_ON_EVERY_NODE)
+    assert echo.returncode == 0, echo.stdout[-3000:] + echo.stderr[-3000:]
+    assert f"2 nodes: {secret} {secret}" in echo.stdout, echo.stdout[-3000:]
+    assert any(secret.encode() in data for _, data in node_files([cluster.head.temp_dir]))
