@@ -3,12 +3,14 @@
 as in a log file, while two other Rays run on the machine (the test session's and `other_ray`).
 The real jobs (prepare, four Ray Train trainings, sampling, upsampling, evaluation), a real
 Serve app from serve_configs/local.yaml asked over HTTP, the summary; a rerun reuses every
-stage."""
+stage. Its log is also the check of what a training job prints beside other Rays (bars as
+plain lines, a step line per interval, no Ray INFO lines)."""
 from __future__ import annotations
 
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -36,6 +38,19 @@ def test_quick_pipeline_end_to_end_and_rerun(ray_session, other_ray, tmp_path):
     assert proc.returncode == 0, printed[-6000:]
     # A log a user can read: stage headers, bars as plain lines, results; no debris.
     assert_clean_terminal(printed, max_lines=130)
+    assert not [line for line in printed.splitlines() if " INFO " in line]
+    # Each training (Ray Train's internal state lookups found this job's own Ray among the
+    # three): its done line, its last step's line once and its bar as plain lines closed at
+    # 10 of 10 (the last two with the bar, on stderr).
+    for role, kind in (("diffusion", "diffusion"), ("classifier", "classifier"),
+                       ("judge", "classifier"), ("upsampler", "upsampler")):
+        section = proc.stdout.split(f"== training the {role} ")[1].split("\n== ")[0]
+        assert f"[{kind}] done:" in section, section
+    kinds = ["classifier", "classifier", "diffusion", "upsampler"]
+    closed = re.findall(r"^\[(\w+)\] train: 100%.*\b10/10\b", proc.stderr, re.M)
+    assert sorted(closed) == kinds, proc.stderr[-4000:]
+    steps = re.findall(r"^\[(\w+)\] step (\d+)/10 loss=", printed, re.M)
+    assert sorted(steps) == [(k, "10") for k in kinds], steps  # log_interval 100: the last
     other_ray()
 
     summary = json.loads((out / "summary.json").read_text())
