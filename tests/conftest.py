@@ -3,10 +3,11 @@ import os
 # Local Ray in tests: no auth token, no usage stats, quiet Ray Data.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-# Ray Train's controller polls its workers every 2 s by default, so each of the suite's ~25
-# training runs waits up to 2 s to see its workers start, report and finish; 0.5 s cuts that
-# (Train hands the variable from the driver to the controller).
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+# Ray Train's controller polls its workers every 2 s by default, so each of the suite's ~30
+# training runs waits up to 2 s to see its workers start, report and finish; 0.2 s cuts that
+# (Train hands the variable from the driver to the controller). A warm 1-worker, 2-step run:
+# 10.8 s at 0.5, 9.8 s at 0.2.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
 import pytest
 
