@@ -9,10 +9,11 @@ Generation: `jobs/sample.py` as a user runs it, a separate driver process per ru
 one local Ray (started here), on a tiny random-weight 8 px ADM (DDIM-2) chained through a tiny
 8->16 upsampler (DDIM-2), 2 actors per stage. Every setting that decides speed is passed
 explicitly. Per size: wall time, samples/s, the driver's peak RSS (its own VmHWM, which it
-writes as it exits), the object store's spill during the run. Then the largest run again, its driver SIGKILLed
-once half its shards are written, and the same command run again: its samples.npz must equal
-the uninterrupted run's (sha256), and the work redone is the samples the killed driver had
-received (its live progress bar, read through a pseudo-terminal) beyond the shards it wrote.
+writes as it exits), the object store's spill during the run. Then the largest run again, its
+driver SIGKILLed once half its shards are written, and the same command run again: its
+samples.npz must equal the uninterrupted run's (sha256), and the work redone is the samples
+the killed driver had received (its live progress bar, read through a pseudo-terminal) beyond
+the shards it wrote.
 
 Evaluation: the largest run's samples against the reference (the smaller run, another seed),
 features from a tiny random-weight classifier (the `classifier` feature kind, buildable here),
@@ -86,8 +87,8 @@ def sample_settings(models: dict[str, str], num_samples: int, *, seed: int = 0,
                     chained: bool = True, steps: int = 2) -> dict:
     """Every setting of the run, speed ones included (defaults may change; figures must not)."""
     s = dict(model=models["model"], num_samples=num_samples, seed=seed, sampler="ddim",
-             steps=steps, eta=0.0, precision="fp32", shard_size=shard_size, batch_size=batch_size,
-             num_workers=workers, cpus_per_worker=0.5, classes="uniform")
+             steps=steps, eta=0.0, precision="fp32", shard_size=shard_size,
+             batch_size=batch_size, num_workers=workers, cpus_per_worker=0.5, classes="uniform")
     if chained:
         s.update(upsampler=models["upsampler"], upsampler_sampler="ddim", upsampler_steps=2,
                  upsampler_batch_size=batch_size, upsampler_workers=workers)
@@ -126,9 +127,8 @@ def run_driver(settings: dict, out: str, address: str, kill_at_shards: int | Non
     `kill_at_shards`, SIGKILL it once that many shard files exist.
 
     :return: wall_s, rc, peak_rss_mib (the driver's own VmHWM, None when killed), received
-    (the last progress count), sampling_s and sampled (from the first draw that counted a
-    sample to the last one: the time spent sampling, without Ray's and the actors' start or
-    the merge), killed, shards_at_kill, output (stdout and stderr)."""
+    (the last progress count), draws ([(time, count)] of every progress draw, for `halves`),
+    killed, shards_at_kill, output (stdout and stderr)."""
     peak_file = Path(tempfile.mkdtemp(prefix="adm-peak-")) / "vmhwm_kib"
     cmd = [sys.executable, "-c", _OWN_PEAK, str(ROOT / "jobs" / "sample.py"), "--address",
            address, "--out", out] + [f"{k}={v}" for k, v in settings.items()]
@@ -171,14 +171,11 @@ def run_driver(settings: dict, out: str, address: str, kill_at_shards: int | Non
     output = b"".join(data for _, data in chunks)
     counts = _PROGRESS.findall(output)
     draws = [(t, int(c)) for t, data in chunks for c, _ in _PROGRESS.findall(data)]
-    counting = [d for d in draws if draws and d[1] > draws[0][1]]
-    sampling_s = counting[-1][0] - counting[0][0] if len(counting) > 1 else None
-    sampled = counting[-1][1] - counting[0][1] if len(counting) > 1 else None
     peak = int(peak_file.read_text()) / 1024 if peak_file.exists() else None
     shutil.rmtree(peak_file.parent)
     return {"wall_s": wall, "rc": proc.returncode, "peak_rss_mib": peak,
-            "received": int(counts[-1][0]) if counts else None, "sampling_s": sampling_s,
-            "sampled": sampled, "draws": draws, "killed": killed,
+            "received": int(counts[-1][0]) if counts else None, "draws": draws,
+            "killed": killed,
             "shards_at_kill": shards_at_kill,
             "output": output.decode(errors="replace")}
 
@@ -359,8 +356,8 @@ def bench_evaluate(args, root: Path, samples: str, reference: str) -> None:
     (mu1, s1), t1 = _timed(fid_statistics, big_smp)
     (mu2, s2), t2 = _timed(fid_statistics, big_ref)
     _, t3 = _timed(frechet_distance, mu1, s1, mu2, s2)
-    rows.append([f"FID at 2048-d: statistics {n_smp:,} + {n_ref:,}, distance", f"{t1 + t2 + t3:.1f}",
-                 f"{t1:.1f} + {t2:.1f} + {t3:.1f} s"])
+    rows.append([f"FID at 2048-d: statistics {n_smp:,} + {n_ref:,}, distance",
+                 f"{t1 + t2 + t3:.1f}", f"{t1:.1f} + {t2:.1f} + {t3:.1f} s"])
     threads = torch.get_num_threads()
     if device == "cpu" and threads > 1:
         torch.set_num_threads(1)
