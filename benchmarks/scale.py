@@ -380,8 +380,8 @@ def bench_evaluate(args, root: Path, samples: str, reference: str) -> None:
 def bench_inputs(args) -> None:
     """FID between two sets with each Inception input handling: the 8x8 digits of
     scikit-learn upscaled to 32 px (first half) against the second half blurred, features from
-    a random-weight FID Inception (batch norm with unit statistics; the real weights are not
-    downloadable here)."""
+    the FID Inception with --inception-weights, else with random He-initialised weights (batch
+    norm with unit statistics; only the relative shift means anything then)."""
     from PIL import Image, ImageFilter
     from sklearn.datasets import load_digits
 
@@ -396,15 +396,21 @@ def bench_inputs(args) -> None:
 
     a = np.stack([image(d, False) for d in digits[0::2]])
     b = np.stack([image(d, True) for d in digits[1::2]])
-    g = torch.Generator().manual_seed(0)
-    net = inception.FIDInceptionV3()
-    with torch.no_grad():
-        # He's N(0, 2/fan_in): each ReLU layer keeps its input's scale, so 2048-d pool features
-        # of O(1) (a 1/fan_in scale shrinks them ~sqrt(2) per layer, to FIDs of ~1e-6).
-        for name, t in net.state_dict().items():
-            if name.endswith("weight") and t.ndim > 1:
-                t.copy_(torch.randn(t.shape, generator=g) * (2 / t[0].numel()) ** 0.5)
-    net.eval()
+    if args.inception_weights:  # the real network: FIDs comparable with anyone's
+        path = args.inception_weights
+        net = inception.load_inception(inception.read_weights(Path(path).read_bytes(), path))
+        kind = "the FID Inception"
+    else:
+        g = torch.Generator().manual_seed(0)
+        net = inception.FIDInceptionV3()
+        with torch.no_grad():
+            # He's N(0, 2/fan_in): each ReLU layer keeps its input's scale, so 2048-d pool
+            # features of O(1) (1/fan_in shrinks them ~sqrt(2) per layer, to FIDs of ~1e-6).
+            for name, t in net.state_dict().items():
+                if name.endswith("weight") and t.ndim > 1:
+                    t.copy_(torch.randn(t.shape, generator=g) * (2 / t[0].numel()) ** 0.5)
+        net.eval()
+        kind = "random-weight FID Inception"
     fids = {}
     for mode in inception.INPUTS:
         net.inputs = mode
@@ -413,15 +419,18 @@ def bench_inputs(args) -> None:
                                  for i in range(0, len(x), 25)]).numpy() for x in (a, b))
         fids[mode] = frechet_distance(*fid_statistics(fa), *fid_statistics(fb))
     shift = fids["pytorch-fid"] - fids["tf1"]
-    print(f"FID of {len(a)} digits vs {len(b)} blurred digits (32 px, random-weight FID "
-          f"Inception): tf1 inputs {fids['tf1']:.5g}, pytorch-fid inputs "
-          f"{fids['pytorch-fid']:.5g}, shift {shift:+.4g} ({shift / fids['tf1'] * 100:+.1f}%)")
+    print(f"FID of {len(a)} digits vs {len(b)} blurred digits (32 px, {kind}): tf1 inputs "
+          f"{fids['tf1']:.5g}, pytorch-fid inputs {fids['pytorch-fid']:.5g}, shift "
+          f"{shift:+.4g} ({shift / fids['tf1'] * 100:+.1f}%)")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--only", choices=("generate", "evaluate", "inputs"))
     p.add_argument("--fid-images", type=int, default=200, help="images per set (inputs)")
+    p.add_argument("--inception-weights", default=os.environ.get("ADM_INCEPTION_WEIGHTS"),
+                   help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth for the inputs "
+                   "phase (default: $ADM_INCEPTION_WEIGHTS, else random weights)")
     p.add_argument("--sizes", default="10000,50000", help="generation sizes, smallest first")
     p.add_argument("--shard-size", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=100)
