@@ -43,8 +43,8 @@ def run_part(name: str, argv: list[str], writes_json: bool = True) -> dict:
         out = os.path.join(tmp, "part.json")
         start = time.perf_counter()
         try:
-            proc = subprocess.run(argv + (["--json", out] if writes_json else []), cwd=ROOT, capture_output=True, text=True,
-                                  timeout=TIMEOUTS[name])
+            proc = subprocess.run(argv + (["--json", out] if writes_json else []), cwd=ROOT,
+                                  capture_output=True, text=True, timeout=TIMEOUTS[name])
             status, text = proc.returncode, proc.stdout + proc.stderr
         except subprocess.TimeoutExpired as e:
             status, text = "timeout", (e.stdout or b"").decode() + (e.stderr or b"").decode()

@@ -89,7 +89,8 @@ def embedding_ranges(model: torch.nn.Module) -> list:
             def leave(*_):
                 stack.pop().__exit__(None, None, None)
 
-            handles += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
+            handles += [module.register_forward_pre_hook(enter),
+                        module.register_forward_hook(leave)]
     return handles
 
 

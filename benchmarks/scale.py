@@ -441,6 +441,10 @@ def main() -> None:
     p.add_argument("--keep", help="a folder to keep the runs in (default: a temporary one)")
     args = p.parse_args()
     args.sizes = [int(s) for s in args.sizes.split(",")]
+    if args.inception_weights and not Path(args.inception_weights).is_file():
+        from adm.evaluate.inception import missing_weights_message
+
+        p.error(missing_weights_message(args.inception_weights))
     if args.only in (None, "inputs"):
         bench_inputs(args)
         if args.only:

@@ -312,7 +312,7 @@ def test_3m_step_integrates_a_quadratic_data_prediction_exactly():
 
     def step_errors(lam: np.ndarray, poly: np.ndarray) -> np.ndarray:
         ac = 1 / (1 + np.exp(-2 * lam))  # ᾱ of log-SNR λ (VP)
-        alpha, sigma = np.sqrt(ac), np.sqrt(1 - ac)
+        sigma = np.sqrt(1 - ac)
         coefs = _dpmpp_3m_coefs(ac)
         nodes, weights = np.polynomial.legendre.leggauss(64)
         x0 = np.polynomial.polynomial.polyval(lam, poly)

@@ -1,7 +1,8 @@
 """The diffusion core: beta schedules, the Gaussian diffusion (training losses, DDPM and DDIM
 steps, guidance hooks, the bits/dim bound), respacing, timestep samplers, and the fast sampling
 entry point (DDPM, DDIM, DPM-Solver++(2M) and (3M); classifier and classifier-free guidance;
-per-sample noise streams). Plain PyTorch and numpy; nothing here knows about Ray or the networks' internals."""
+per-sample noise streams). Plain PyTorch and numpy; nothing here knows about Ray or the
+networks' internals."""
 from typing import Literal
 
 from .gaussian import GaussianDiffusion, LossType, ModelMeanType, ModelVarType

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-
 from typing import Literal
 
 from ..config import ConfigError, config_class

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn as nn
@@ -45,7 +45,7 @@ NUM_CLASSES = 1008  # the TensorFlow graph's softmax has 1008 outputs (1000 used
 INPUT_SIZE = 299
 SPATIAL_CHANNELS = 7  # the evaluator keeps mixed_6/conv[..., :7]
 InputMode = Literal["tf1", "pytorch-fid"]
-INPUTS: tuple[str, ...] = ("tf1", "pytorch-fid")
+INPUTS: tuple[str, ...] = get_args(InputMode)
 
 
 class InceptionWeightsError(UserError, FileNotFoundError):
@@ -106,7 +106,11 @@ def preprocess(images: torch.Tensor, inputs: InputMode = "tf1") -> torch.Tensor:
         x = F.interpolate(x / 255.0, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear",
                           align_corners=False)
         return 2 * x - 1
-    raise ValueError(f"Inception inputs {inputs!r}: expected one of {', '.join(INPUTS)}")
+    raise ValueError(_unknown_inputs(inputs))
+
+
+def _unknown_inputs(inputs: str) -> str:
+    return f"Inception inputs {inputs!r}: expected one of {', '.join(INPUTS)}"
 
 
 class BasicConv2d(nn.Module):
@@ -248,7 +252,7 @@ class FIDInceptionV3(nn.Module):
     def __init__(self, inputs: InputMode = "tf1"):
         super().__init__()
         if inputs not in INPUTS:
-            raise ValueError(f"Inception inputs {inputs!r}: expected one of {', '.join(INPUTS)}")
+            raise ValueError(_unknown_inputs(inputs))
         self.inputs = inputs
         self.Conv2d_1a_3x3 = BasicConv2d(3, 32, kernel_size=3, stride=2)
         self.Conv2d_2a_3x3 = BasicConv2d(32, 32, kernel_size=3)

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 # The evaluator's pairwise-distance blocks (ManifoldEstimator row/col batch sizes): memory is
-# bounded by one [ROWS, COLS] distance block (400 MB in float32, a few times that with the
-# temporaries of its computation), whatever N.
+# bounded by one [ROWS, COLS] distance block (400 MB in float32) and its boolean masks,
+# whatever N.
 ROW_BATCH = 10000
 COL_BATCH = 10000
 

@@ -61,7 +61,8 @@ def _map_stage(ds, stage: StagePlan, plan: Plan):
 
     return ds.map_batches(
         StageSampler, batch_size=stage.batch_size, batch_format="numpy",
-        fn_constructor_kwargs=dict(stage=stage, seed=cfg.seed, clip_denoised=cfg.clip_denoised, eta=cfg.eta, gpus=cfg.gpus),
+        fn_constructor_kwargs=dict(stage=stage, seed=cfg.seed, clip_denoised=cfg.clip_denoised,
+                                   eta=cfg.eta, gpus=cfg.gpus),
         compute=ray.data.ActorPoolStrategy(size=stage.workers),
         num_cpus=cfg.cpus_per_worker, num_gpus=1 if cfg.gpus else None,
         resources=cfg.resources or None)
