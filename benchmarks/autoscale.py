@@ -13,9 +13,11 @@ clients then ramp 1 -> 8 -> 1 and stop. Every second the timeline records the of
 (clients), the replicas per deployment and their states (Serve's REST API), the nodes per type
 (Ray's state API), the p50/p95 latency of the requests that ended in that second, and errors.
 
-Printed: from the load step to the first new serving node ALIVE, to the first request answered
-by a replica on it, and from the end of the load back to the minimum (one serving node).
-The test suite (tests/test_autoscale.py) drives the same functions.
+Printed: from the load step to the first new serving node ALIVE, to the first replica RUNNING
+on it (Serve's REST API), to the first request that replica answered (the access-log line the
+replica writes when it returns a call, read from its log file: Serve's REST API names the file,
+and the simulated nodes share one machine), and from the end of the load back to the minimum
+(one serving node). The test suite (tests/test_autoscale.py) drives the same functions.
 """
 from __future__ import annotations
 
@@ -76,6 +78,9 @@ def serve_config(models: Path, port: int, max_replicas: int = 3) -> dict:
                      "default_sampler": "ddim", "default_steps": STEPS, "precision": "fp32",
                      "max_batch_requests": 8, "batch_wait_s": 0.05, "batch_rows": 8,
                      "require_api_key": False},
+            # JSON lines: each replica's access log ("CALL run OK 12.3ms") with its time, read
+            # by `first_answers`.
+            "logging_config": {"encoding": "JSON"},
             "deployments": [
                 {"name": BASE, "max_ongoing_requests": 4, "max_queued_requests": 64,
                  "ray_actor_options": gpu,
@@ -83,7 +88,8 @@ def serve_config(models: Path, port: int, max_replicas: int = 3) -> dict:
                                         "target_ongoing_requests": 2, "upscale_delay_s": 2,
                                         "downscale_delay_s": 5, "metrics_interval_s": 0.5,
                                         "look_back_period_s": 2}},
-                # Ray's own head-node resource: the ingress never holds a serving node up.
+                # Ray's own head-node resource: the ingress never holds a worker node up (a
+                # serving node it sat on could not be removed when idle).
                 {"name": "Ingress", "max_ongoing_requests": 64, "max_queued_requests": 64,
                  "num_replicas": 1, "ray_actor_options": {
                      "num_cpus": 0.1, "resources": {"node:__internal_head__": 0.01}}},
@@ -200,6 +206,8 @@ class Timeline:
     samples: list[Sample] = field(default_factory=list)
     node_kinds: dict[str, str] = field(default_factory=dict)  # node id -> kind, every node seen
     alive_since: dict[str, float] = field(default_factory=dict)  # node id -> first seen ALIVE
+    # replica id -> (node id, its log file relative to Ray's logs dir), every BASE replica seen
+    replica_logs: dict[str, tuple[str, str]] = field(default_factory=dict)
 
 
 class Recorder:
@@ -241,7 +249,12 @@ class Recorder:
             if n.state == "ALIVE":
                 nodes[kind] = nodes.get(kind, 0) + 1
                 self.timeline.alive_since.setdefault(n.node_id, now)
-        replicas, where = serve_replicas(self.sim)
+        app = serve_app(self.sim)
+        replicas, where = replica_states(app)
+        for rep in app.get("deployments", {}).get(BASE, {}).get("replicas", []):
+            if rep.get("node_id") and rep.get("log_file_path"):
+                self.timeline.replica_logs[rep["replica_id"]] = (rep["node_id"],
+                                                                 rep["log_file_path"])
         s = Sample(now, self.load.clients if self.load else 0, nodes, replicas, where)
         if self.load:
             ended = list(self.load.requests)
@@ -257,15 +270,23 @@ class Recorder:
         return s
 
 
-def serve_replicas(sim: SimulatedCluster) -> tuple[dict, dict]:
-    """Per deployment of the app: replica states and the nodes of the RUNNING ones (Serve's
-    REST API on the dashboard: what `serve status` and `serve.status()` report)."""
+def serve_app(sim: SimulatedCluster) -> dict:
+    """The app's details from Serve's REST API on the dashboard (what `serve status` and
+    `serve.status()` report); {} before it is deployed."""
     r = requests.get(f"{sim.address}/api/serve/applications/", timeout=10)
     r.raise_for_status()
-    app = r.json().get("applications", {}).get(APP)
+    return r.json().get("applications", {}).get(APP) or {}
+
+
+def serve_replicas(sim: SimulatedCluster) -> tuple[dict, dict]:
+    """Per deployment of the app: replica states and the nodes of the RUNNING ones."""
+    return replica_states(serve_app(sim))
+
+
+def replica_states(app: dict) -> tuple[dict, dict]:
     states: dict[str, dict[str, int]] = {}
     where: dict[str, list[str]] = {}
-    for name, dep in (app or {}).get("deployments", {}).items():
+    for name, dep in app.get("deployments", {}).items():
         states[name] = {}
         for rep in dep.get("replicas", []):
             states[name][rep["state"]] = states[name].get(rep["state"], 0) + 1
@@ -287,20 +308,53 @@ def serving_nodes(sim: SimulatedCluster) -> list:
     return [n for n in sim.nodes() if n.state == "ALIVE" and node_kind(n) == "gpu_serve"]
 
 
-def figures(timeline: Timeline, marks: list, load: Load) -> dict:
-    """The measured times of a ramp (seconds; None when it did not happen)."""
+def first_answer(log_file: Path) -> float | None:
+    """When a replica first returned a call (epoch seconds), from its JSON log: the first
+    access-log line ("CALL run OK ..."); None if it answered none."""
+    try:
+        lines = log_file.read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if str(record.get("message", "")).startswith("CALL run OK"):
+            if "timestamp_ns" in record:
+                return int(record["timestamp_ns"]) / 1e9
+            return time.mktime(time.strptime(record["asctime"].split(",")[0],
+                                             "%Y-%m-%d %H:%M:%S")) \
+                + int(record["asctime"].split(",")[1]) / 1000
+    return None
+
+
+def first_answers(timeline: Timeline, logs_dir: Path) -> dict[str, float]:
+    """Node id -> when a BASE replica on it first answered a request (epoch seconds)."""
+    out: dict[str, float] = {}
+    for node, rel in timeline.replica_logs.values():
+        t = first_answer(logs_dir / rel.lstrip("/"))
+        if t is not None:
+            out[node] = min(t, out.get(node, t))
+    return out
+
+
+def figures(timeline: Timeline, marks: list, load: Load, logs_dir: Path) -> dict:
+    """The measured times of a ramp (seconds; None when it did not happen). `logs_dir`: Ray's
+    logs dir of the cluster (the replicas' log files)."""
     step, end = marks[1][0], marks[-1][0]
     serve_nodes = {n: t for n, t in timeline.alive_since.items()
                    if timeline.node_kinds.get(n) == "gpu_serve"}
     before = {n for n, t in serve_nodes.items() if t < step}
     new = sorted((t, n) for n, t in serve_nodes.items() if n not in before)
     first_new = new[0] if new else None
-    served = None
+    running = answered = None
     if first_new:
         for s in timeline.samples:
             if s.t >= first_new[0] and first_new[1] in s.replica_nodes.get(BASE, []):
-                served = s.t
+                running = s.t
                 break
+        answered = first_answers(timeline, logs_dir).get(first_new[1])
     back = next((s.t for s in timeline.samples if s.t > end
                  and s.nodes.get("gpu_serve", 0) == 1
                  and s.replicas.get(BASE, {}).get("RUNNING", 0) == 1
@@ -308,7 +362,8 @@ def figures(timeline: Timeline, marks: list, load: Load) -> dict:
     codes = [r.status for r in load.requests]
     return {
         "load_step_to_new_node_s": first_new[0] - step if first_new else None,
-        "load_step_to_new_replica_serving_s": served - step if served else None,
+        "load_step_to_new_replica_running_s": running - step if running else None,
+        "load_step_to_new_replica_answer_s": answered - step if answered else None,
         "load_end_to_minimum_s": back - end if back else None,
         "max_serving_nodes": max((s.nodes.get("gpu_serve", 0) for s in timeline.samples),
                                  default=0),
@@ -377,7 +432,8 @@ def run(out: Path, plot_path: Path, settings: SimSettings, idle_wait: float = 12
         finally:
             load.stop()
             timeline = recorder.stop()
-    result = {"figures": figures(timeline, marks, load), "marks": marks,
+        figs = figures(timeline, marks, load, sim.logs_dir)
+    result = {"figures": figs, "marks": marks,
               "settings": asdict(settings), "timeline": [asdict(s) for s in timeline.samples]}
     out.mkdir(parents=True, exist_ok=True)
     (out / "timeline.json").write_text(json.dumps(result, indent=1))
@@ -397,10 +453,14 @@ def main() -> None:
                SimSettings(idle_timeout_minutes=args.idle_timeout_s / 60))
     print(json.dumps(figs, indent=1))
     fmt = lambda v: "n/a" if v is None else f"{v:.1f} s"  # noqa: E731
-    print(f"load step -> new serving node ALIVE:         {fmt(figs['load_step_to_new_node_s'])}")
-    print(f"load step -> request served by a new replica: "
-          f"{fmt(figs['load_step_to_new_replica_serving_s'])}")
-    print(f"end of load -> back to 1 serving node:        {fmt(figs['load_end_to_minimum_s'])}")
+    print(f"load step -> new serving node ALIVE:               "
+          f"{fmt(figs['load_step_to_new_node_s'])}")
+    print(f"load step -> a replica RUNNING on it:              "
+          f"{fmt(figs['load_step_to_new_replica_running_s'])}")
+    print(f"load step -> first request that replica answered:  "
+          f"{fmt(figs['load_step_to_new_replica_answer_s'])}")
+    print(f"end of load -> back to 1 serving node:             "
+          f"{fmt(figs['load_end_to_minimum_s'])}")
     print(f"requests {figs['requests']}: {figs['ok']} x 200, {figs['rejected_503']} x 503, "
           f"{figs['errors']} errors; timeline: {Path(args.out) / 'timeline.json'}, "
           f"plot: {args.plot}")

@@ -24,7 +24,7 @@ warm-up) and needs CPU time besides wall time, which the Timer does not give.
 
 The GPU side is an assumption, not a measurement (no GPU here): an ADM-128 training step costs
 3x its forward FLOPs per image (counted with ``torch.utils.flop_counter`` on
-``adm.compat.openai.create_model`` with the README's 128x128 flags), and a GPU sustains a given
+``adm.factory.create_model`` with the README's 128x128 flags), and a GPU sustains a given
 fraction (``--mfu``, default 0.35, typical of convolutional U-Nets in bf16 autocast) of its dense
 bf16 peak (H100 SXM 989 TFLOP/s, A100 312 TFLOP/s; vendor data sheets). Pass a measured rate
 with ``--gpu-images-per-s`` to replace the estimate.
@@ -179,13 +179,13 @@ def adm128_train_gflop_per_image() -> tuple[float, str]:
         import torch
         from torch.utils.flop_counter import FlopCounterMode
 
-        from adm.compat.openai import create_model
+        from adm.factory import create_model
 
         model = create_model(ADM128_FLAGS)
         with FlopCounterMode(display=False) as counter, torch.no_grad():
             model(torch.randn(1, 3, 128, 128), torch.tensor([500]), y=torch.tensor([1]))
         forward = counter.get_total_flops() / 1e9
-        how = "counted now on adm.compat.openai.create_model"
+        how = "counted now on adm.factory.create_model"
     except Exception as e:  # noqa: BLE001 - the models may be unavailable in a partial checkout
         forward = ADM128_FORWARD_GFLOP_FALLBACK
         how = f"recorded count (model not built here: {type(e).__name__})"

@@ -23,7 +23,7 @@ import time
 import numpy as np
 import torch
 
-from adm.compat import openai
+from adm import factory
 from adm.evaluate import inception
 from adm.evaluate.features import run_feature_job
 from adm.evaluate.networks import FeatureExtractor, resolve_network
@@ -37,7 +37,7 @@ CLASSIFIER = {"image_size": 32, "classifier_width": 64, "classifier_depth": 2,
 def _network(root: str, kind: str) -> str:
     """A random-weight feature network saved where `--features` would find it."""
     if kind == "classifier":
-        torch.save(openai.create_classifier(CLASSIFIER).state_dict(),
+        torch.save(factory.create_classifier(CLASSIFIER).state_dict(),
                    os.path.join(root, "classifier.pt"))
         with open(os.path.join(root, "flags.json"), "w") as f:
             json.dump(CLASSIFIER, f)

@@ -5,7 +5,7 @@
     python benchmarks/generate.py pipeline --gpus    # the same on GPU actors
 
 `noise`: the extra time of drawing each row's noise from its own generator
-(`sample(..., seeds=...)`, `adm.diffusion.sampling.RowNoise`) instead of one batch generator:
+(`sample(..., seeds=...)`, `adm.diffusion.seeds.RowNoise`) instead of one batch generator:
 the draw alone (one N-row draw against N one-row draws) and whole DDPM sampling calls with
 each, on a small random-weight ADM. `torch.utils.benchmark.Timer` (CUDA-synchronised).
 
@@ -25,9 +25,9 @@ import time
 import torch
 from torch.utils import benchmark
 
-from adm.compat import openai
+from adm import factory
 from adm.diffusion import sample
-from adm.diffusion.sampling import RowNoise, index_seeds
+from adm.diffusion.seeds import RowNoise, index_seeds
 
 SMALL = {"image_size": 32, "num_channels": 64, "num_res_blocks": 1, "channel_mult": "1,2,2",
          "attention_resolutions": "8", "num_head_channels": 32, "class_cond": True,
@@ -52,8 +52,8 @@ def noise(device: torch.device, batch: int, steps: int) -> None:
     rows = _median("row()", dict(row=row), device)
     print(f"noise draw {shape}: one generator {one * 1e6:.1f} us, per-row {rows * 1e6:.1f} us "
           f"({rows / one:.1f}x, +{(rows - one) * 1e6:.1f} us per step)")
-    model = openai.create_model(SMALL).eval().to(device)
-    diffusion = openai.create_diffusion(SMALL)
+    model = factory.create_model(SMALL).eval().to(device)
+    diffusion = factory.create_diffusion(SMALL)
     y = torch.arange(batch, device=device) % 10
     kw = dict(sampler="ddpm", steps=str(steps), y=y, device=device)
     g = dict(sample=sample, model=model, diffusion=diffusion, shape=shape, kw=kw, seeds=seeds,
@@ -79,8 +79,8 @@ def pipeline(args) -> None:
     from adm.runtime import init_ray
 
     root = tempfile.mkdtemp(prefix="adm-bench-")
-    base = _export(os.path.join(root, "base"), openai.create_model(SMALL), SMALL)
-    up = _export(os.path.join(root, "up"), openai.create_superres_model(UP), UP)
+    base = _export(os.path.join(root, "base"), factory.create_model(SMALL), SMALL)
+    up = _export(os.path.join(root, "up"), factory.create_superres_model(UP), UP)
     init_ray(args.address)
     common = dict(model=base, upsampler=up, num_samples=args.num_samples, steps=args.steps,
                   upsampler_steps=args.steps, batch_size=args.batch_size,

@@ -45,10 +45,10 @@ RATIOS = [  # (label, config, baseline)
 
 def forward_gflops(flags: dict, x, t, y) -> float:
     """FLOPs of one forward (2 per multiply-add), counted on the meta device."""
-    from adm.compat import openai
+    from adm import factory
 
     with torch.device("meta"):
-        model = openai.create_model(flags)
+        model = factory.create_model(flags)
     with FlopCounterMode(display=False) as counter:
         model(x.to("meta"), t.to("meta"), None if y is None else y.to("meta"))
     return counter.get_total_flops() / 1e9
@@ -69,10 +69,10 @@ def main() -> None:
     p = preset(args.preset)
     # use_fp16 off: the comparison sets precision itself (use_fp16 would add fp16 autocast on CUDA).
     flags = {**p.model_flags, "use_fp16": False}
-    from adm.compat import openai
+    from adm import factory
 
     torch.manual_seed(0)
-    base = openai.create_model(flags).to(dev).eval()
+    base = factory.create_model(flags).to(dev).eval()
     size = flags["image_size"]
     x = torch.randn(args.batch, 3, size, size, device=dev)
     t = torch.randint(0, 1000, (args.batch,), device=dev)
@@ -84,7 +84,7 @@ def main() -> None:
         use_sdpa, dtype, compiled, channels_last = CONFIGS[name]
         # Each configuration gets its own copy of the weights: a compiled module specialises on
         # its memory format.
-        model = openai.create_model(flags).to(dev).eval()
+        model = factory.create_model(flags).to(dev).eval()
         model.load_state_dict(base.state_dict())
         # "plain" attention: SDPA restricted to its unfused matmul/softmax (MATH) kernel.
         backends = None if use_sdpa else [SDPBackend.MATH]

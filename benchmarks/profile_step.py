@@ -1,6 +1,6 @@
 """Where a classifier-guided sampling step spends its time: `torch.profiler` on one step.
 
-    python benchmarks/profile_step.py                       # the issue's six cases, float32 eager
+    python benchmarks/profile_step.py                       # the six default cases, float32 eager
     python benchmarks/profile_step.py --precision bf16 --cases quickstart:32:4
 
 One guided DDIM step is: the model's forward, the classifier's forward and backward (the
@@ -28,10 +28,10 @@ import yaml
 from torch.autograd.profiler import record_function
 from torch.profiler import ProfilerActivity, profile
 
-from adm.checkpoints import AUTOCAST
-from adm.compat import openai
+from adm import factory
 from adm.diffusion import sampling_diffusion
 from adm.guidance import classifier_cond_fn
+from adm.precision import AUTOCAST
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = "quickstart:32:4,quickstart:64:8,quickstart:128:2,adm128:32:4,adm128:64:8,adm128:128:2"
@@ -67,14 +67,14 @@ def flags(arch: str, size: int) -> tuple[dict, dict]:
 
 def build(arch: str, size: int):
     model_flags, classifier_flags = flags(arch, size)
-    model = openai.create_model(model_flags).eval().requires_grad_(False)
-    classifier = openai.create_classifier(classifier_flags).eval().requires_grad_(False)
+    model = factory.create_model(model_flags).eval().requires_grad_(False)
+    classifier = factory.create_classifier(classifier_flags).eval().requires_grad_(False)
     with torch.no_grad():  # random, non-zero outputs (the builders zero the last layers)
         for module in (model, classifier):
             for p in module.parameters():
                 if p.ndim > 1 and not p.abs().sum():
                     p.normal_(0, p.shape[1] ** -0.5)
-    return model, classifier, openai.create_diffusion({**model_flags, "timestep_respacing": ""})
+    return model, classifier, factory.create_diffusion({**model_flags, "timestep_respacing": ""})
 
 
 def embedding_ranges(model: torch.nn.Module) -> list:

@@ -13,7 +13,8 @@ run it, step for step, with the reference's execution costs:
 - the guidance gradient: `enable_grad`, `x.detach().requires_grad_(True)`, the classifier in
   float32, `log_softmax`, the selected log-probabilities, `autograd.grad`;
 - DDIM draws `randn_like(x)` every step, also at η = 0;
-- float32 eager, NCHW, no autocast, no compile.
+- eager, NCHW, no autocast, no compile; float32, or the reference's fp16 (`convert_to_fp16`,
+  what its README's commands ask for with `--use_fp16 True --classifier_use_fp16 True`).
 
 The networks are the project's own (they load the released files unchanged): the baseline is
 the reference's loop, not its U-Net (whose attention is an einsum rather than SDPA), so the
@@ -25,7 +26,37 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def convert_to_fp16(net: nn.Module) -> nn.Module:
+    """`net` (one of the project's U-Nets or classifiers, in place) run as guided-diffusion
+    runs a network built with `use_fp16=True` (its `convert_to_fp16` and `forward`): the
+    weights and biases of every convolution of the torso (the input blocks, the middle block
+    and, for a U-Net, the output blocks; attention's qkv and projection are 1-d convolutions)
+    in float16, the torso's activations in float16 (the input cast on entry), and everything
+    else in float32: the time and label embeddings and each block's embedding projection (a
+    Linear), the group norms (computed in float32 and cast back), and the output head, which
+    gets the torso's result cast back to the input's dtype. The project's own `use_fp16` (an
+    autocast) is switched off, so that this cast alone decides the arithmetic."""
+    torso = [net.input_blocks, net.middle_block]
+    if hasattr(net, "output_blocks"):
+        torso.append(net.output_blocks)
+    for part in torso:
+        for module in part.modules():
+            if isinstance(module, _CONVS):
+                module.weight.data = module.weight.data.half()
+                if module.bias is not None:
+                    module.bias.data = module.bias.data.half()
+    net.use_fp16 = False
+    # The reference's `h = x.type(self.dtype)` before the first block; the project's forward
+    # already casts the torso's output back (`h.to(x.dtype)`) before the head.
+    net.input_blocks[0].register_forward_pre_hook(
+        lambda _, args: (args[0].half(), *args[1:]))
+    return net
 
 
 def _extract(arr: np.ndarray, t: torch.Tensor, shape) -> torch.Tensor:

@@ -8,10 +8,12 @@
 
 Table "variants": for each execution option — float32 eager, bf16 autocast, channels-last,
 torch.compile, and all three together (plus fp16 autocast on CUDA) — images/s of
-`adm.diffusion.sample` (DDIM-25, classifier-guided, random weights), the ratio to float32 eager,
-seconds per step, and the fraction of the step time spent in the classifier's backward pass
-(the guidance gradient), measured in a separate instrumented run that synchronises around each
-backward.
+`adm.diffusion.sample` (DDIM-25, classifier-guided, random weights), the ratios to the
+reference loop (`reference_loop.py`) in float32 and, on CUDA, in fp16 as the reference's own
+commands run it (`--use_fp16 True --classifier_use_fp16 True`: its `convert_to_fp16`), each
+column naming its baseline, and to float32 eager, seconds per step, and the fraction of the
+step time spent in the classifier's backward pass (the guidance gradient), measured in a
+separate instrumented run that synchronises around each backward.
 
 Table "samplers" (float32 eager): images/s of DDIM-25 and DPM-Solver++(2M) at 10 and 25 steps,
 classifier-guided, and the cost of classifier-free guidance (w = 3: one model call on a doubled
@@ -48,11 +50,11 @@ import time
 import torch
 from torch.utils import benchmark
 
-from adm.checkpoints import AUTOCAST
-from adm.compat import openai
+from adm import factory
 from adm.diffusion import sample, sampling_diffusion
+from adm.precision import AUTOCAST
 from adm.stage import COMPILE_PAYS_AFTER_CALLS, resolve_fast_path
-from reference_loop import reference_ddim
+from reference_loop import convert_to_fp16, reference_ddim
 
 CONFIGS = {
     # A small ADM: class-conditional, learned sigma, BigGAN up/down, attention at 16 and 8.
@@ -85,12 +87,12 @@ CONFIGS["imagenet128"] = imagenet128
 def at_size(config: dict, size: int) -> dict:
     """`config` with its model and classifier built for `size` x `size` images."""
     return {**config, "size": size,
-            "model": {**openai.parse_flags(config["model"]), "image_size": size},
-            "classifier": {**openai.parse_flags(config["classifier"]), "image_size": size}}
+            "model": {**factory.parse_flags(config["model"]), "image_size": size},
+            "classifier": {**factory.parse_flags(config["classifier"]), "image_size": size}}
 
 VARIANTS = {
-    # The reference's own loop (benchmarks/reference_loop.py): the baseline of every ratio.
-    "reference loop": {"reference": True},
+    # The reference's own loop (benchmarks/reference_loop.py), float32: a baseline of the ratios.
+    "reference loop fp32": {"reference": "fp32"},
     "float32 eager": {},
     "bf16 autocast": {"autocast_dtype": torch.bfloat16},
     "channels-last": {"channels_last": True},
@@ -98,8 +100,14 @@ VARIANTS = {
     "bf16 + compile": {"autocast_dtype": torch.bfloat16, "compile": True},
     "bf16+CL+compile": {"autocast_dtype": torch.bfloat16, "channels_last": True, "compile": True},
 }
-CUDA_VARIANTS = {"fp16 autocast": {"autocast_dtype": torch.float16},
+# The reference loop in fp16 is the GPU baseline: how the reference's README commands run
+# ADM-G (fp16 weights and activations in the torsos). On a CPU, whose fp16 convolutions are
+# slow, it runs only when --variants names it.
+REFERENCE_FP16 = {"reference loop fp16": {"reference": "fp16"}}
+CUDA_VARIANTS = {**REFERENCE_FP16, "fp16 autocast": {"autocast_dtype": torch.float16},
                  "fp16 + compile": {"autocast_dtype": torch.float16, "compile": True}}
+# The baselines of the variants table's ratio columns, in column order.
+BASELINES = ("reference loop fp16", "reference loop fp32", "float32 eager")
 # Rows of the samplers table: sampler, steps (model calls), classifier guidance (at the config's
 # scale) and classifier-free guidance weight (1 = off).
 CFG_SCALE = 3.0
@@ -123,17 +131,17 @@ def sync(device: torch.device) -> None:
 def build(config: dict, device: torch.device, null_class: bool = False):
     """Random-weight model and classifier of `config`, and the diffusion; `null_class` gives the
     model the null-class row classifier-free guidance needs (as if trained with dropout)."""
-    flags = openai.parse_flags(config["model"])
+    flags = factory.parse_flags(config["model"])
     if null_class:
         flags["class_dropout_prob"] = 0.1
-    model = openai.create_model(flags).to(device).eval()
-    classifier = openai.create_classifier(config["classifier"]).to(device).eval()
+    model = factory.create_model(flags).to(device).eval()
+    classifier = factory.create_classifier(config["classifier"]).to(device).eval()
     with torch.no_grad():  # random, non-zero outputs (the builders zero the last layers)
         for module in (model, classifier):
             for p in module.parameters():
                 if p.ndim > 1 and not p.abs().sum():
                     p.normal_(0, p.shape[1] ** -0.5)
-    return model, classifier, openai.create_diffusion(config["model"])
+    return model, classifier, factory.create_diffusion(config["model"])
 
 
 def prepare(name: str, options: dict, config: dict, device: torch.device, batch: int,
@@ -150,6 +158,9 @@ def prepare(name: str, options: dict, config: dict, device: torch.device, batch:
     y = torch.randint(0, model.num_classes, (batch,),
                       generator=torch.Generator().manual_seed(seed)).to(device)
     guide = classifier if sampling.get("classifier") else None
+    if options.get("reference") == "fp16":  # fresh networks per row: converted in place
+        convert_to_fp16(model)
+        convert_to_fp16(classifier)
 
     def once(run_steps=sampling.get("steps", steps)):
         generator = torch.Generator(device).manual_seed(seed)
@@ -213,15 +224,16 @@ def variants_table(variants: dict, config: dict, device, batch: int, steps: int,
     rows = [dict(variant=name, first_call_s=run["warmup_s"], images_per_s=batch / run["median_s"],
                  s_per_step=run["median_s"] / steps) for name, run in runs.items()]
     by_name = {r["variant"]: r["images_per_s"] for r in rows}
+    baselines = [b for b in BASELINES if b in by_name]
     print(f"\n## classifier-guided DDIM-{steps}, {config['size']}x{config['size']}, batch "
           f"{batch}, by execution option\n")
-    print("| variant | images/s | vs reference loop | vs float32 eager | s/step "
-          "| first call s (compiles) |")
-    print("|---|---|---|---|---|---|")
+    print("| variant | images/s | " + " | ".join(f"vs {b}" for b in baselines)
+          + " | s/step | first call s (compiles) |")
+    print("|---|---|" + "---|" * len(baselines) + "---|---|")
     for r in rows:
-        ratios = [f"{r['images_per_s'] / by_name[b]:.2f}x" if b in by_name else "-"
-                  for b in ("reference loop", "float32 eager")]
-        print(f"| {r['variant']} | {r['images_per_s']:.3f} | {ratios[0]} | {ratios[1]} | "
+        r["vs"] = {b: r["images_per_s"] / by_name[b] for b in baselines}
+        ratios = "".join(f"{r['vs'][b]:.2f}x | " for b in baselines)
+        print(f"| {r['variant']} | {r['images_per_s']:.3f} | {ratios}"
               f"{r['s_per_step']:.4f} | {r['first_call_s']:.1f} |")
     return rows
 
@@ -277,8 +289,8 @@ def quality_table(models_dir: str, reference: str, device: torch.device, n: int,
     from reference_loop import reference_ddim
 
     from adm import checkpoints
-    from adm.checkpoints import to_uint8
-    from adm.diffusion.sampling import RowNoise, index_seeds
+    from adm.images import to_uint8
+    from adm.diffusion.seeds import RowNoise, index_seeds
     from adm.evaluate import fid_statistics, frechet_distance
     from adm.evaluate.networks import FeatureExtractor, resolve_network
     from adm.evaluate.sources import open_source, read_rows
@@ -289,7 +301,7 @@ def quality_table(models_dir: str, reference: str, device: torch.device, n: int,
     net, classifier = (checkpoints.load(specs[r], device) for r in ("diffusion", "classifier"))
     ref_net, ref_classifier = (checkpoints.load(specs[r], device)
                                for r in ("diffusion", "classifier"))
-    diffusion = openai.create_diffusion({**specs["diffusion"].flags, "timestep_respacing": ""})
+    diffusion = factory.create_diffusion({**specs["diffusion"].flags, "timestep_respacing": ""})
     size = checkpoints.image_size(specs["diffusion"])
     judge = FeatureExtractor(resolve_network(f"classifier:{models_dir}/judge/model.pt"),
                              batch_size=500, device=str(device))
@@ -464,7 +476,8 @@ def main() -> None:
                         help="quality: channels-last `sample` rows")
     parser.add_argument("--variants", default=None,
                         help="comma-separated subset of: " + ", ".join(
-                            [*VARIANTS, *CUDA_VARIANTS, DEFAULT_ROW]))
+                            [*VARIANTS, *CUDA_VARIANTS, DEFAULT_ROW]) + " (on a CPU the fp16 "
+                        "rows run only when named here)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args()
@@ -477,10 +490,11 @@ def main() -> None:
     variants = dict(VARIANTS, **(CUDA_VARIANTS if device.type == "cuda" else {}))
     variants[DEFAULT_ROW] = default_options(device)
     if args.variants:
-        unknown = set(args.variants.split(",")) - set(variants)
+        known = {**variants, **CUDA_VARIANTS}
+        unknown = set(args.variants.split(",")) - set(known)
         if unknown:
-            parser.error(f"--variants: unknown {sorted(unknown)}; known: {sorted(variants)}")
-        variants = {k: variants[k] for k in args.variants.split(",")}
+            parser.error(f"--variants: unknown {sorted(unknown)}; known: {sorted(known)}")
+        variants = {k: known[k] for k in args.variants.split(",")}
     tables = set(args.tables.split(","))
     if tables - {"variants", "samplers", "quality"}:
         parser.error(f"--tables: unknown {sorted(tables - {'variants', 'samplers', 'quality'})}")

@@ -48,7 +48,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from adm.compat import openai
+from adm import factory
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = {"image_size": 8, "num_channels": 32, "num_res_blocks": 1, "channel_mult": "1,2",
@@ -78,8 +78,8 @@ def export_random(folder: Path, net: torch.nn.Module, flags: dict, seed: int) ->
 
 
 def tiny_models(root: Path) -> dict[str, str]:
-    return {"model": export_random(root / "base", openai.create_model(BASE), BASE, 1),
-            "upsampler": export_random(root / "up", openai.create_superres_model(UP), UP, 2)}
+    return {"model": export_random(root / "base", factory.create_model(BASE), BASE, 1),
+            "upsampler": export_random(root / "up", factory.create_superres_model(UP), UP, 2)}
 
 
 def sample_settings(models: dict[str, str], num_samples: int, *, seed: int = 0,
@@ -309,7 +309,7 @@ def bench_evaluate(args, root: Path, samples: str, reference: str) -> None:
     from adm.evaluate.metrics import (fid_statistics, frechet_distance, inception_score,
                                       precision_recall, softmax)
 
-    export_random(root / "judge", openai.create_classifier(CLASSIFIER), CLASSIFIER, 3)
+    export_random(root / "judge", factory.create_classifier(CLASSIFIER), CLASSIFIER, 3)
     plan = make_plan(reference, samples, f"classifier:{root / 'judge' / 'model.pt'}")
     n_ref, n_smp = plan.reference.num_images, plan.samples.num_images
     rows = []

@@ -35,7 +35,7 @@ import numpy as np
 import requests
 import torch
 
-from adm.compat import openai
+from adm import factory
 from adm.serve import ServeSettings, build, load_settings
 
 TINY = {"image_size": 8, "num_channels": 32, "num_res_blocks": 1, "channel_mult": "1,2",
@@ -107,10 +107,10 @@ def main() -> None:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        nets = {"base": export(Path(tmp, "base"), openai.create_model(TINY), TINY),
-                "classifier": export(Path(tmp, "clf"), openai.create_classifier(TINY_CLASSIFIER),
+        nets = {"base": export(Path(tmp, "base"), factory.create_model(TINY), TINY),
+                "classifier": export(Path(tmp, "clf"), factory.create_classifier(TINY_CLASSIFIER),
                                      TINY_CLASSIFIER),
-                "upsampler": export(Path(tmp, "up"), openai.create_superres_model(TINY_UP),
+                "upsampler": export(Path(tmp, "up"), factory.create_superres_model(TINY_UP),
                                     TINY_UP)}
         for mode, batching in MODES.items():
             settings = ServeSettings.from_args({

@@ -13,6 +13,10 @@ Every setting can also come from `--config YAML` (see jobs/configs/sample/) or a
 override (any `adm.generate.SampleConfig` field); the command line wins. Everything is checked
 before Ray starts: a bad setting prints one `error: ...` line and exits 2. Running the same
 command again resumes the run; a finished run is left as it is.
+
+`precision: auto` (the default) is decided once Ray runs, by one task placed as a sampling
+actor is (its GPU and custom resources), so a CPU-only head or a laptop submitting the job
+decides nothing; the answer is recorded in settings.json, and a resume keeps it.
 """
 from __future__ import annotations
 

@@ -28,6 +28,20 @@ def pytest_collection_modifyitems(config, items):
         if gpu:
             config.hook.pytest_deselected(items=gpu)
             items[:] = [item for item in items if not item.get_closest_marker("gpu")]
+            config.stash[GPU_DESELECTED] = len(gpu)
+
+
+GPU_DESELECTED = pytest.StashKey[int]()
+GPU_DESELECTED_LINE = ("{n} gpu test(s) deselected: no CUDA device here "
+                       "(benchmarks/gpu_check.sh runs them on a GPU machine)")
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Say that GPU tests were left out, and why (-q included: a silent drop reads as "all
+    tests passed")."""
+    n = config.stash.get(GPU_DESELECTED, 0)
+    if n:
+        terminalreporter.write_line(GPU_DESELECTED_LINE.format(n=n), yellow=True)
 
 
 @pytest.fixture(scope="session")

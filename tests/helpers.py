@@ -101,8 +101,9 @@ def export_random(folder: Path, net: torch.nn.Module, flags: dict, seed: int) ->
     return str(folder / "model.pt")
 
 
-# Lines of Ray's internals that reached the terminal before (issue 8, item 11), and the error
-# of Ray's state API when it cannot tell which of two local Rays is the job's.
+# Lines of Ray's internals that once reached a job's terminal and must not again (Train's
+# report dumps and worker-group set-up, Ray's and Ray Data's start-up messages, warnings), and
+# the error of Ray's state API when it cannot tell which of two local Rays is the job's.
 RAY_NOISE = ["PlacementGroupCleaner", "Failed to query Ray Train", "TrainingReport(",
              "DeprecationWarning", "tqdm is not installed", "Running Dataset",
              "Started a local Ray instance", "Started training worker group",

@@ -7,18 +7,22 @@ module starts and run on their own node types while the serving scenarios (a, d)
 
 a. Serving: a config like serve_configs/local.yaml whose base replicas ask for `adm_serve` (min
    1, max 3), under a 1 -> 8 client ramp: serving nodes come up, replicas follow, every request
-   gets a 200 (or a counted 503), and no replica runs on a training or batch node.
+   gets a 200 (8 clients never fill the bounded queue, so no 503 either), no replica runs on a
+   training or batch node, and a replica on a new node answers requests.
 d. Losing a serving node, on the nodes (a) brought up: its raylet is SIGKILLed under load; Serve
    replaces the replica, the autoscaler launches a node, and the requests that fail are counted
    and bounded. When the load ends, nodes and replicas go back to one each.
-b. Training: `ray job submit` of jobs/train_diffusion.py --gpus with run.resources={adm_train: 1}
-   launches a training node (never a serving one), trains, exports; its node is removed after
-   the idle timeout. A job asking for a resource no node type offers fails at once.
+b. Training: `ray job submit` of jobs/train_diffusion.py --gpus with a config that names no
+   run.resources: its workers default to the training node type (adm_train), launch a
+   training node (never a serving one), train, export; the node is removed after the idle
+   timeout. A job asking for a resource no node type offers fails at once.
 c. Generation: jobs/sample.py with its actors on `adm_batch` launches a batch node and writes
    exactly N samples.
 
 Every assertion on nodes and replicas is on what Ray reports: its state API (nodes, actors) and
-Serve's REST API (what `serve status` shows), never the test's own bookkeeping. The pytest process
+Serve's REST API (what `serve status` shows), never the test's own bookkeeping. When the module
+ends, no process of the cluster may be left: none in its session, none holding a file of its
+temp dir open (the workers a killed raylet left behind included). The pytest process
 may host the session's Ray, so nothing here calls `ray.init`: jobs go through `ray job submit`,
 the app through `serve deploy`, observations through HTTP APIs with the cluster's address.
 """
@@ -39,7 +43,7 @@ import pytest
 import yaml
 from ray.util.state import list_actors
 
-from adm.simcluster import SimSettings, SimulatedCluster
+from adm.simcluster import SimSettings, SimulatedCluster, descendants
 from test_cluster import small_config  # the quickstart diffusion config, shrunk
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,24 +65,58 @@ IDLE_S = 10
 SAMPLES = 12
 
 
+def cluster_processes(session: int, temp_dir: Path) -> dict[int, str]:
+    """pid -> command line of every live process of a simulated cluster: those of its session
+    (its head starts one; Ray's processes change their process group, never their session) and
+    any process holding a file open under its temp dir (Ray's session dir: logs, sockets), from
+    /proc. Zombies are ended already."""
+    out = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if fields[0] == "Z":
+            continue
+        ours = int(fields[3]) == session
+        try:
+            ours = ours or any(os.readlink(f"/proc/{entry}/fd/{fd}").startswith(str(temp_dir))
+                               for fd in os.listdir(f"/proc/{entry}/fd"))
+        except OSError:  # gone meanwhile, or another user's
+            pass
+        if ours:
+            out[int(entry)] = cmd[:120]
+    return out
+
+
 @pytest.fixture(scope="module")
 def sim(tmp_path_factory, other_ray):
     """The simulated cluster; stopped at the end, after which the other Ray on the machine (and
-    so the test session's) must still be there and none of this cluster's processes left."""
+    so the test session's) must still be there and no process of this cluster left."""
     cluster = SimulatedCluster(yaml.safe_load((ROOT / "cluster.yaml").read_text()),
                                SimSettings(idle_timeout_minutes=IDLE_S / 60),
                                workdir=tmp_path_factory.mktemp("sim"))
-    pids: list[int] = []
+    session, before, left, tree = None, {}, {}, set()
     try:
         cluster.start()
+        session = cluster.session
         yield cluster
     finally:
-        pids = cluster.stop()
+        if session is not None:
+            before = cluster_processes(session, cluster.temp_dir)
+            tree = {session, *descendants(session)}
+        cluster.stop()
+        if session is not None:
+            time.sleep(1)
+            left = cluster_processes(session, cluster.temp_dir)
         cluster.cleanup()
-    time.sleep(1)
-    assert pids, "the cluster had processes"
-    left = [p for p in pids if Path(f"/proc/{p}").exists()
-            and Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
+    orphans = sorted(p for p in before if p not in tree)
+    print(f"\nsimulated cluster stopped: {len(before)} processes, {len(orphans)} of them "
+          f"outside the head's process tree")
+    assert before, "the cluster had processes"
     assert not left, f"processes of the simulated cluster still running: {left}"
     other_ray()
 
@@ -112,7 +150,9 @@ def one_serving_node_and_replica(sim: SimulatedCluster) -> bool:
 
 
 def test_serving_scales_serving_nodes_up_with_every_request_answered(sim, app, batch_jobs):
-    """1 client, then 8: serving nodes and replicas go up; every request gets a 200 or a 503.
+    """1 client, then 8: serving nodes and replicas go up; every request gets a 200 (at most 8
+    in flight never fill the replicas' bounded queues, so Serve has no cause for a 503); a
+    replica on a new serving node answers requests.
     (The way back down is checked at the end of the next test, which runs on the nodes this one
     brought up: a second scale-up from one node would cost the suite half a minute.)"""
     load = bench.Load(app)
@@ -122,18 +162,18 @@ def test_serving_scales_serving_nodes_up_with_every_request_answered(sim, app, b
     finally:
         load.stop()
         timeline = recorder.stop()
-    figs = bench.figures(timeline, marks, load)
+    figs = bench.figures(timeline, marks, load, sim.logs_dir)
     print(f"\nserving ramp: {json.dumps(figs)}")
     codes = [r.status for r in load.requests]
-    others = [(r.status, r.error) for r in load.requests if r.status not in (200, 503)]
-    assert not others, f"{len(others)} requests neither 200 nor 503: {others[:5]}"
-    assert codes.count(200) >= 20, codes
+    others = [(r.status, r.error) for r in load.requests if r.status != 200]
+    assert not others, f"{len(others)} of {len(codes)} requests not 200: {others[:5]}"
+    assert len(codes) >= 20, codes
+    assert figs["load_step_to_new_replica_answer_s"] is not None, (figs, timeline.replica_logs)
     peak = max(s.nodes.get("gpu_serve", 0) for s in timeline.samples)
     assert peak >= 2, f"serving nodes never went above 1: {[s.nodes for s in timeline.samples]}"
     assert max(s.replicas.get(bench.BASE, {}).get("RUNNING", 0) for s in timeline.samples) >= 2
     kinds = kinds_of(sim)
     assert {kinds[n] for n in replica_nodes(sim, bench.BASE)} == {"gpu_serve"}
-    assert {kinds[n] for n in replica_nodes(sim, "Ingress")} == {"head"}
 
 
 def test_a_serving_node_killed_under_load_is_replaced_then_all_scale_back(sim, app):
@@ -219,10 +259,11 @@ def batch_jobs(sim, tmp_path_factory):
             out["infeasible"] = submit(sim, "jobs/train_diffusion.py", *train_args,
                                        "run.resources={adm_tpu: 1}", timeout=120)
             out["infeasible_s"] = time.time() - start
+            # No run.resources: --gpus alone must keep the workers off serving GPUs.
             out["train"] = submit(sim, "jobs/train_diffusion.py", *train_args,
                                   "--num-workers", "2", "--max-steps", "4",
-                                  "run.cpus_per_worker=0.5", "run.resources={adm_train: 1}",
-                                  "run.name=sim", "run.save_interval=4")
+                                  "run.cpus_per_worker=0.5", "run.name=sim",
+                                  "run.save_interval=4")
         return out
 
     def generate() -> subprocess.CompletedProcess:
@@ -239,6 +280,8 @@ def failed(job: subprocess.CompletedProcess) -> str:
 
 
 def test_training_lands_on_training_nodes_exports_and_they_are_removed(sim, batch_jobs):
+    """The config names no run.resources: `--gpus` workers ask for the training type's
+    adm_train (their request, as Ray's state API reports it) and run on training nodes."""
     folder, futures = batch_jobs
     out = futures["train"].result(timeout=600)
     assert out["prepare"].returncode == 0, failed(out["prepare"])
@@ -253,6 +296,8 @@ def test_training_lands_on_training_nodes_exports_and_they_are_removed(sim, batc
                           filters=[("class_name", "=", "RayTrainWorker")])
     assert len(workers) >= 2 and {kinds[w.node_id] for w in workers} == {"gpu_train"}, \
         [(w.node_id, w.state) for w in workers]
+    asked = [{k.split("_group_")[0] for k in w.required_resources} for w in workers]
+    assert all("adm_train" in a for a in asked), asked
     bench.wait_until("the training nodes removed when idle", lambda: not any(
         n.state == "ALIVE" and bench.node_kind(n) == "gpu_train" for n in sim.nodes()),
         IDLE_S + 60)

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import yaml
 
+from adm import checkpoints
 from adm.compat import openai
 from adm.diffusion import (classifier_free_guidance, create_gaussian_diffusion, ddim,
                            index_seeds, sample, sampling_diffusion)
@@ -170,9 +171,9 @@ def test_null_row_only_with_dropout_and_released_checkpoints_load():
     fx = load_fixture("models.pt")["models"]
     name = next(n for n, e in fx.items() if e["kind"] == "unet" and e["flags"].get("class_cond"))
     released = fixture_network(name).state_dict()
-    openai.check_state_dict(openai.create_model(fx[name]["flags"]), released)
-    with pytest.raises(openai.CheckpointError, match="label_emb.weight"):
-        openai.check_state_dict(
+    checkpoints.check_state_dict(openai.create_model(fx[name]["flags"]), released)
+    with pytest.raises(checkpoints.CheckpointError, match="label_emb.weight"):
+        checkpoints.check_state_dict(
             openai.create_model({**fx[name]["flags"], "class_dropout_prob": 0.1}), released)
     with pytest.raises(openai.FlagError, match="needs class_cond"):
         openai.create_model({**TINY_UNET_FLAGS, "class_cond": False, "class_dropout_prob": 0.1})

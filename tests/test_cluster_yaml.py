@@ -37,8 +37,9 @@ from ray.serve.schema import RayActorOptionsSchema, ServeDeploySchema
 from adm.config import ConfigError, from_dict
 from adm.evaluate.evaluation import FeatureJob
 from adm.generate.config import SampleConfig
-from adm.nodetypes import (BATCH_RESOURCE, SERVE_RESOURCE, TRAIN_RESOURCE, NodeTypeMismatch,
-                           check_fits, fits, node_types, parse_resources, worker_demand)
+from adm.nodetypes import (BATCH_RESOURCE, SERVE_RESOURCE, TRAIN_RESOURCE, NodeType,
+                           NodeTypeMismatch, NoTrainingNodeType, check_fits, fits, node_types,
+                           parse_resources, training_resources, worker_demand)
 from adm.simcluster import SimSettings, fake_multinode_config
 from adm.train.config import RunSection, TrainConfig
 
@@ -468,16 +469,32 @@ def test_serve_config_gpu_replicas_ask_for_serving_nodes(path: Path) -> None:
     assert pinning_problems(serve_config(path), f"{path.name}: ") == []
 
 
-@pytest.mark.parametrize("path", SERVE_CONFIGS, ids=[p.name for p in SERVE_CONFIGS])
+def relative_model_paths(config: dict) -> list[str]:
+    """The model paths of a Serve config that resolve against the directory Ray starts in."""
+    return [m for m in model_paths(config) if "://" not in m and not m.startswith(("/", "~"))]
+
+
+def gpu_replicas(config: dict) -> list[Replica]:
+    return [r for r in replicas(config) if r.demand.get("GPU")]
+
+
+# GPU configs reading relative model paths: the ones whose files the nodes must fetch (a CPU
+# config runs on a laptop; s3:// and absolute paths are not fetched by setup commands).
+LOCAL_GPU_CONFIGS = [p for p in SERVE_CONFIGS if gpu_replicas(serve_config(p))
+                     and relative_model_paths(serve_config(p))]
+
+
+def test_the_cluster_configs_with_checkpoints_to_fetch_are_the_imagenet_ones() -> None:
+    assert [p.name for p in LOCAL_GPU_CONFIGS] == ["imagenet256.yaml", "imagenet512.yaml"]
+
+
+@pytest.mark.parametrize("path", LOCAL_GPU_CONFIGS, ids=[p.name for p in LOCAL_GPU_CONFIGS])
 def test_nodes_that_run_a_gpu_serve_config_have_its_checkpoints(path: Path) -> None:
     """Relative model paths (models/...) resolve against the directory Ray starts in; the head
     (Serve's application builder reads every file) and the node types hosting the GPU replicas
     must download them there."""
     cluster, config = load_cluster(), serve_config(path)
-    gpu = [r for r in replicas(config) if r.demand.get("GPU")]
-    local = [m for m in model_paths(config) if "://" not in m and not m.startswith(("/", "~"))]
-    if not gpu or not local:  # a CPU (laptop) config, or one reading s3:// or absolute paths
-        return
+    gpu, local = gpu_replicas(config), relative_model_paths(config)
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
         assert {starts_in(c) for c in cluster[key] if "ray start" in c} == {"~/adm"}, key
     hosts = {p.name for p in node_pools(cluster) for r in gpu if slots(p.resources, r.demand)}
@@ -576,6 +593,42 @@ def test_training_never_takes_a_serving_gpu_and_the_reverse() -> None:
         bare = {k: v for k, v in demand.items() if k not in WORKLOADS}  # GPU only
         assert hosts(cluster, bare) >= {"gpu_train", "gpu_serve", "gpu_batch"}
         assert landing_problems(cluster, "bare", bare), bare
+
+
+def test_gpu_training_that_names_no_resource_lands_on_training_nodes_only() -> None:
+    """`--gpus` with a config that names no run.resources (the quickstart's, a user's own):
+    the workers ask for the training type's resource, so no serving or batch GPU can take
+    them, an idle serving node included; without the default they could land on any GPU type
+    (see the test above)."""
+    cluster = load_cluster()
+    quickstart = yaml.safe_load((ROOT / "jobs/configs/quickstart/diffusion.yaml").read_text())
+    run = from_dict(RunSection, {**quickstart.get("run", {}), "use_gpu": True})
+    assert run.resources == {}
+    resources = training_resources(run.use_gpu, run.resources, node_types(cluster))
+    demand = worker_demand(run.cpus_per_worker, 1, resources)
+    assert landing_problems(cluster, "quickstart --gpus", demand) == []
+    assert hosts(cluster, demand) == {"gpu_train"}
+
+
+def test_the_training_default_leaves_named_resources_cpu_runs_and_plain_clusters_alone() -> None:
+    types = node_types(load_cluster())
+    assert training_resources(True, {"adm_batch": 1}, types) == {"adm_batch": 1}
+    assert training_resources(False, {}, types) == {}
+    plain = [NodeType("head", {"CPU": 4}, head=True), NodeType("gpu", {"CPU": 8, "GPU": 8})]
+    assert training_resources(True, {}, plain) == {}
+
+
+def test_gpu_training_is_refused_where_workload_types_have_no_training_type() -> None:
+    """Only serving and batch types (a RayService's cluster, a cluster.yaml without
+    gpu_train): the error names the missing resource, the types, and what to set."""
+    types = [t for t in node_types(load_cluster()) if not t.resources.get(TRAIN_RESOURCE)]
+    with pytest.raises(NoTrainingNodeType) as e:
+        training_resources(True, {}, types)
+    text = str(e.value)
+    assert "no node type of this cluster offers adm_train" in text
+    assert all(t.name in text for t in types) and "run.resources" in text, text
+    with pytest.raises(NoTrainingNodeType, match="did not publish the node types"):
+        training_resources(True, {}, types, published=False)
 
 
 def test_the_head_publishes_the_node_types_after_ray_start() -> None:

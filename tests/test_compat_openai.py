@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from adm import presets
+from adm import checkpoints, presets
 from adm.compat import openai
 from helpers import FIXTURES, float_state_dict, load_fixture
 
@@ -142,7 +142,7 @@ def test_checkpoint_that_does_not_fit_names_keys_and_shapes(tmp_path):
     sd["out.2.weight"] = torch.zeros(6, 32, 1, 1)
     path = tmp_path / "bad.pt"
     torch.save(sd, path)
-    with pytest.raises(openai.CheckpointError) as err:
+    with pytest.raises(checkpoints.CheckpointError) as err:
         openai.load_checkpoint(model, str(path))
     msg = str(err.value)
     assert "missing keys: label_emb.weight" in msg
@@ -166,9 +166,34 @@ def test_malicious_pickle_is_refused_and_runs_nothing(tmp_path):
     torch.save({"time_embed.0.weight": torch.zeros(1), "payload": _Exploit(marker)}, path)
     model = openai.create_model({"image_size": 16, "channel_mult": "1,2", "num_channels": 32,
                                  "attention_resolutions": "8"})
-    with pytest.raises(openai.CheckpointError, match="refused to load checkpoint.*pickled code"):
+    with pytest.raises(checkpoints.CheckpointError, match="refused to load checkpoint.*pickled code"):
         openai.load_checkpoint(model, str(path))
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "is not a readable torch file"),
+    (b"PK\x03\x04 a zip cut short", "is not a readable torch file"),
+])
+def test_unreadable_files_are_refused_naming_them(tmp_path, content, message):
+    path = tmp_path / "broken.pt"
+    path.write_bytes(content)
+    with pytest.raises(checkpoints.CheckpointError, match=f"checkpoint {path} {message}"):
+        checkpoints.read_state_dict(str(path))
+    # an open file is named as the caller says (resolve() reads bytes it already holds)
+    with pytest.raises(checkpoints.CheckpointError, match=f"checkpoint s3://b/m.pt {message}"):
+        checkpoints.read_state_dict(path.open("rb"), "s3://b/m.pt")
+
+
+def test_compat_only_names_the_reference_api():
+    """`adm.compat.openai` defines nothing: its names are the factory's builders and the one
+    checkpoint loader, the same objects the library uses."""
+    from adm import factory
+
+    assert openai.load_checkpoint is checkpoints.load_checkpoint
+    assert openai.create_model is factory.create_model
+    assert all(getattr(openai, name).__module__ in ("adm.factory", "adm.checkpoints")
+               for name in openai.__all__ if callable(getattr(openai, name)))
 
 
 def test_nested_state_dict_is_accepted(tmp_path):

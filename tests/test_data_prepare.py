@@ -24,6 +24,7 @@ import pytest
 from PIL import Image
 
 from adm import storage
+from adm.config import ConfigError, UserError
 from adm.data.digits import DIGITS_CLASSES
 from adm.data.manifest import load_split, shard_name
 from adm.data.prepare import prepare_imagenet
@@ -136,6 +137,28 @@ def tree_bytes(root: str) -> dict[str, bytes]:
 
 
 CONFIG = ShardWriterConfig(images_per_shard=5, num_cpus_per_task=0.5, progress_interval_s=0.0)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("images_per_shard", 0, "images_per_shard: must be positive, got 0"),
+    ("check_chunk_size", -2, "check_chunk_size: must be positive, got -2"),
+    ("num_cpus_per_task", 0.0, "num_cpus_per_task: must be positive, got 0.0"),
+    ("max_in_flight", 0, "max_in_flight: must be positive, got 0"),
+    ("row_group_size", 0, "row_group_size: must be positive, got 0"),
+    ("progress_interval_s", -1.5, "progress_interval_s: must be >= 0, got -1.5"),
+    ("images_per_shard", "many", "images_per_shard: expected int, got 'many'"),
+])
+def test_shard_writer_settings_are_checked_naming_the_field(field, value, message):
+    """The writer's settings are a config class: each bound is the field's own constraint, and
+    a bad value is one ConfigError (a UserError: the jobs print it as one line) naming it."""
+    with pytest.raises(ConfigError) as e:
+        ShardWriterConfig(**{field: value})
+    assert str(e.value) == message
+    assert isinstance(e.value, UserError)
+    with pytest.raises(ConfigError, match="unknown config key.*images_per_shrad"):
+        ShardWriterConfig(images_per_shrad=5)
+    # what the job's flags give, converted; None (the default) is a valid max_in_flight
+    assert ShardWriterConfig(images_per_shard="7", max_in_flight=None).images_per_shard == 7
 
 
 def check_prepared(split_uri: str, files: dict[str, bytes], s3=None) -> dict:
@@ -528,7 +551,7 @@ PREPARE_BAD_INPUT = {  # case -> (arguments of prepare_imagenet.py, what the err
                            ["--val-labels needs --val"]),
     "nothing to do": (["--out", "{out}"], ["nothing to prepare"]),
     "images per shard": (["--src", "{tree}", "--out", "{out}", "--images-per-shard", "0"],
-                         ["images per shard must be at least 1, got 0"]),
+                         ["images_per_shard: must be positive, got 0"]),
     "out is a file": (["--src", "{tree}", "--out", "{file}"], ["--out {file}", "is a file"]),
     "out under a file": (["--src", "{tree}", "--out", "{file}/x"], ["{file}", "is a file"]),
     "val before train": (["--val", "{tree}", "--out", "{out}"], ["classes.json does not exist"]),
@@ -589,7 +612,7 @@ def test_prepare_imagenet_reports_bad_input_found_while_running(ray_session, tmp
 
 @pytest.mark.parametrize("args, expected", [
     (["--image-size", "4"], "image size must be at least 8"),
-    (["--images-per-shard", "0"], "images per shard must be at least 1"),
+    (["--images-per-shard", "0"], "images_per_shard: must be positive, got 0"),
     (["--out", "{file}"], "is a file, not a folder"),
 ])
 def test_prepare_digits_refuses_bad_input_before_ray(args, expected, tmp_path):

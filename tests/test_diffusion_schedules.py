@@ -63,7 +63,8 @@ def test_respacing_errors_name_the_respacing():
             space_timesteps(steps, spec)
         with pytest.raises(ValueError, match=repr(spec)):  # and when the diffusion is created
             create_gaussian_diffusion(steps=steps, noise_schedule="cosine", timestep_respacing=spec)
-    # The examples, through the flag interface: a FlagError (a ValueError) naming them.
+    # Respacings that cannot be made (more steps than the chain has, not numbers, empty,
+    # zero or negative), through the flag interface: a FlagError (a ValueError) naming them.
     for spec in ("ddim999", "abc", "2000", "10,2000", "ddim", "ddimx", "1,,2", "-5", "0"):
         with pytest.raises(openai.FlagError, match=repr(spec)):
             openai.create_diffusion({"timestep_respacing": spec})

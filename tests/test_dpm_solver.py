@@ -268,7 +268,7 @@ def test_per_row_seeds_and_a_real_guided_network():
                   y=labels[[5, 2, 0]], **kw)
     torch.testing.assert_close(part, full[[5, 2, 0]], rtol=0, atol=1e-5)
     assert (full[0] - full[1]).abs().max() > 0.1
-    # A single row seeded with s is the generator's x_T (the seeds path's contract).
+    # A single row seeded with s gives exactly what a generator seeded with s gives.
     one = sample(model, d, (1, 3, 8, 8), seeds=[77], y=labels[:1], **kw)
     ref = sample(model, d, (1, 3, 8, 8), generator=torch.Generator().manual_seed(77),
                  y=labels[:1], **kw)
@@ -279,7 +279,7 @@ def test_guided_data_prediction_is_thresholded():
     """With clip_denoised, the data prediction the solver extrapolates from is clamped after
     the guidance too (a guided x_0 carries σ²·s·g/α, huge at high noise; unclamped, the
     second-order step blows up: benchmarks/sampling.py's quality table); without it, not."""
-    from adm.diffusion.sampling import _data_prediction
+    from adm.diffusion.samplers import _data_prediction
     from adm.guidance import classifier_cond_fn
 
     base = create_gaussian_diffusion(steps=1000, noise_schedule="linear")
@@ -306,7 +306,8 @@ def test_3m_step_integrates_a_quadratic_data_prediction_exactly():
     Gauss-Legendre), on an uneven chain: exact (1e-12) for x0 quadratic in λ, not for a cubic,
     whose local error falls as h⁴; the weights sum to 1; its first step is DDIM's (1, 0, 0),
     its second 2M's, and a, b are 2M's."""
-    from adm.diffusion.sampling import _dpmpp_2m_coefs, _dpmpp_3m_coefs, log_snr
+    from adm.diffusion.samplers import _dpmpp_2m_coefs, _dpmpp_3m_coefs
+    from adm.diffusion.spacing import log_snr
 
     rng = np.random.default_rng(0)
 
@@ -438,13 +439,15 @@ def test_3m_is_a_choice_wherever_2m_is():
     from helpers import load_job
 
     from adm.generate import load_sample_config
+    from adm.checkpoints import ModelSpec
     from adm.serve.api import Limits, parse_generate
 
     assert load_job("sample").parse_args(["--sampler", "dpmpp_3m"]).sampler == "dpmpp_3m"
     assert load_sample_config(None, ["model=m.pt", "sampler=dpmpp_3m"]).sampler == "dpmpp_3m"
     lim = Limits(max_images=4, max_steps=50, samplers=("ddim", "dpmpp_3m"),
                  max_guidance_scale=10.0, max_cfg_scale=5.0, max_body_bytes=8192,
-                 num_classes=10, class_names=None, diffusion_steps=100, has_classifier=False,
+                 num_classes=10, class_names=None, has_classifier=False,
+                 base=ModelSpec("model", "m.pt", "diffusion", {"diffusion_steps": 100}, ""),
                  has_null_class=True, has_upsampler=False, default_sampler="ddim",
                  default_steps=10, default_guidance_scale=0.0)
     req = parse_generate(b'{"class_id": 2, "sampler": "dpmpp_3m", "steps": 7}', lim)

@@ -166,6 +166,21 @@ def test_inception_weights_missing_or_wrong_are_named(tmp_path, inception_weight
     torch.save(state, tmp_path / "partial.pth")
     with pytest.raises(inception.InceptionWeightsError, match="1 missing keys"):
         resolve_network(f"inception:{tmp_path / 'partial.pth'}")
+    # read as every checkpoint is (weights_only): a pickle that builds objects is refused
+    torch.save({"fc.weight": torch.zeros(1), "hook": _Pickled()}, tmp_path / "code.pth")
+    torch.save([state["fc.weight"]], tmp_path / "list.pth")
+    (tmp_path / "cut.pth").write_bytes((tmp_path / "partial.pth").read_bytes()[:1000])
+    for name, message in (("code.pth", "would run pickled code"),
+                          ("list.pth", "does not hold a state dict"),
+                          ("cut.pth", "is not a readable torch file")):
+        with pytest.raises(inception.InceptionWeightsError) as e:
+            resolve_network(f"inception:{tmp_path / name}")
+        assert str(tmp_path / name) in str(e.value) and message in str(e.value), str(e.value)
+        assert inception.WEIGHTS_FILE in str(e.value)
+
+
+class _Pickled:
+    """An object a weights_only load must refuse to build."""
 
 
 def test_ray_job_features_equal_a_plain_pass(ray_session, tmp_path, inception_weights,

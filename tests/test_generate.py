@@ -21,9 +21,9 @@ from helpers import TINY_CLASSIFIER_FLAGS, TINY_UNET_FLAGS, export_random, load_
 from adm.compat import openai
 from adm.config import ConfigError
 from adm.diffusion import sample
-from adm.diffusion.sampling import index_seeds
+from adm.diffusion.seeds import index_seeds
 from adm.generate import generate, labels_for, load_sample_config, make_plan
-from adm.checkpoints import to_uint8
+from adm.images import to_uint8
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = TINY_UNET_FLAGS
@@ -195,7 +195,8 @@ def test_job_reruns(nets, tmp_path, capsys):
     cfg = settings(nets, out, num_samples=4, shard_size=4)
     from adm.generate import output
 
-    plan = make_plan(cfg)  # a finished run's files, written without sampling:
+    plan = make_plan(cfg).decide("fp32", "test")  # a finished run's files, written without
+    #                                                 sampling
     output.write_settings(str(out), plan.decisive(), plan.execution())
     (out / "samples.npz").write_bytes(b"finished")
     argv = ["--model", nets["base"], "--num-samples", "4", "--steps", "4", "--seed", "3",
@@ -297,7 +298,7 @@ def test_bad_settings_fail_before_any_work(nets, tmp_path, capsys):
     assert "steps: lambda_min=-3.0 sets where a log-SNR grid starts" in _bad(
         nets, tmp_path, capsys, "--model", m, "--sampler", "ddim", "--steps", "4",
         "--lambda-min", "-3")
-    assert "lambda_min: a log-SNR of at most 20" in _bad(
+    assert "lambda_min: must be <= 20, got nan" in _bad(
         nets, tmp_path, capsys, "--model", m, "--sampler", "dpmpp_2m", "--lambda-min", "nan")
 
 
@@ -477,20 +478,21 @@ def test_merge_streams_shards_in_order_and_checks_them(tmp_path):
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["shards"]
 
 
-def test_auto_precision_and_compile_are_decided_in_the_plan(nets, tmp_path):
-    """precision and compile "auto" are decided when the run is planned, per stage, and
-    recorded with the decisive settings: bf16 on a CPU with native bf16 (as /proc/cpuinfo
-    lists it), and compile once a stage's busiest actor makes COMPILE_PAYS_AFTER_CALLS model
-    calls; a rerun whose settings decide otherwise is refused, naming the setting."""
+def test_compile_is_decided_in_the_plan_precision_on_the_stage_device(nets, tmp_path):
+    """compile "auto" is decided when the run is planned, per stage: compiled once a stage's
+    busiest actor makes COMPILE_PAYS_AFTER_CALLS model calls. precision "auto" is left to the
+    stage's device on a fresh run, and taken from settings.json on a resume: a run decided on
+    a GPU (fp16) and resumed from a CPU-only driver keeps fp16. A rerun whose settings decide
+    otherwise is refused, naming the setting."""
+    from adm.generate import output
     from adm.stage import COMPILE_PAYS_AFTER_CALLS
 
-    flags = Path("/proc/cpuinfo").read_text().split()
-    native_bf16 = "avx512_bf16" in flags or "amx_bf16" in flags
     # 4 steps per batch of 16 rows: the threshold falls between these two sample counts.
     below = 16 * (COMPILE_PAYS_AFTER_CALLS // 4 - 1)
-    small = make_plan(settings(nets, tmp_path / "a", num_samples=below, batch_size=16,
-                               upsampler=nets["upsampler"], upsampler_steps="4"))
-    assert small.base.precision == ("bf16" if native_bf16 else "fp32")
+    up = dict(upsampler=nets["upsampler"], upsampler_steps="4")
+    small = make_plan(settings(nets, tmp_path / "a", num_samples=below, batch_size=16, **up))
+    assert (small.base.precision, small.upsampler.precision) == ("auto", "auto")
+    assert small.undecided
     assert (small.base.compile, small.upsampler.compile) == (False, False)
     big = make_plan(settings(nets, tmp_path / "b", num_samples=below + 1, batch_size=16))
     assert big.base.compile is True
@@ -499,10 +501,76 @@ def test_auto_precision_and_compile_are_decided_in_the_plan(nets, tmp_path):
     assert two.base.compile is False  # each actor makes half the calls
     given = make_plan(settings(nets, tmp_path / "d", precision="fp32", compile=True))
     assert (given.base.precision, given.base.compile) == ("fp32", True)
-    assert given.decisive()["base"]["precision"] == "fp32"
-
-    from adm.generate import output
+    assert not given.undecided and given.decisive()["base"]["precision"] == "fp32"
 
     output.write_settings(str(tmp_path / "d"), given.decisive(), given.execution())
     with pytest.raises(ConfigError, match=r"^compile: "):
         make_plan(settings(nets, tmp_path / "d", precision="fp32", compile=False))
+
+    on_gpu = small.decide("fp16", "a GPU of compute capability 7.5")
+    output.write_settings(str(tmp_path / "a"), on_gpu.decisive(), on_gpu.execution())
+    resumed = make_plan(settings(nets, tmp_path / "a", num_samples=below, batch_size=16, **up))
+    assert (resumed.base.precision, resumed.upsampler.precision) == ("fp16", "fp16")
+    assert not resumed.undecided and resumed.decisive() == on_gpu.decisive()
+    with pytest.raises(ConfigError, match=r"^precision: .* holds a run with precision='auto'"):
+        make_plan(settings(nets, tmp_path / "a", num_samples=below, batch_size=16,
+                           precision="bf16", **up))
+
+
+def test_the_probe_holds_a_stage_actors_resources(ray_session, nets, tmp_path):
+    """The task that decides precision "auto" is placed as a stage's actors are: it holds
+    their CPUs (Ray's own record of what the task was given), and answers for this CPU."""
+    from adm.generate.pipeline import ask_device
+
+    flags = set(Path("/proc/cpuinfo").read_text().split())
+    plan = make_plan(settings(nets, tmp_path / "p", cpus_per_worker=0.75))
+    answer = ask_device(plan)
+    assert answer["resources"] == {"CPU": 0.75}
+    assert answer["precision"] == ("bf16" if {"avx512_bf16", "amx_bf16"} & flags else "fp32")
+    assert answer["device"].startswith("CPU (")
+
+
+def test_a_resume_keeps_the_recorded_precision_whatever_the_device_says(ray_session, nets,
+                                                                         tmp_path, monkeypatch):
+    """A run whose precision was decided as another machine would decide it (the probe's
+    answer injected: the opposite of this CPU's) and resumed here keeps the recorded
+    precision and gives the first run's bytes; the resume never asks the device."""
+    from adm.generate import pipeline
+
+    flags = set(Path("/proc/cpuinfo").read_text().split())
+    here = "bf16" if {"avx512_bf16", "amx_bf16"} & flags else "fp32"
+    other = "fp32" if here == "bf16" else "bf16"
+    monkeypatch.setattr(pipeline, "ask_device", lambda plan: {
+        "precision": other, "device": "another machine", "resources": {}})
+    out = tmp_path / "run"
+    logs: list[str] = []
+    kw = dict(num_samples=10, batch_size=5)
+    first = run(nets, out, logs, **kw)
+    assert f"precision auto: {other}, as decided on another machine" in logs
+    recorded = json.loads((out / "settings.json").read_text())
+    assert recorded["decisive"]["base"]["precision"] == other
+    assert recorded["execution"]["precision_decided_on"] == "another machine"
+
+    asked = []
+    monkeypatch.undo()  # the real probe, counted: it would answer `here`
+    real = pipeline.ask_device
+    monkeypatch.setattr(pipeline, "ask_device", lambda plan: asked.append(1) or real(plan))
+    for name in ("shards/shard-000001.npz", "samples.npz", "grid.png"):
+        (out / name).unlink()
+    logs.clear()
+    assert run(nets, out, logs, **kw) == first
+    assert not asked and not any("precision auto" in m for m in logs)
+    assert json.loads((out / "settings.json").read_text()) == recorded
+
+
+def test_a_changed_resolved_setting_is_named_by_its_own_path(tmp_path):
+    """A difference only in what the settings resolved to (a nested key such as
+    base.precision) is named, with both values, by its own dotted path."""
+    from adm.generate.output import check_settings, write_settings
+    recorded = {"settings": {"seed": 3}, "base": {"precision": "fp16", "steps": 25}}
+    write_settings(str(tmp_path), recorded, {})
+    assert check_settings(str(tmp_path), recorded) is True
+    changed = {"settings": {"seed": 3}, "base": {"precision": "bf16", "steps": 25}}
+    with pytest.raises(ConfigError, match=r"^base\.precision: .* holds a run with "
+                                          r"base\.precision='fp16'; this run has 'bf16'"):
+        check_settings(str(tmp_path), changed)

@@ -1,6 +1,8 @@
 """The sampling path on a CUDA device: the reference's guided DDIM-10 in float32, fp16 and bf16
-autocast within the CPU test's bf16 tolerance, inductor-compiled networks against eager ones,
-the padding rule's batch invariance, and precision/recall on the GPU against the CPU.
+autocast within the CPU test's bf16 tolerance, the fp16 reference loop (the GPU check's
+baseline) within the same, inductor-compiled networks against eager ones, the padding rule's
+batch invariance, the auto precision as torch counts native bf16, and precision/recall on the
+GPU against the CPU.
 
 Marked `gpu`: deselected where there is no CUDA device (CI); `benchmarks/gpu_check.sh` runs
 them on a GPU machine."""
@@ -10,9 +12,16 @@ import numpy as np
 import pytest
 import torch
 
-from adm.compat import openai
+import sys
+from pathlib import Path
+
+from adm import factory
 from adm.diffusion import sample
+from adm.precision import AUTOCAST, auto_precision
 from helpers import assert_within, fixture_network, load_fixture
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from reference_loop import convert_to_fp16, reference_ddim  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")
@@ -33,7 +42,7 @@ def guided(**options) -> torch.Tensor:
     c = FX["ddim_sample_loop"]
     model = fixture_network(FX["model"]).to(CUDA)
     classifier = fixture_network(FX["classifier"]).to(CUDA)
-    base = openai.create_diffusion({**c["diffusion_flags"], "timestep_respacing": ""})
+    base = factory.create_diffusion({**c["diffusion_flags"], "timestep_respacing": ""})
     return sample(model, base, c["shape"], steps=10, y=c["model_kwargs"]["y"].to(CUDA),
                   noise=c["noise"].to(CUDA), classifier=classifier,
                   classifier_scale=c["guided"]["classifier_scale"], **options).cpu()
@@ -51,6 +60,24 @@ def test_half_precision_within_the_bf16_tolerance(dtype):
     assert 0 < err < 0.05, err  # test_sampling.py's bound: rounding, not another computation
 
 
+def test_fp16_reference_loop_within_the_bf16_tolerance():
+    """The GPU baseline: the reference loop with the reference's fp16 networks."""
+    c = FX["ddim_sample_loop"]
+    model = convert_to_fp16(fixture_network(FX["model"]).to(CUDA))
+    classifier = convert_to_fp16(fixture_network(FX["classifier"]).to(CUDA))
+    torch.manual_seed(0)
+    got = reference_ddim(model, classifier, factory.create_diffusion(c["diffusion_flags"]),
+                         c["noise"].to(CUDA), c["model_kwargs"]["y"].to(CUDA),
+                         c["guided"]["classifier_scale"]).cpu()
+    err = (got - c["guided"]["sample"]).abs().mean()
+    assert 0 < err < 0.05, err
+
+
+def test_auto_precision_is_bf16_where_torch_counts_it_native():
+    native = torch.cuda.is_bf16_supported(including_emulation=False)
+    assert auto_precision(CUDA) == ("bf16" if native else "fp16")
+
+
 def test_compiled_networks_match_eager():
     assert_within(guided(compile=True), FX["ddim_sample_loop"]["guided"]["sample"], LOOP, 0.0,
                   "cuda compiled guided ddim10")
@@ -59,12 +86,11 @@ def test_compiled_networks_match_eager():
 def test_a_row_does_not_depend_on_its_batch():
     """The padding rule on the GPU, at the auto precision: an input's bytes depend on its slot
     alone, not on what else fills the call."""
-    from adm.stage import Stage, auto_precision
-    from adm.checkpoints import AUTOCAST
+    from adm.stage import Stage
 
     c = FX["ddim_sample_loop"]
     stage = Stage(fixture_network(FX["model"]).to(CUDA),
-                  openai.create_diffusion({**c["diffusion_flags"], "timestep_respacing": ""}),
+                  factory.create_diffusion({**c["diffusion_flags"], "timestep_respacing": ""}),
                   c["shape"][-1], 4, fixture_network(FX["classifier"]).to(CUDA),
                   AUTOCAST[auto_precision(CUDA)], CUDA)
     labels, seeds = np.array([1, 5, 7, 2]), [11, 12, 13, 14]

@@ -60,7 +60,7 @@ def test_cluster_commands_pass_check_without_touching_storage(no_storage, capsys
 @pytest.mark.parametrize("name,bad,message", [
     ("train_diffusion", ["optim.batch_size=big"], "optim.batch_size: expected int"),
     ("sample", ["eta=-1"], "eta: must be >= 0"),
-    ("evaluate", ["--batch-size", "0"], "batch size (0)"),
+    ("evaluate", ["--batch-size", "0"], "batch_size: must be positive"),
     ("prepare_imagenet", ["--images-per-shard", "0"], "images_per_shard: must be positive"),
 ])
 def test_check_refuses_a_bad_setting(no_storage, capsys, name, bad, message):

@@ -10,8 +10,7 @@ import torch
 import torch.nn as nn
 
 from adm.compat import openai
-from adm.diffusion import respace, sample
-from adm.diffusion.sampling import index_seeds
+from adm.diffusion import index_seeds, respace, sample
 from helpers import (TINY_CLASSIFIER_FLAGS, TINY_UNET_FLAGS, assert_within, fixture_network,
                      load_fixture)
 

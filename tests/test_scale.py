@@ -1,4 +1,4 @@
-"""The evaluation protocol at scale (issue 21), at sizes that fit the suite: the Inception's
+"""The paper's evaluation protocol at scale, at sizes that fit the suite: the Inception's
 TF1 input handling against TensorFlow's own output, precision/recall against brute force and
 within one block of memory, and sampling drivers whose time grows linearly, whose memory stays
 flat, and whose SIGKILLed run resumes to the same bytes. `benchmarks/scale.py` measures the

@@ -28,8 +28,8 @@ from helpers import TINY_CLASSIFIER_FLAGS, TINY_UNET_FLAGS, export_random
 from adm.compat import openai
 from adm.config import ConfigError
 from adm.diffusion import SAMPLERS, sample
-from adm.diffusion.sampling import index_seeds
-from adm.checkpoints import to_uint8
+from adm.diffusion.seeds import index_seeds
+from adm.images import to_uint8
 from adm.serve import ServeSettings, build, build_app, load_settings
 from adm.runtime import free_port
 from adm.serve.api import api_key_from, authorized
@@ -216,7 +216,7 @@ BAD = [  # (body, status, text the message must contain)
     ({"class_id": 1, "num_images": "2"}, 422, "num_images"),
     ({"class_id": 1, "steps": 51}, 422, "steps: at most 50"),
     ({"class_id": 1, "steps": 10**12}, 422, "steps"),
-    ({"class_id": 1, "steps": 30}, 422, "steps: 30 does not respace"),
+    ({"class_id": 1, "steps": 30}, 422, "steps: timestep_respacing 'ddim30' on a 100-step"),
     ({"class_id": 1, "steps": 2.5}, 422, "steps"),
     ({"class_id": 1, "sampler": "euler"}, 422, "sampler: 'euler' is not one of ddim, ddpm"),
     ({"class_id": 1, "sampler": None, "response": "gif"}, 422, "response"),
@@ -519,11 +519,13 @@ def test_load_batches_and_scales_without_5xx(url):
 def test_cfg_scale_and_dpm_solver_requests_are_checked():
     """Without Serve: a base trained with label dropout takes cfg_scale up to max_cfg_scale
     (a sample() keyword, so it batches apart); DPM-Solver++ takes any step count."""
+    from adm.checkpoints import ModelSpec
     from adm.serve.api import Limits, RequestError, parse_generate
 
+    base = ModelSpec("model", "m.pt", "diffusion", {"diffusion_steps": 100}, "")
     lim = Limits(max_images=4, max_steps=50, samplers=("ddim", "dpmpp_2m"),
                  max_guidance_scale=10.0, max_cfg_scale=5.0, max_body_bytes=8192,
-                 num_classes=10, class_names=None, diffusion_steps=100, has_classifier=False,
+                 num_classes=10, class_names=None, base=base, has_classifier=False,
                  has_null_class=True, has_upsampler=False, default_sampler="ddim",
                  default_steps=10, default_guidance_scale=0.0)
     req = parse_generate(b'{"class_id": 2, "cfg_scale": 3.0, "sampler": "dpmpp_2m", '
@@ -548,7 +550,7 @@ def test_cfg_scale_and_dpm_solver_requests_are_checked():
         assert e.value.status == 422 and text in str(e.value), (body, str(e.value))
     with pytest.raises(RequestError, match="cfg_scale: at most 5.0"):
         parse_generate(b'{"class_id": 2, "cfg_scale": 6.0}', lim)
-    with pytest.raises(RequestError, match="steps: 30 does not respace"):
+    with pytest.raises(RequestError, match="steps: timestep_respacing 'ddim30' on a 100-step"):
         parse_generate(b'{"class_id": 2, "sampler": "ddim", "steps": 30}', lim)
     assert parse_generate(b'{"class_id": 2, "sampler": "dpmpp_2m", "steps": 30}', lim).steps == 30
 

@@ -108,6 +108,15 @@ def test_config_errors_name_the_key(tmp_path):
         load_config(good, ["optim.precision=fp8"])
     with pytest.raises(ConfigError, match="model.flags.num_chanels: not a model or diffusion"):
         load_config(good, ["model.flags.num_chanels=3"])
+    # one key's bounds: pydantic constraints of its field, named with the dotted key
+    for override, message in (("optim.lr=0", "optim.lr: must be positive, got 0"),
+                              ("run.keep_checkpoints=0", "run.keep_checkpoints: must be positive"),
+                              ("optim.grad_clip=-1", "optim.grad_clip: must be >= 0, got -1"),
+                              ("optim.ema_rate=[0.99, 1.0]", "optim.ema_rate.1: must be < 1"),
+                              ("optim.ema_rate=[]", "optim.ema_rate: must hold at least 1")):
+        with pytest.raises(ConfigError) as e:
+            load_config(good, [override])
+        assert str(e.value).startswith(message), (override, str(e.value))
     cfg = load_config(good, ["optim.lr=3e-4"], run__num_workers=4, optim__max_steps=7)
     assert (cfg.optim.lr, cfg.run.num_workers, cfg.optim.max_steps) == (3e-4, 4, 7)
     # an optional key is cleared from the command line; a classifier without held-out data is

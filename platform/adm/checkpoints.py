@@ -1,30 +1,104 @@
 """Loading any checkpoint (released or exported) the way generation, serving and evaluation
-all do: where its flags come from, whether the file fits them, building it on a worker, and the
-conversions between the networks' [-1, 1] tensors and uint8 images.
+all do: where its flags come from, whether the file fits them, and building it on a worker.
 
 A model URI is a state-dict file (local or s3://). Its flags come from the `flags.json` in the
 same folder (what training exports, see `adm.train.checkpoint`), or from a released file's
 preset (`adm.presets`), whose README sampling settings then serve as defaults. A
 `classes.json` beside the file, when present, names the classes (for `--classes 'tench,...'`).
+
+Every state dict the platform reads (released files, exports, `run.init_from`, the FID
+Inception) goes through `read_state_dict` (`weights_only=True`) and `state_dict_mismatch`.
 """
 from __future__ import annotations
 
 import hashlib
 import io
 import os
+import pickle
 from dataclasses import dataclass, field
+from typing import IO, Callable, Mapping
 
-import numpy as np
 import torch
 import torch.nn as nn
 
 from . import factory, storage
-from .compat import openai
-from .config import ConfigError
+from .config import ConfigError, UserError
 from .presets import Preset, preset
 
-# Precision setting -> the dtype the networks run under autocast (None: float32 throughout).
-AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+class CheckpointError(UserError, ValueError):
+    """A checkpoint that is refused or does not fit the model."""
+
+
+def read_state_dict(path_or_file: str | IO[bytes], name: str | None = None
+                    ) -> dict[str, torch.Tensor]:
+    """A checkpoint's state dict (parameter and buffer name -> tensor), read with
+    `weights_only=True` from a path, an s3:// URI or an open binary file; `name` is what the
+    errors call it (default: the path, or the file's name).
+
+    Accepts a plain state dict (the released files) or a dict holding one under "state_dict"
+    / "model". A pickle that wants to build arbitrary objects (run code) is refused, and so is
+    a file torch cannot read at all, each with a CheckpointError."""
+    name = name or str(getattr(path_or_file, "name", path_or_file))
+    if isinstance(path_or_file, str) and "://" in path_or_file:
+        path_or_file = io.BytesIO(storage.read_bytes(path_or_file))
+    try:
+        obj = torch.load(path_or_file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"refused to load checkpoint {name}: it is not a plain tensor file and loading it "
+            f"would run pickled code (weights_only=True refused it: {str(e).splitlines()[0]})"
+        ) from None
+    except (EOFError, RuntimeError) as e:  # empty, truncated or not a torch file at all
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"checkpoint {name} is not a readable torch file ({reason})"
+                              ) from None
+    if isinstance(obj, dict) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        for key in ("state_dict", "model"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"checkpoint {name} does not hold a state dict of tensors")
+    return obj
+
+
+def state_dict_mismatch(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
+                        skip: Callable[[str], bool] = lambda key: False) -> str:
+    """What keeps `state_dict` from loading strictly into `model` (missing keys, unexpected
+    keys, shape mismatches, 8 of each named), or "" when it fits. Keys where `skip` is true are
+    not compared. `model` may live on the meta device."""
+    own = {k: v for k, v in model.state_dict().items() if not skip(k)}
+    given = {k: v for k, v in state_dict.items() if not skip(k)}
+    missing = [k for k in own if k not in given]
+    unexpected = [k for k in given if k not in own]
+    shapes = [f"{k}: checkpoint {tuple(given[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in given and given[k].shape != own[k].shape]
+    problems = []
+    for label, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                         ("shape mismatches", shapes)):
+        if items:
+            more = f" (+{len(items) - 8} more)" if len(items) > 8 else ""
+            problems.append(f"{len(items)} {label}: {', '.join(items[:8])}{more}")
+    return "; ".join(problems)
+
+
+def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
+                     name: str = "checkpoint") -> None:
+    """Raise a CheckpointError listing missing keys, unexpected keys and shape mismatches."""
+    problems = state_dict_mismatch(model, state_dict)
+    if problems:
+        raise CheckpointError(f"{name} does not fit {type(model).__name__} built from these "
+                              f"flags: {problems}")
+
+
+def load_checkpoint(model: nn.Module, path: str | IO[bytes]) -> nn.Module:
+    """Load a released (or exported) checkpoint into `model`, strictly; returns the model."""
+    state_dict = read_state_dict(path)
+    check_state_dict(model, state_dict, f"checkpoint {getattr(path, 'name', path)}")
+    model.load_state_dict(state_dict, strict=True)
+    return model
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -101,14 +175,14 @@ def resolve(role: str, uri: str, preset_name: str | None, kind: str) -> ModelSpe
     raw = _read(role, uri)  # a missing file is named before its flags
     flags = _flags(role, uri, preset_name, kind)
     try:
-        state_dict = openai.read_state_dict(io.BytesIO(raw))
-    except openai.CheckpointError as e:
+        state_dict = read_state_dict(io.BytesIO(raw), uri)
+    except CheckpointError as e:
         raise ConfigError(f"{role}: {e}") from None
     with torch.device("meta"):
         net = build(kind, flags, role)
     try:
-        openai.check_state_dict(net, state_dict, f"{uri}")
-    except openai.CheckpointError as e:
+        check_state_dict(net, state_dict, uri)
+    except CheckpointError as e:
         raise ConfigError(f"{role}: {e}") from None
     classes_uri = beside(uri, "classes.json")
     classes = storage.read_json(classes_uri) if storage.is_file(classes_uri) else None
@@ -119,7 +193,7 @@ def resolve(role: str, uri: str, preset_name: str | None, kind: str) -> ModelSpe
 def load(spec: ModelSpec, device: torch.device) -> nn.Module:
     """The network of `spec` with its weights, in eval mode on `device` (on a worker)."""
     net = build(spec.kind, spec.flags, spec.role)
-    openai.load_checkpoint(net, spec.uri)
+    load_checkpoint(net, spec.uri)
     return net.eval().requires_grad_(False).to(device)
 
 
@@ -160,14 +234,3 @@ def check_chain(base: ModelSpec, classifier: ModelSpec | None,
     if upsampler is not None and small_size(upsampler) != size:
         raise ConfigError(f"upsampler: its small_size is {small_size(upsampler)}; the base model "
                           f"makes {size}px images")
-
-
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """[N, C, H, W] in [-1, 1] -> [N, H, W, C] uint8, as the reference's sample scripts do."""
-    return ((x + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
-def from_uint8(images: np.ndarray, device) -> torch.Tensor:
-    """[N, H, W, C] uint8 -> [N, C, H, W] float32 in [-1, 1] (the reference's base samples)."""
-    x = torch.from_numpy(np.array(images)).to(device)  # a writable copy (Ray blocks are not)
-    return x.permute(0, 3, 1, 2).float() / 127.5 - 1

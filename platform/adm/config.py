@@ -1,9 +1,12 @@
 """Typed configs: dataclasses filled from YAML, dicts or command-line strings, checked by pydantic.
 
-Every config of the platform (training, data, sampling, serving) is a `config_class`: a
-pydantic dataclass that refuses unknown keys and converts what YAML and command lines give
-("4" -> 4, "1e-4" -> 1e-4, "true" -> True). `from_dict(Cls, data)` builds one and turns
-pydantic's errors into one `ConfigError` naming the dotted key, before any Ray worker starts.
+Every config of the platform (training, data, shard writing, sampling, serving, the
+evaluation's feature job, the quickstart) is a `config_class`: a pydantic dataclass that refuses
+unknown keys and converts what YAML and command lines give ("4" -> 4, "1e-4" -> 1e-4, "true" ->
+True). A bound on one field is a pydantic constraint in its annotation (`PositiveInt`,
+`Annotated[float, Field(ge=0, allow_inf_nan=False)]`, `Literal[...]`); only rules that span
+fields live in ``__post_init__``. `from_dict(Cls, data)` builds one and turns pydantic's errors
+into one `ConfigError` naming the dotted key and what is wrong, before any Ray worker starts.
 `apply_overrides(data, ["optim.lr=3e-4", ...])` applies command-line `key=value` overrides
 (values parsed as YAML scalars) to the raw dict first.
 """
@@ -24,7 +27,7 @@ T = TypeVar("T")
 # scaler). The one definition every config uses.
 Precision = Literal["fp32", "bf16", "fp16"]
 # Sampling's settings also take "auto": the fastest measured choice for the device the networks
-# run on (`adm.stage.resolve_fast_path`). Compile: `torch.compile` the networks, or not, or "auto".
+# run on (`adm.precision`, `adm.stage.resolve_fast_path`). Compile: `torch.compile` the networks, or not, or "auto".
 SamplingPrecision = Literal["auto", "fp32", "bf16", "fp16"]
 CompileSetting = bool | Literal["auto"]
 
@@ -50,6 +53,12 @@ class UserError(Exception):
 
 class ConfigError(UserError, ValueError):
     """A config key that is unknown, missing, of the wrong type or out of range."""
+
+
+class InputError(UserError, ValueError):
+    """Something the user gave that cannot be used: a missing or unreadable source, a
+    compressed tar, a bad labels file, an output folder holding another dataset, an image set
+    that cannot be evaluated. The message names the input and says what is wrong in one line."""
 
 
 def config_class(cls: type[T] | None = None, *, frozen: bool = False):
@@ -80,6 +89,9 @@ _EXPECTED = {"int_parsing": "int", "int_type": "int", "int_from_float": "int",
              "float_parsing": "float", "float_type": "float", "bool_parsing": "bool",
              "bool_type": "bool", "string_type": "str", "dict_type": "a mapping",
              "dataclass_type": "a mapping", "list_type": "a list", "tuple_type": "a list"}
+# pydantic's bound errors -> (the constraint's name in the error's context, its operator).
+_BOUNDS = {"greater_than": ("gt", ">"), "greater_than_equal": ("ge", ">="),
+           "less_than": ("lt", "<"), "less_than_equal": ("le", "<=")}
 
 
 def _fields_at(cls: type, loc: tuple) -> list[str]:
@@ -88,6 +100,16 @@ def _fields_at(cls: type, loc: tuple) -> list[str]:
         hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
         cls = hints.get(part, None)
     return [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else []
+
+
+def _named_loc(cls: type, loc: tuple) -> tuple:
+    """`loc` with a positional argument's index (a config class built positionally, as a job
+    builds one from its flags) replaced by the field's name, so the message names the key."""
+    if loc and isinstance(loc[0], int) and dataclasses.is_dataclass(cls):
+        names = [f.name for f in dataclasses.fields(cls)]
+        if loc[0] < len(names):
+            return (names[loc[0]], *loc[1:])
+    return loc
 
 
 def _message(cls: type, e: pydantic.ValidationError, where: str) -> str:
@@ -103,13 +125,23 @@ def _message(cls: type, e: pydantic.ValidationError, where: str) -> str:
         scope = ".".join([where, *map(str, parent)]).strip(".") or "the top level"
         return f"unknown config key(s): {keys} (known in {scope}: {known})"
     err = errors[0]
-    key = prefix + ".".join(str(p) for p in err["loc"])
+    key = prefix + ".".join(str(p) for p in _named_loc(cls, err["loc"]))
     if err["type"] == "missing_keyword_argument" or err["type"] == "missing":
         return f"missing config key {key}"
     if err["type"] == "value_error":  # a check of ours: its message names the key already
         return str(err.get("ctx", {}).get("error", err["msg"]))
     if err["type"] == "literal_error":
         return f"{key}: {err['input']!r} is not one of {err['ctx']['expected']}"
+    if err["type"] in _BOUNDS:
+        name, op = _BOUNDS[err["type"]]
+        bound = err["ctx"][name]  # a float field's bound comes as a float: 0 reads better
+        what = "positive" if (op, bound) == (">", 0) else f"{op} {bound:g}"
+        return f"{key}: must be {what}, got {err['input']!r}"
+    if err["type"] == "finite_number":
+        return f"{key}: must be finite, got {err['input']!r}"
+    if err["type"] == "too_short":
+        return f"{key}: must hold at least {err['ctx']['min_length']} value(s), got " \
+               f"{err['input']!r}"
     what = _EXPECTED.get(err["type"])
     detail = f"expected {what}" if what else err["msg"]
     return f"{key}: {detail}, got {err['input']!r}"

@@ -15,6 +15,12 @@ Where the node types come from, in order:
 * Else (an autoscaler that did not publish its node types, or no report yet), no check:
   nothing to check against.
 
+Where GPU training runs by default (`training_resources`): a cluster whose node types keep
+their GPUs apart by workload (a type offering `adm_train`, `adm_serve` or `adm_batch`, as
+cluster.yaml's and the KubeRay groups do) gives `--gpus` Train workers that name no
+`run.resources` the training type's resource, `{adm_train: 1}` (one per GPU, as the training
+types offer it), so they never take a serving or batch GPU.
+
 Units: the amounts are Ray's (CPU and GPU counts, custom resources as declared).
 """
 from __future__ import annotations
@@ -30,6 +36,7 @@ from .config import ConfigError, UserError
 TRAIN_RESOURCE = "adm_train"
 SERVE_RESOURCE = "adm_serve"
 BATCH_RESOURCE = "adm_batch"
+WORKLOAD_RESOURCES = (TRAIN_RESOURCE, SERVE_RESOURCE, BATCH_RESOURCE)
 
 
 @dataclass(frozen=True)
@@ -126,10 +133,76 @@ def check_fits(demand: Mapping[str, float], what: str,
         raise NodeTypeMismatch(what, dict(demand), types)
 
 
+class NoTrainingNodeType(UserError):
+    """GPU training on a cluster that keeps its GPUs apart by workload but has no type for
+    training: there is no node type to default to."""
+
+
+def training_resources(use_gpu: bool, resources: Mapping[str, float],
+                       types: list[NodeType] | None = None,
+                       published: bool | None = None) -> dict[str, float]:
+    """The custom resources one Train worker asks for (`run.resources` as it will be used).
+
+    The rule: a config that names `run.resources` keeps exactly them, and CPU training asks
+    for none. A GPU worker of a config that names none asks for `{adm_train: 1}` where the
+    cluster's node types use workload resources (any type offers adm_train, adm_serve or
+    adm_batch) and one of them offers adm_train; where none uses them (a laptop, a plain GPU
+    cluster) it asks for none. Workload types without a training type: `NoTrainingNodeType`,
+    naming the types, since any GPU the worker could take belongs to serving or batch work.
+
+    The node types are the cluster's config in the GCS when its head published them
+    (cluster.yaml, `adm.simcluster`: types with no live node count, as an autoscaler can add
+    them), else the live nodes (`published=False`). Ray 2.60's autoscalers record no node
+    types of their own, so with an unpublished autoscaler a missing training type may only
+    have no node yet: the error then says so and how to publish them.
+
+    :param types: the node types to decide on (default: the connected cluster's; Ray must then
+        be initialized). :param published: whether `types` are all the cluster can ever have.
+    :return: resource name -> amount per worker.
+    """
+    if resources or not use_gpu:
+        return dict(resources)
+    if types is None:
+        types = cluster_node_types()
+        published = types is not None
+        if types is None:
+            types = live_node_types()
+    offered = {k for t in types for k, v in t.resources.items() if v > 0}
+    if not offered & set(WORKLOAD_RESOURCES):
+        return {}
+    if TRAIN_RESOURCE in offered:
+        return {TRAIN_RESOURCE: 1.0}
+    listed = "; ".join(f"{t.name} {_fmt(t.resources)}" for t in types)
+    others = sorted(offered & set(WORKLOAD_RESOURCES))
+    if published is False:
+        where = (f"no node alive offers {TRAIN_RESOURCE}, and this cluster's autoscaler did "
+                 f"not publish the node types it may add (python -m adm.nodetypes publish "
+                 f"CLUSTER_CONFIG on the head). Nodes alive: {listed}")
+    else:
+        where = f"no node type of this cluster offers {TRAIN_RESOURCE}. Node types: {listed}"
+    raise NoTrainingNodeType(
+        f"run.resources: GPU training defaults to the training node type (its nodes offer "
+        f"{TRAIN_RESOURCE}), and this cluster keeps GPU nodes apart by workload "
+        f"({', '.join(others)}), but {where}. Name the resource of the node type to train on "
+        f"in run.resources (e.g. run.resources={{{others[0]}: 1}}), or add a node type that "
+        f"offers {TRAIN_RESOURCE}.")
+
+
+def live_node_types() -> list[NodeType]:
+    """The nodes alive now, each as a node type of its own (named by Ray's
+    `ray.io/node-type` label where it has one, else by address)."""
+    import ray
+
+    return [NodeType(n.get("Labels", {}).get("ray.io/node-type", n["NodeManagerAddress"]),
+                     {k: float(v) for k, v in n["Resources"].items()
+                      if not k.startswith("node:") and k not in ("memory",
+                                                                  "object_store_memory")})
+            for n in ray.nodes() if n["Alive"]]
+
+
 def cluster_node_types() -> list[NodeType] | None:
     """The node types of the connected cluster (see the module's docstring); None when an
     autoscaler runs that did not publish them."""
-    import ray
     from ray._private.state import state
 
     config = state.get_cluster_config()
@@ -149,11 +222,7 @@ def cluster_node_types() -> list[NodeType] | None:
     if (not status or "autoscaler_report" in json.loads(status)
             or is_autoscaler_v2(fetch_from_server=True)):
         return None
-    return [NodeType(n.get("Labels", {}).get("ray.io/node-type", n["NodeManagerAddress"]),
-                     {k: float(v) for k, v in n["Resources"].items()
-                      if not k.startswith("node:") and k not in ("memory",
-                                                                  "object_store_memory")})
-            for n in ray.nodes() if n["Alive"]]
+    return live_node_types()
 
 
 def cluster_config_proto(types: list[NodeType]):

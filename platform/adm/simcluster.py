@@ -1,5 +1,11 @@
 """A simulated multi-node Ray cluster on one machine, built from `cluster.yaml`.
 
+    python -m adm.simcluster [cluster.yaml] [--idle-timeout-s 15] [--max-cpus 2] [--max-gpus 2]
+
+starts one and prints its address (`RAY_ADDRESS` for `ray.init`, the jobs' `--address`,
+`ray status`; the dashboard URL for `ray job submit` and `serve deploy`); Ctrl-C stops it and
+every process it started. Try cluster.yaml's node types and autoscaling on a laptop that way.
+
 Ray's fake multi-node provider (`fake_multinode`, the one behind
 `ray.cluster_utils.AutoscalingCluster`) starts a real raylet per "node" when Ray's own
 autoscaler decides to launch one, and stops it when the node has been idle for the idle
@@ -8,9 +14,12 @@ workers and custom resources) with their CPUs and GPUs scaled down to fit one sm
 GPUs are declared, so GPU requests schedule, and the models fall back to CPU.
 
 Unlike `AutoscalingCluster`, it never runs `ray stop --force` (which ends every Ray on the
-machine): the head is a `ray start --head --block` process in a session of its own, the worker
-nodes are started by its autoscaler (so they are its descendants), and `stop` ends exactly that
-process tree. Every port is chosen free, and the cluster keeps its files in its own temp dir.
+machine): the head is a `ray start --head --block` process in a session of its own, and every
+process of the cluster stays in that session (the worker nodes are started by its autoscaler;
+Ray's workers change their process group, not their session). `stop` ends exactly that session
+and the head's process tree, which includes the workers a killed raylet left behind (no longer
+the head's descendants once their raylet is gone). Every port is chosen free, and the cluster
+keeps its files in its own temp dir.
 
 The fake provider names the head's type `ray.head.default` (fixed in Ray); the head gets
 cluster.yaml's head resources under that name.
@@ -28,26 +37,28 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from pydantic import PositiveFloat, PositiveInt
+
+from .config import config_class
 from .nodetypes import NodeType, node_types, publish_node_types
 from .runtime import free_ports
 
 FAKE_HEAD_TYPE = "ray.head.default"  # ray.autoscaler._private.fake_multi_node's own name
 
 
-@dataclass(frozen=True)
+@config_class(frozen=True)
 class SimSettings:
     """How cluster.yaml is shrunk onto one machine, and how fast the autoscaler reacts."""
 
-    max_cpus: int = 2  # logical CPUs of a node at most (cluster.yaml's count if smaller)
-    max_gpus: int = 2  # declared GPUs of a node at most; custom resources scale with them
-    idle_timeout_minutes: float = 0.25  # cluster.yaml: 5 (a real GPU node costs money)
-    upscaling_speed: float = 1.0
-    object_store_mb: int = 100  # per node (Ray's default takes 30% of the machine's memory)
-    autoscaler_interval_s: int = 1  # the autoscaler's update loop, s (Ray's default: 5)
+    max_cpus: PositiveInt = 2  # logical CPUs of a node at most (cluster.yaml's count if smaller)
+    max_gpus: PositiveInt = 2  # declared GPUs of a node at most; custom resources scale with them
+    idle_timeout_minutes: PositiveFloat = 0.25  # cluster.yaml: 5 (a real GPU node costs money)
+    upscaling_speed: PositiveFloat = 1.0
+    object_store_mb: PositiveInt = 100  # per node (Ray's default takes 30% of the machine's memory)
+    autoscaler_interval_s: PositiveInt = 1  # the autoscaler's update loop, s (Ray's default: 5)
 
 
 def scale_resources(resources: Mapping[str, float], settings: SimSettings) -> dict[str, int]:
@@ -123,13 +134,35 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-def kill_tree(root: int) -> list[int]:
-    """SIGKILL `root` and every process below it. The tree is frozen first (SIGSTOP, repeated
-    until no new process appears), so that nothing forks or is re-parented away meanwhile.
-    :return: the pids killed."""
+def _stat(pid: int | str) -> list[str] | None:
+    """The fields of /proc/PID/stat after the name (state, ppid, pgrp, session, ...); None
+    when there is no such process."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def session_members(sid: int) -> list[int]:
+    """Every live (not zombie) process of session `sid`, from /proc."""
+    out = []
+    for entry in os.listdir("/proc"):
+        fields = _stat(entry) if entry.isdigit() else None
+        if fields and fields[0] != "Z" and int(fields[3]) == sid:
+            out.append(int(entry))
+    return out
+
+
+def kill_tree(root: int, session: int | None = None) -> list[int]:
+    """SIGKILL `root`, every process below it and, with `session`, every process of that
+    session. They are frozen first (SIGSTOP, repeated until no new process appears), so that
+    nothing forks or is re-parented away meanwhile. :return: the pids killed."""
     stopped: list[int] = []
     for _ in range(20):
-        new = [p for p in [root, *descendants(root)] if p not in stopped]
+        members = [root, *descendants(root)]
+        if session is not None:
+            members += session_members(session)
+        new = [p for p in dict.fromkeys(members) if p not in stopped]
         if not new:
             break
         for pid in new:
@@ -172,6 +205,11 @@ class SimulatedCluster:
     @property
     def address(self) -> str:
         return f"http://127.0.0.1:{self.dashboard_port}"
+
+    @property
+    def logs_dir(self) -> Path:
+        """Ray's logs dir of the cluster: every node's logs (they share one session dir)."""
+        return self.temp_dir / "session_latest" / "logs"
 
     def env_for_clients(self) -> dict[str, str]:
         """The environment of a process that talks to this cluster (a driver, `serve deploy`,
@@ -269,12 +307,18 @@ class SimulatedCluster:
                 return pid
         return None
 
+    @property
+    def session(self) -> int | None:
+        """The session id of every process of the cluster (the head's pid: it starts one)."""
+        return self.proc.pid if self.proc is not None else None
+
     def stop(self) -> list[int]:
-        """End this cluster's processes, and only those (its head's process tree, which holds
-        the worker nodes its autoscaler started). :return: the pids ended."""
+        """End this cluster's processes, and only those: its session (the head's process
+        tree, the worker nodes its autoscaler started, and what a killed raylet left
+        behind). :return: the pids ended."""
         if self.proc is None:
             return []
-        pids = kill_tree(self.proc.pid)
+        pids = kill_tree(self.proc.pid, self.session)
         self.proc.wait(30)
         self.proc = None
         return pids
@@ -293,3 +337,74 @@ class SimulatedCluster:
 
     def __exit__(self, *exc: object) -> None:
         self.cleanup()
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m adm.simcluster [CLUSTER_YAML]`: start the simulated cluster, print how to
+    reach it, and stop it (all of it) on Ctrl-C or SIGTERM. Status 0 when stopped that way,
+    1 when the head ended on its own (its log is kept)."""
+    import argparse
+
+    import yaml
+
+    p = argparse.ArgumentParser(
+        prog="python -m adm.simcluster",
+        description="A cluster launcher config's node types and autoscaling, simulated on this "
+                    "machine: Ray's own autoscaler starts a raylet per node (fake multi-node "
+                    "provider). Ctrl-C stops it.")
+    p.add_argument("config", nargs="?", default="cluster.yaml",
+                   help="the cluster launcher config (default: cluster.yaml)")
+    d = SimSettings()
+    p.add_argument("--idle-timeout-s", type=float, default=d.idle_timeout_minutes * 60,
+                   help="remove a worker node idle this long, s (%(default)g; cluster.yaml: 300)")
+    p.add_argument("--max-cpus", type=int, default=d.max_cpus, help="CPUs of a node at most")
+    p.add_argument("--max-gpus", type=int, default=d.max_gpus,
+                   help="declared GPUs of a node at most (custom resources scale with them)")
+    p.add_argument("--object-store-mb", type=int, default=d.object_store_mb,
+                   help="object store per node, MB")
+    args = p.parse_args(argv)
+    with open(args.config) as f:
+        cluster = yaml.safe_load(f)
+    settings = SimSettings(max_cpus=args.max_cpus, max_gpus=args.max_gpus,
+                           idle_timeout_minutes=args.idle_timeout_s / 60,
+                           object_store_mb=args.object_store_mb)
+    signal.signal(signal.SIGTERM, _interrupt)  # ends it like Ctrl-C: the cluster goes with it
+    sim = SimulatedCluster(cluster, settings)
+    status = 1
+    try:
+        sim.start()
+        added = {k: v for k, v in sim.env_for_clients().items() if os.environ.get(k) != v}
+        types = "\n".join(f"  {t.name:<16} {_fmt(t.resources)}"
+                          + ("" if t.head else f" x {t.min_workers}-{t.max_workers}")
+                          for t in sim.node_types())
+        print(f"simulated cluster from {args.config}: worker nodes are added on demand and "
+              f"removed after {args.idle_timeout_s:g} s idle\n"
+              f"node types (resources scaled to this machine; workers: min-max):\n{types}\n"
+              f"  export {' '.join(f'{k}={v}' for k, v in sorted(added.items()))}\n"
+              f"dashboard: {sim.address} (ray job submit --address, serve deploy --address)\n"
+              f"logs: {sim.logs_dir}\n"
+              f"Ctrl-C stops it.", flush=True)
+        while sim.proc.poll() is None:
+            time.sleep(1)
+        print(f"error: the head exited (status {sim.proc.returncode}); its log: {sim.log_path}",
+              file=sys.stderr, flush=True)
+    except KeyboardInterrupt:
+        status = 0
+    finally:
+        ended = len(sim.stop())
+        if status == 0:
+            shutil.rmtree(sim.temp_dir, ignore_errors=True)
+        print(f"stopped: {ended} processes of the simulated cluster ended", flush=True)
+    return status
+
+
+def _fmt(resources: Mapping[str, float]) -> str:
+    return "{" + ", ".join(f"{k}: {v:g}" for k, v in resources.items()) + "}"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

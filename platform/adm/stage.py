@@ -24,41 +24,39 @@ import torch
 import torch.nn as nn
 
 from . import checkpoints, factory
-from .checkpoints import AUTOCAST, from_uint8, to_uint8
 from .config import ConfigError
 from .diffusion import GaussianDiffusion, sample, sampling_diffusion
+from .images import from_uint8, to_uint8
+from .precision import AUTOCAST, auto_precision
 from .presets import preset
 
 
 # "auto" compiles a generation stage that makes at least this many model calls per actor: on
 # the 2-core CPU box compiling a guided 32 px stage (about 80 s) costs about what this many
-# eager bf16 calls lose to compiled ones (README "Sampling speed"; benchmarks/sampling.py).
+# eager bf16 calls lose to compiled ones (docs/benchmarks.md "Sampling speed";
+# benchmarks/sampling.py).
 COMPILE_PAYS_AFTER_CALLS = 3000
 
 
-def auto_precision(device: torch.device) -> str:
-    """The precision setting "auto" picks on `device`: bf16 on a GPU that has it (else fp16),
-    bf16 on a CPU with native bf16 arithmetic (AVX-512 BF16 or AMX, as oneDNN reports), else
-    fp32 (an emulated bf16 is slower than fp32)."""
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return "bf16" if native else "fp32"
+def resolve_compile(compile: bool | str, calls: int | None) -> bool:
+    """`compile` with "auto" decided: compiled when a generation stage will make at least
+    COMPILE_PAYS_AFTER_CALLS model calls per actor (`calls`). A server (`calls` None) does not
+    compile on "auto", on any device: a replica compiles before it takes a request, so every
+    scale-up would wait for it, and how long that is on a GPU, cold and with a warm inductor
+    cache, is still to be measured (benchmarks/gpu_check.py's replica_start part)."""
+    if compile == "auto":
+        return calls is not None and calls >= COMPILE_PAYS_AFTER_CALLS
+    return bool(compile)
 
 
 def resolve_fast_path(precision: str, compile: bool | str, device: torch.device,
                       calls: int | None) -> tuple[str, bool]:
-    """(precision, compile) with "auto" settings decided for `device`: `auto_precision`, and
-    compilation when the stage will make at least COMPILE_PAYS_AFTER_CALLS model calls
-    (`calls`; None: a server, whose replicas live long: compiled on a GPU, where it takes a
-    minute, not on a CPU, where a replica would spend several minutes compiling before it
-    could answer)."""
+    """(precision, compile) with "auto" settings decided for `device`: call it in the process
+    that runs the networks there (`adm.precision.auto_precision` asks this machine's
+    hardware); compile as `resolve_compile`."""
     if precision == "auto":
         precision = auto_precision(device)
-    if compile == "auto":
-        compile = (device.type == "cuda" if calls is None
-                   else calls >= COMPILE_PAYS_AFTER_CALLS)
-    return precision, bool(compile)
+    return precision, resolve_compile(compile, calls)
 
 
 class Defaults(NamedTuple):

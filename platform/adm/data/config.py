@@ -9,7 +9,9 @@ from __future__ import annotations
 from dataclasses import field
 from typing import Literal
 
-from adm.config import ConfigError, Location, OptionalLocation, config_class
+from pydantic import PositiveFloat, PositiveInt
+
+from adm.config import Location, OptionalLocation, config_class
 
 ShuffleMode = Literal["shards", "global", "none"]
 
@@ -38,22 +40,10 @@ class DataConfig:
     val_uri: OptionalLocation = None
     random_crop: bool = False
     random_flip: bool = True
-    decode_workers: int | None = None
-    decode_num_cpus: float = 1.0
+    decode_workers: PositiveInt | None = None
+    decode_num_cpus: PositiveFloat = 1.0
     decode_resources: dict[str, float] = field(default_factory=dict)
-    decode_batch_size: int = 64
-    read_num_cpus: float = 0.25
+    decode_batch_size: PositiveInt = 64
+    read_num_cpus: PositiveFloat = 0.25
     shuffle: ShuffleMode = "shards"
     deterministic: bool = True
-
-    def __post_init__(self) -> None:
-        if self.decode_workers is not None and self.decode_workers < 1:
-            raise ConfigError(f"data.decode_workers: must be >= 1 or None, got "
-                              f"{self.decode_workers}")
-        if self.decode_num_cpus <= 0:
-            raise ConfigError(f"data.decode_num_cpus: must be > 0, got {self.decode_num_cpus}")
-        if self.read_num_cpus <= 0:
-            raise ConfigError(f"data.read_num_cpus: must be > 0, got {self.read_num_cpus}")
-        if self.decode_batch_size < 1:
-            raise ConfigError(f"data.decode_batch_size: must be >= 1, got "
-                              f"{self.decode_batch_size}")

@@ -25,18 +25,19 @@ import io
 import random
 import sys
 from collections import Counter
-from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
+from pydantic import NonNegativeFloat, PositiveFloat, PositiveInt
 from tqdm import tqdm
 
 from adm import storage
+from adm.config import InputError, config_class
 from adm.data.manifest import CLASSES, FORMAT, MANIFEST, shard_name
 from adm.data.preprocess import BadImageError, check_image, read_info
-from adm.data.sources import InputError, ScanResult, Skipped, SourceItem, read_items
+from adm.data.sources import ScanResult, Skipped, SourceItem, read_items
 from adm.progress import progress_bar
 from adm.storage import S3Options
 
@@ -51,9 +52,10 @@ def stderr_log(message: str) -> None:
     sys.stderr.flush()
 
 
-@dataclass(frozen=True)
+@config_class(frozen=True)
 class ShardWriterConfig:
-    """Settings of the shard writer.
+    """Settings of the shard writer (the prepare jobs fill it from their flags; a bad value is
+    a ConfigError naming the field).
 
     ``images_per_shard``: rows per shard (the last one holds the remainder); 1000 makes
     ImageNet shards of ~110 MB. ``shuffle_seed``: seeds the permutation of images over shards.
@@ -64,26 +66,13 @@ class ShardWriterConfig:
     between two lines of a progress bar when stderr is not a terminal (a Ray job's log, CI),
     where every update would stay in the log."""
 
-    images_per_shard: int = 1000
+    images_per_shard: PositiveInt = 1000
     shuffle_seed: int = 0
-    check_chunk_size: int = 256
-    num_cpus_per_task: float = 1.0
-    max_in_flight: int | None = None
-    row_group_size: int = 128
-    progress_interval_s: float = 10.0
-
-    def __post_init__(self) -> None:
-        # InputError: the jobs pass these straight from their flags.
-        if self.images_per_shard < 1:
-            raise InputError(f"images per shard must be at least 1, got {self.images_per_shard}")
-        if self.check_chunk_size < 1:
-            raise InputError(f"check chunk size must be at least 1, got {self.check_chunk_size}")
-        if self.num_cpus_per_task <= 0:
-            raise InputError(f"CPUs per task must be more than 0, got {self.num_cpus_per_task}")
-        if self.max_in_flight is not None and self.max_in_flight < 1:
-            raise InputError(f"tasks in flight must be at least 1, got {self.max_in_flight}")
-        if self.progress_interval_s < 0:
-            raise InputError(f"progress interval must be >= 0 s, got {self.progress_interval_s}")
+    check_chunk_size: PositiveInt = 256
+    num_cpus_per_task: PositiveFloat = 1.0
+    max_in_flight: PositiveInt | None = None
+    row_group_size: PositiveInt = 128
+    progress_interval_s: NonNegativeFloat = 10.0
 
 
 class ShardMismatchError(InputError):
@@ -218,7 +207,7 @@ def _run_bounded(
 
 def _default_in_flight(config: ShardWriterConfig) -> int:
     if config.max_in_flight is not None:
-        return max(1, config.max_in_flight)
+        return config.max_in_flight
     cpus = ray.cluster_resources().get("CPU", 1.0)
     return max(2, int(2 * cpus / config.num_cpus_per_task))
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 from adm import storage
-from adm.config import UserError
+from adm.config import InputError
 from adm.storage import S3Options
 
 # File name extensions treated as images (case-insensitive). The content decides the actual
@@ -37,12 +37,6 @@ _COMPRESSED_MAGIC = {
     b"\xfd7zXZ\x00": "xz",
     b"\x28\xb5\x2f\xfd": "zstd",
 }
-
-
-class InputError(UserError, ValueError):
-    """Something the user gave cannot be used (a missing or unreadable source, a compressed tar,
-    a bad labels file, an output folder holding another dataset). The message says what is wrong
-    in one line; the jobs print it as ``error: <message>`` and exit 2, without a traceback."""
 
 
 class MissingInputError(InputError, FileNotFoundError):

@@ -1,10 +1,12 @@
-"""The diffusion core: beta schedules, the Gaussian diffusion (training losses, DDPM and DDIM
-steps, guidance hooks, the bits/dim bound), respacing, timestep samplers, and the fast sampling
-entry point (DDPM, DDIM, DPM-Solver++(2M) and (3M); classifier and classifier-free guidance;
-per-sample noise streams). Plain PyTorch and numpy; nothing here knows about Ray or the
-networks' internals."""
+"""The diffusion core: beta schedules (`schedules`), the Gaussian diffusion (`gaussian`: training
+losses, DDPM and DDIM steps, guidance hooks, the bits/dim bound), respacing (`respace`), timestep
+samplers for training (`resample`), and sampling: the entry point `sample` (`sampling`), the
+samplers DDPM, DDIM, DPM-Solver++(2M) and (3M) (`samplers`), which timesteps they visit
+(`spacing`), classifier-free guidance (`cfg`) and per-sample noise streams (`seeds`). Plain
+PyTorch and numpy; nothing here knows about Ray or the networks' internals."""
 from typing import Literal
 
+from .cfg import classifier_free_guidance
 from .gaussian import GaussianDiffusion, LossType, ModelMeanType, ModelVarType
 from .losses import discretized_gaussian_log_likelihood, mean_flat, normal_kl
 from .resample import (
@@ -15,23 +17,11 @@ from .resample import (
     create_named_schedule_sampler,
 )
 from .respace import SpacedDiffusion, create_gaussian_diffusion, respace, space_timesteps
-from .sampling import (
-    SAMPLERS,
-    STREAMS,
-    TIMESTEP_SPACINGS,
-    RowNoise,
-    classifier_free_guidance,
-    ddim,
-    ddpm,
-    dpmpp_2m,
-    dpmpp_3m,
-    index_seeds,
-    LOGSNR_MIN,
-    logsnr_timesteps,
-    sample,
-    sampling_diffusion,
-)
+from .samplers import SAMPLERS, ddim, ddpm, dpmpp_2m, dpmpp_3m
+from .sampling import sample
 from .schedules import betas_for_alpha_bar, get_named_beta_schedule
+from .seeds import STREAMS, RowNoise, index_seeds
+from .spacing import LOGSNR_MIN, TIMESTEP_SPACINGS, logsnr_timesteps, sampling_diffusion
 
 __all__ = [
     "GaussianDiffusion", "SpacedDiffusion", "ModelMeanType", "ModelVarType", "LossType",

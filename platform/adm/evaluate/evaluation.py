@@ -20,6 +20,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
+from pydantic import PositiveFloat, PositiveInt
+
 from ..config import ConfigError, config_class
 from .. import checkpoints
 from ..nodetypes import check_resources
@@ -39,9 +41,9 @@ class FeatureJob:
     """How the Ray feature job runs (`jobs/evaluate.py`'s --batch-size, --num-workers,
     --cpus-per-worker, --gpus) and what the Inception is fed (--inception-inputs)."""
 
-    batch_size: int = 64  # images per network call
-    num_workers: int = 1  # feature actors
-    cpus_per_worker: float = 1.0  # CPUs each actor reserves
+    batch_size: PositiveInt = 64  # images per network call
+    num_workers: PositiveInt = 1  # feature actors
+    cpus_per_worker: PositiveFloat = 1.0  # CPUs each actor reserves
     gpus: bool = False  # one GPU per actor
     # Custom Ray resources each actor asks for ({adm_batch: 1}: cluster.yaml's batch nodes).
     resources: dict[str, float] = field(default_factory=dict)
@@ -51,9 +53,6 @@ class FeatureJob:
 
     def __post_init__(self) -> None:
         check_resources(self.resources, "resources")
-        if self.batch_size < 1 or self.num_workers < 1 or self.cpus_per_worker <= 0:
-            raise ConfigError(f"batch size ({self.batch_size}) and workers ({self.num_workers}) "
-                              f"must be >= 1, CPUs per worker ({self.cpus_per_worker}) > 0")
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..compat.openai import state_dict_mismatch
+from ..checkpoints import CheckpointError, read_state_dict, state_dict_mismatch
 from ..config import UserError
 
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -309,15 +309,13 @@ def missing_weights_message(path: str) -> str:
 
 
 def read_weights(raw: bytes, path: str) -> dict[str, torch.Tensor]:
-    """The state dict in ``raw`` (``torch.load(weights_only=True)``); an error naming ``path``
-    when it is not a state dict of the FID Inception's keys and shapes."""
+    """The state dict in ``raw``, read as every checkpoint is (``weights_only=True``, by
+    ``adm.checkpoints.read_state_dict``); an error naming ``path`` when it is not a state dict
+    of the FID Inception's keys and shapes."""
     try:
-        state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure: not a weights file
-        raise InceptionWeightsError(f"{path} is not a torch state dict ({type(e).__name__}: "
-                                    f"{e}); expected {WEIGHTS_FILE}") from None
-    if not isinstance(state, dict):
-        raise InceptionWeightsError(f"{path} does not hold a state dict; expected {WEIGHTS_FILE}")
+        state = read_state_dict(io.BytesIO(raw), path)
+    except CheckpointError as e:
+        raise InceptionWeightsError(f"{e}; expected {WEIGHTS_FILE}") from None
     with torch.device("meta"):
         problems = state_dict_mismatch(FIDInceptionV3(), state,
                                        skip=lambda key: key.endswith("num_batches_tracked"))

@@ -29,15 +29,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .. import storage
-from ..config import UserError
+from ..config import InputError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 STATS_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
 SAMPLES_FILE = "samples.npz"
-
-
-class InputError(UserError, ValueError):
-    """An input that cannot be evaluated; the message names the input and the problem."""
 
 
 @dataclass(frozen=True)

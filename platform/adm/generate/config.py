@@ -4,13 +4,14 @@ command line (which wins), checked when built (`adm.config`).
 Settings fall in two groups. `DECISIVE` ones decide the samples: a rerun into the same `out`
 must repeat them exactly (the run refuses otherwise, naming the first that differs). The rest
 only decide how fast they come: batch sizes, workers, CPUs or GPUs — by design, since each
-sample's randomness comes from (seed, index) alone (`adm.diffusion.sampling.index_seeds`).
+sample's randomness comes from (seed, index) alone (`adm.diffusion.seeds.index_seeds`).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import field
-from typing import Any, Sequence
+from typing import Annotated, Any, Sequence
+
+from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt
 
 from ..config import (CompileSetting, ConfigError, Location, SamplingPrecision,
                       apply_overrides, config_class, from_dict, load_yaml)
@@ -35,25 +36,29 @@ class SampleConfig:
     steps: int | str | None = None  # stage 1: 25 (spaced per `timesteps`), "250", "ddim25"
     timesteps: SpacingName | None = None  # how an int `steps` is spaced; None: the sampler's own
     #                                   (ddimN, N, log-SNR for dpmpp_*)
-    lambda_min: float | None = None  # where a log-SNR grid starts (None: -5.1; -inf: step T)
-    cfg_scale: float = 1.0  # classifier-free guidance w of stage 1 (1 = off)
-    eta: float = 0.0  # DDIM's eta, for the stages that sample with DDIM
-    num_samples: int = 10000
+    # Where a log-SNR grid starts (None: -5.1; -inf: step T), a log-SNR of at most 20.
+    lambda_min: Annotated[float | None, Field(le=20)] = None
+    # Classifier-free guidance w of stage 1 (1 = off).
+    cfg_scale: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 1.0
+    eta: NonNegativeFloat = 0.0  # DDIM's eta, for the stages that sample with DDIM
+    num_samples: PositiveInt = 10000
     classes: str = "uniform"  # "uniform", "balanced" or a list "3,7,9" (ids or class names)
     seed: int = 0
-    precision: SamplingPrecision = "auto"  # autocast of the networks; auto: bf16 on a CPU with
-    #                           native bf16, fp16 on a GPU, else fp32 (adm.stage.auto_precision)
+    precision: SamplingPrecision = "auto"  # autocast of the networks; auto: bf16 where the
+    #     stage's device has it natively (a CPU with AVX-512 BF16 or AMX, a GPU of compute
+    #     capability 8.0+), else fp16 on a GPU and fp32 on a CPU (adm.precision); decided on
+    #     the stage's own device when the run starts, recorded in settings.json for resumes
     compile: CompileSetting = "auto"  # torch.compile the networks; auto: when a stage makes
     #                                 enough model calls per actor to pay for it
     clip_denoised: bool = True
-    shard_size: int = 1000  # samples per shard file (the unit of resumption)
+    shard_size: PositiveInt = 1000  # samples per shard file (the unit of resumption)
     out: Location = "samples"  # output folder, local or s3://
-    batch_size: int = 16  # stage 1 rows per model call
-    upsampler_batch_size: int | None = None  # stage 2 rows per model call (default batch_size)
-    num_workers: int = 1  # stage 1 actors
-    upsampler_workers: int | None = None  # stage 2 actors (default num_workers)
+    batch_size: PositiveInt = 16  # stage 1 rows per model call
+    upsampler_batch_size: PositiveInt | None = None  # stage 2 rows per call (default batch_size)
+    num_workers: PositiveInt = 1  # stage 1 actors
+    upsampler_workers: PositiveInt | None = None  # stage 2 actors (default num_workers)
     gpus: bool = False  # one GPU per actor
-    cpus_per_worker: float = 1.0  # logical CPUs each actor reserves
+    cpus_per_worker: PositiveFloat = 1.0  # logical CPUs each actor reserves
     # Custom Ray resources each actor asks for: {adm_batch: 1} keeps them on cluster.yaml's
     # batch nodes (nodetypes.BATCH_RESOURCE); none on a laptop.
     resources: dict[str, float] = field(default_factory=dict)
@@ -80,26 +85,11 @@ def load_sample_config(config: str | None, overrides: Sequence[str] = (), **cli:
 
 
 def check_numbers(cfg: SampleConfig) -> None:
-    """The checks across settings that need no file (run when a SampleConfig is built): a
-    ConfigError naming the setting."""
+    """The checks that need no file and are not one setting's bounds (those are in the
+    annotations), run when a SampleConfig is built: a ConfigError naming the setting."""
     if not cfg.model:
         raise ConfigError("model: a base model URI is required (--model)")
-    if cfg.num_samples <= 0:
-        raise ConfigError(f"num_samples: must be positive, got {cfg.num_samples}")
-    for name in ("shard_size", "batch_size", "num_workers", "upsampler_batch_size",
-                 "upsampler_workers"):
-        value = getattr(cfg, name)
-        if value is not None and value <= 0:
-            raise ConfigError(f"{name}: must be positive, got {value}")
-    if cfg.cpus_per_worker <= 0:
-        raise ConfigError(f"cpus_per_worker: must be positive, got {cfg.cpus_per_worker}")
     check_resources(cfg.resources, "resources")
-    if cfg.eta < 0:
-        raise ConfigError(f"eta: must be >= 0, got {cfg.eta}")
-    if cfg.lambda_min is not None and (math.isnan(cfg.lambda_min) or cfg.lambda_min > 20):
-        raise ConfigError(f"lambda_min: a log-SNR of at most 20 (or -inf), got {cfg.lambda_min}")
-    if not 0 <= cfg.cfg_scale < float("inf"):
-        raise ConfigError(f"cfg_scale: must be finite and >= 0, got {cfg.cfg_scale}")
     if cfg.classifier_scale is not None and not cfg.classifier and not cfg.classifier_preset:
         raise ConfigError("classifier_scale: given without a classifier (--classifier URI)")
     if cfg.classifier_preset and not cfg.classifier:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..config import ConfigError
-from ..diffusion.sampling import index_seeds
+from ..diffusion.seeds import index_seeds
 
 MODES = ("uniform", "balanced")
 

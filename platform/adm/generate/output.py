@@ -188,10 +188,11 @@ def check_settings(out: str, decisive: dict) -> bool:
     want = json.loads(json.dumps(decisive))  # tuples -> lists, as read back
     # The user's own settings first (named as they spell them), then what they resolved to
     # (a preset's defaults, a model file's flags or checksum).
-    key = (_first_difference(want.get("settings"), have.get("settings"))
-           or _first_difference(want, have))
+    key = _first_difference(want.get("settings"), have.get("settings"))
+    where = None if key is None else f"settings.{key}"
+    if key is None:
+        key = where = _first_difference(want, have)
     if key is not None:
-        where = key if key in want or key in have else f"settings.{key}"
         theirs, ours = _lookup(have, where), _lookup(want, where)
         raise ConfigError(f"{key}: {out} holds a run with {key}={theirs!r}; this run has "
                           f"{ours!r}. Use another --out, or the same settings to resume it")

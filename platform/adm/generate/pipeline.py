@@ -8,6 +8,12 @@
 Actors are stateful: each loads its networks once (`adm.stage.Stage`). A stage gives index i
 slot i of its model calls of exactly batch_size rows (the padding rule of `adm.stage`), so a
 sample's bits do not depend on how Ray Data happened to cut the stream either.
+
+Before the pools start, a fresh run with `precision: auto` asks one task that holds what a
+stage's actor holds (its CPUs, GPU and custom resources, so it lands on a node of the same
+type) which precision that device computes natively (`ask_device`), and records the answer in
+settings.json. Both stages ask for the same resources, so one answer serves both. Every actor
+then runs at the recorded precision, whichever node it lands on.
 """
 from __future__ import annotations
 
@@ -15,13 +21,58 @@ import numpy as np
 import torch
 
 from .. import storage
-from ..diffusion.sampling import index_seeds
+from ..diffusion.seeds import index_seeds
 from ..nodetypes import check_fits, worker_demand
+from ..precision import NATIVE_BF16_CPU_FLAGS, auto_precision, cpu_flags
 from ..progress import progress_bar
 from ..stage import Stage, model_calls
 from . import output
 from .labels import labels_for
 from .plan import Plan, StagePlan
+
+
+def stage_device(gpus: bool) -> torch.device:
+    """The device a stage's actor runs its networks on: the GPU Ray gave it (`gpus`), else the
+    CPU."""
+    return torch.device("cuda" if gpus and torch.cuda.is_available() else "cpu")
+
+
+def actor_resources(plan: Plan) -> dict:
+    """What each actor of either stage holds (Ray's num_cpus, num_gpus, resources)."""
+    cfg = plan.cfg
+    return dict(num_cpus=cfg.cpus_per_worker, num_gpus=1 if cfg.gpus else None,
+                resources=cfg.resources or None)
+
+
+def probe_device(gpus: bool) -> dict:
+    """Runs in the probe task, on a stage's kind of node: the precision "auto" picks on the
+    device an actor there would use ("precision"), that device in words ("device"), and what
+    Ray gave the task ("resources")."""
+    device = stage_device(gpus)
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        words = f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor})"
+    else:
+        native = sorted(NATIVE_BF16_CPU_FLAGS & cpu_flags())
+        words = f"CPU ({', '.join(native) if native else 'no native bf16'})"
+    import ray
+
+    ctx = ray.get_runtime_context()
+    return {"precision": auto_precision(device),
+            "device": f"{words} on node {ctx.get_node_id()[:12]}",
+            "resources": ctx.get_assigned_resources()}
+
+
+def ask_device(plan: Plan) -> dict:
+    """The answer of `probe_device` from a Ray task that holds a stage actor's resources
+    (Ray must be running)."""
+    import ray
+
+    opts = actor_resources(plan)
+    task = ray.remote(probe_device).options(
+        num_cpus=opts["num_cpus"], num_gpus=opts["num_gpus"] or 0,
+        resources=opts["resources"], name="adm-precision-probe")
+    return ray.get(task.remote(plan.cfg.gpus))
 
 
 class StageSampler:
@@ -32,7 +83,7 @@ class StageSampler:
 
     def __init__(self, stage: StagePlan, seed: int, clip_denoised: bool, eta: float, gpus: bool):
         self.seed, self.stream = seed, stage.stream
-        device = torch.device("cuda" if gpus and torch.cuda.is_available() else "cpu")
+        device = stage_device(gpus)
         self.stage = Stage.load(stage.net, stage.classifier, stage.precision, device,
                                 stage.batch_size, stage.compile)
         self.args = dict(sampler=stage.sampler, steps=stage.steps or None,
@@ -63,9 +114,7 @@ def _map_stage(ds, stage: StagePlan, plan: Plan):
         StageSampler, batch_size=stage.batch_size, batch_format="numpy",
         fn_constructor_kwargs=dict(stage=stage, seed=cfg.seed, clip_denoised=cfg.clip_denoised,
                                    eta=cfg.eta, gpus=cfg.gpus),
-        compute=ray.data.ActorPoolStrategy(size=stage.workers),
-        num_cpus=cfg.cpus_per_worker, num_gpus=1 if cfg.gpus else None,
-        resources=cfg.resources or None)
+        compute=ray.data.ActorPoolStrategy(size=stage.workers), **actor_resources(plan))
 
 
 def build_dataset(plan: Plan, skip: set[int]):
@@ -135,15 +184,30 @@ def finished_message(plan: Plan) -> str:
             f"{plan.cfg.num_samples} samples of these settings; nothing to do")
 
 
+def decide_on_stage_device(plan: Plan, log=print) -> Plan:
+    """`plan` with precision "auto" decided by a stage's own device (`ask_device`); a plan
+    with nothing undecided (every resume: its recorded answer) is returned as it is, unasked."""
+    if not plan.undecided:
+        return plan
+    cfg = plan.cfg
+    check_fits(worker_demand(cfg.cpus_per_worker, int(cfg.gpus), cfg.resources),
+               "sampling actors")
+    answer = ask_device(plan)
+    log(f"precision auto: {answer['precision']}, as decided on {answer['device']}")
+    return plan.decide(answer["precision"], answer["device"])
+
+
 def generate(plan: Plan, progress: bool = True, log=print) -> str:
-    """Run the plan (Ray must be running): resume from finished shards, write the rest, merge.
-    Returns the URI of samples.npz. A finished run is left as it is."""
+    """Run the plan (Ray must be running): decide precision "auto" on a stage's device (a
+    fresh run), resume from finished shards, write the rest, merge. Returns the URI of
+    samples.npz. A finished run is left as it is."""
     cfg = plan.cfg
     samples_uri = storage.join(cfg.out, output.SAMPLES)
     if output.is_finished(cfg.out):
         log(finished_message(plan))
         return samples_uri
     storage.makedirs(cfg.out)
+    plan = decide_on_stage_device(plan, log)
     if not output.check_settings(cfg.out, plan.decisive()):
         output.write_settings(cfg.out, plan.decisive(), plan.execution())
     skip = output.finished_shards(cfg.out)

@@ -1,15 +1,20 @@
 """From settings to a checked plan: every network resolved and fitted to its file, the README
 defaults of presets filled in, and every bad setting refused (naming it) before any work.
+
+`precision: auto` is not decided here, on the machine that plans (a laptop or a CPU-only head
+may plan for GPU workers): a fresh run leaves it "auto" until `generate` asks the stage's own
+device (`adm.generate.pipeline.ask_device`) and records the answer in settings.json; a resume
+takes the recorded answer and never asks again, so its samples have the bytes of the first
+run's wherever it is resumed from.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
-import torch
+from dataclasses import asdict, dataclass, replace
 
 from .. import checkpoints, storage
 from ..config import ConfigError
-from ..stage import check_steps, preset_defaults, resolve_fast_path, stage_calls
+from ..precision import AUTOCAST
+from ..stage import check_steps, preset_defaults, resolve_compile, stage_calls
 from . import output
 from .config import SampleConfig, decisive
 from .labels import parse_classes
@@ -34,7 +39,7 @@ class StagePlan:
     timesteps: str | None = None
     cfg_scale: float = 1.0
     lambda_min: float | None = None
-    precision: str = "fp32"  # resolved: never "auto"
+    precision: str = "fp32"  # a key of AUTOCAST; "auto" until the stage's device decides it
     compile: bool = False
 
     def settings(self) -> dict:
@@ -52,10 +57,30 @@ class Plan:
     upsampler: StagePlan | None
     classes: str | tuple
     num_classes: int
+    decided_on: str | None = None  # the device that decided precision "auto", when one did
 
     @property
     def chained(self) -> bool:
         return self.upsampler is not None
+
+    @property
+    def undecided(self) -> bool:
+        """True while a stage's precision is still "auto" (a fresh run before it starts)."""
+        return any(s is not None and s.precision == "auto" for s in (self.base, self.upsampler))
+
+    def decide(self, precision: str, device: str) -> "Plan":
+        """This plan with every undecided stage at `precision`, the answer of `device` (a
+        description, recorded with how the run was executed)."""
+        if precision not in AUTOCAST:
+            raise ValueError(f"precision {precision!r} is not one of {sorted(AUTOCAST)}")
+
+        def decided(stage: StagePlan | None) -> StagePlan | None:
+            if stage is None or stage.precision != "auto":
+                return stage
+            return replace(stage, precision=precision)
+
+        return replace(self, base=decided(self.base), upsampler=decided(self.upsampler),
+                       decided_on=device)
 
     def decisive(self) -> dict:
         """What decides the samples (settings.json's "decisive")."""
@@ -66,7 +91,28 @@ class Plan:
 
     def execution(self) -> dict:
         """How this run was executed (recorded, not compared)."""
-        return {k: v for k, v in asdict(self.cfg).items() if k not in decisive(self.cfg)}
+        out = {k: v for k, v in asdict(self.cfg).items() if k not in decisive(self.cfg)}
+        if self.decided_on is not None:
+            out["precision_decided_on"] = self.decided_on
+        return out
+
+
+def recorded_precisions(out: str) -> dict[str, str]:
+    """Stage name ("base", "upsampler") -> the precision a run under `out` recorded for it
+    (settings.json); empty for a fresh `out`."""
+    uri = storage.join(out, output.SETTINGS)
+    if not storage.is_file(uri):
+        return {}
+    recorded = storage.read_json(uri).get("decisive", {})
+    return {name: stage["precision"] for name in ("base", "upsampler")
+            if isinstance(stage := recorded.get(name), dict)
+            and stage.get("precision") in AUTOCAST}
+
+
+def _precision(setting: str, recorded: str | None) -> str:
+    """A stage's precision: as set; for "auto", what a run under the same `out` recorded
+    (a resume), else "auto" (decided on the stage's device when the run starts)."""
+    return recorded if setting == "auto" and recorded is not None else setting
 
 
 def make_plan(cfg: SampleConfig) -> Plan:
@@ -91,12 +137,13 @@ def make_plan(cfg: SampleConfig) -> Plan:
     classes = parse_classes(cfg.classes, num_classes, base.classes or
                             (classifier.classes if classifier else None))
 
-    device = torch.device("cuda" if cfg.gpus else "cpu")
+    recorded = recorded_precisions(cfg.out)
     calls = stage_calls(base, sampler, steps, cfg.timesteps, cfg.lambda_min, cfg.num_samples,
                         cfg.batch_size, cfg.num_workers)
     stage1 = StagePlan(base, sampler, steps, "base", cfg.batch_size, cfg.num_workers,
                        classifier, scale, cfg.timesteps, cfg.cfg_scale, cfg.lambda_min,
-                       *resolve_fast_path(cfg.precision, cfg.compile, device, calls))
+                       _precision(cfg.precision, recorded.get("base")),
+                       resolve_compile(cfg.compile, calls))
     stage2 = None
     if cfg.upsampler:
         up = checkpoints.resolve("upsampler", cfg.upsampler, cfg.upsampler_preset, "upsampler")
@@ -106,9 +153,9 @@ def make_plan(cfg: SampleConfig) -> Plan:
         rows = cfg.upsampler_batch_size or cfg.batch_size
         workers = cfg.upsampler_workers or cfg.num_workers
         calls = stage_calls(up, up_sampler, up_steps, None, None, cfg.num_samples, rows, workers)
-        precision, compile = resolve_fast_path(cfg.precision, cfg.compile, device, calls)
         stage2 = StagePlan(up, up_sampler, up_steps, "upsampler", rows, workers,
-                           precision=precision, compile=compile)
+                           precision=_precision(cfg.precision, recorded.get("upsampler")),
+                           compile=resolve_compile(cfg.compile, calls))
 
     if cfg.eta and sampler != "ddim" and (stage2 is None or stage2.sampler != "ddim"):
         raise ConfigError(f"eta: {cfg.eta} is a DDIM parameter; no stage samples with DDIM")

@@ -2,7 +2,9 @@
 config, and every way a request can be bad turned into a 4xx that names the field.
 
 No Ray here: the ingress calls `parse_generate(raw_body, limits)` and gets a checked
-`GenerateRequest` (defaults filled in) or a `RequestError` (status, field, message).
+`GenerateRequest` (defaults filled in) or a `RequestError` (status, field, message). Steps are
+checked by `adm.stage.check_steps`, as the sampling job checks them: what a request may ask
+for is what `adm.diffusion.sample` can space over the base model's own chain.
 
 Fields that are keyword arguments of `adm.diffusion.sample` say so in their metadata
 (`json_schema_extra={"sample_arg": NAME}`): `GenerateRequest.sample_args()` collects them, the
@@ -11,7 +13,6 @@ to `sample(**sample_args)`. A new sampling knob is one such field.
 """
 from __future__ import annotations
 
-import functools
 import hmac
 import json
 from dataclasses import dataclass
@@ -20,8 +21,10 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, \
     field_validator, model_validator
 
-from ..diffusion import LOGSNR_MIN, create_gaussian_diffusion, sampling_diffusion
-from ..diffusion.sampling import DEFAULT_SPACING
+from ..checkpoints import ModelSpec
+from ..diffusion import LOGSNR_MIN
+from ..diffusion.spacing import DEFAULT_SPACING
+from ..stage import check_steps
 
 SAMPLE_ARG = "sample_arg"  # field metadata key: the `adm.diffusion.sample` keyword it feeds
 MAX_SEED = 2**53 - 1  # exact in a JavaScript number, so the page can show and resend it
@@ -42,7 +45,7 @@ class Limits:
     max_body_bytes: int
     num_classes: int
     class_names: tuple | None
-    diffusion_steps: int  # T of the base chain: steps must respace it
+    base: ModelSpec  # the base model: a request's steps must respace its chain
     has_classifier: bool
     has_null_class: bool  # the base was trained with label dropout: cfg_scale != 1 works
     has_upsampler: bool
@@ -56,17 +59,11 @@ class Limits:
         s = loaded.settings
         return cls(s.max_images, min(s.max_steps, loaded.diffusion_steps), tuple(s.samplers),
                    s.max_guidance_scale, s.max_cfg_scale, s.max_body_bytes, loaded.num_classes,
-                   tuple(loaded.classes) if loaded.classes else None, loaded.diffusion_steps,
+                   tuple(loaded.classes) if loaded.classes else None, loaded.base,
                    loaded.classifier is not None,
                    float(loaded.base.flags.get("class_dropout_prob", 0.0)) > 0,
                    loaded.upsampler is not None,
                    s.default_sampler, s.default_steps, loaded.guidance_scale)
-
-
-@functools.lru_cache(maxsize=4)
-def _chain(steps: int):
-    """A T-step chain to check a request's steps against (its betas do not matter here)."""
-    return create_gaussian_diffusion(steps=steps)
 
 
 class RequestError(Exception):
@@ -204,11 +201,8 @@ class GenerateRequest(BaseModel):
         elif self.lambda_min is not None:
             raise ValueError(f"lambda_min: sets where dpmpp_2m's log-SNR grid starts; the "
                              f"{self.sampler} sampler takes none")
-        try:  # as sample() will space them (DPM-Solver++ picks any count, in log-SNR)
-            sampling_diffusion(_chain(lim.diffusion_steps), self.sampler, self.steps)
-        except ValueError as e:
-            raise ValueError(f"steps: {self.steps} does not respace the model's "
-                             f"{lim.diffusion_steps}-step chain for {self.sampler} ({e})") from None
+        # A ConfigError is a ValueError: pydantic reports it, "steps: ..." names the field.
+        check_steps("steps", lim.base, self.sampler, self.steps, None, self.lambda_min)
         return self
 
     def sample_args(self) -> dict:

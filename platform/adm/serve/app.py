@@ -31,7 +31,7 @@ from PIL import Image
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from ..diffusion.sampling import index_seeds
+from ..diffusion.seeds import index_seeds
 from .api import Limits, RequestError, api_key_from, authorized, body_too_large, \
     check_content_type, parse_generate
 from ..stage import Job, Output

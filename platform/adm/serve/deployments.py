@@ -15,7 +15,7 @@ import torch
 from ray import serve
 
 from .. import checkpoints
-from ..checkpoints import AUTOCAST
+from ..precision import precision_name
 from ..stage import Job, Output, Stage, resolve_fast_path, run_batch
 
 logger = logging.getLogger("ray.serve")
@@ -29,7 +29,8 @@ class _Replica:
     def _setup(self, spec: checkpoints.ModelSpec, classifier: checkpoints.ModelSpec | None,
                precision: str, max_batch_requests: int, batch_wait_s: float,
                batch_rows: int, compile: bool | str) -> None:
-        # The replica's GPU when Ray gave it one (num_gpus in ray_actor_options), else the CPU.
+        # The replica's GPU when Ray gave it one (num_gpus in ray_actor_options), else the CPU;
+        # "auto" is decided here, on the replica's own hardware, not where the app was built.
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         precision, compile = resolve_fast_path(precision, compile, device, None)
         self.stage = Stage.load(spec, classifier, precision, device, batch_rows, compile)
@@ -46,7 +47,7 @@ class _Replica:
     def ready(self) -> dict:
         """Answers once this replica has loaded its networks (GET /healthz)."""
         return {"device": str(self.stage.device), "image_size": self.stage.size,
-                "precision": next(k for k, v in AUTOCAST.items() if v == self.stage.autocast),
+                "precision": precision_name(self.stage.autocast),
                 "compile": self.stage.compile}
 
     # One batch queue per process, and each replica is its own actor process; _setup sets the

@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Mapping
 
-from pydantic import BeforeValidator
+from pydantic import BeforeValidator, Field, NonNegativeFloat, PositiveInt
 
 from .. import checkpoints, factory, storage
 from ..config import CompileSetting, ConfigError, SamplingPrecision, config_class, from_dict
@@ -27,8 +27,9 @@ RELEASES = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/"
 DEFAULT_API_KEY_ENV = "ADM_SERVE_API_KEY"
 
 # What a command line gives: "ddim,ddpm" for a list, "25" for a step count ("ddim25" stays text).
-Samplers = Annotated[tuple[SamplerName, ...], BeforeValidator(
+Samplers = Annotated[tuple[SamplerName, ...], Field(min_length=1), BeforeValidator(
     lambda v: tuple(s.strip() for s in v.split(",") if s.strip()) if isinstance(v, str) else v)]
+Scale = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 Steps = Annotated[int | str, BeforeValidator(
     lambda v: int(v) if isinstance(v, str) and v.strip().isdigit() else v)]
 
@@ -46,15 +47,15 @@ class ServeSettings:
     upsampler_preset: str | None = None
     how_to_get: str | None = None  # told when a model file is missing (e.g. "make quickstart")
     # Request bounds.
-    max_images: int = 4  # num_images per request
-    max_steps: int = 100  # base sampling steps per request
+    max_images: PositiveInt = 4  # num_images per request
+    max_steps: PositiveInt = 100  # base sampling steps per request
     samplers: Samplers = ("ddim", "ddpm")  # the samplers a request may ask for
-    max_guidance_scale: float = 20.0
-    max_cfg_scale: float = 10.0  # classifier-free guidance w (a base trained with label dropout)
-    max_body_bytes: int = 16384
+    max_guidance_scale: Scale = 20.0
+    max_cfg_scale: Scale = 10.0  # classifier-free guidance w (a base trained with label dropout)
+    max_body_bytes: PositiveInt = 16384
     # Defaults of a request that leaves a field out.
     default_sampler: SamplerName = "ddim"
-    default_steps: int = 25
+    default_steps: PositiveInt = 25
     default_guidance_scale: float | None = None  # None: the preset's README scale, else 1.0
     # The upsampler stage is not a request setting: its sampler and steps are the server's.
     upsampler_sampler: SamplerName | None = None  # None: the preset's (README) sampler, else ddpm
@@ -62,14 +63,16 @@ class ServeSettings:
     # Batching: one @serve.batch call takes up to `max_batch_requests` requests; their rows
     # (grouped by settings) run in model calls of exactly `batch_rows` rows (padded), so an
     # image's arithmetic never depends on what it was batched with.
-    max_batch_requests: int = 8
-    batch_wait_s: float = 0.05
-    batch_rows: int = 8
-    upsampler_batch_rows: int | None = None  # default: batch_rows
-    precision: SamplingPrecision = "auto"  # autocast of the networks (auto: bf16 on a CPU with
-    #                        native bf16, fp16 on a GPU, else fp32: adm.stage.auto_precision)
-    compile: CompileSetting = "auto"  # torch.compile the networks at replica start (auto: on a
-    #                                 GPU; a CPU replica would compile for minutes)
+    max_batch_requests: PositiveInt = 8
+    batch_wait_s: NonNegativeFloat = 0.05
+    batch_rows: PositiveInt = 8
+    upsampler_batch_rows: PositiveInt | None = None  # default: batch_rows
+    precision: SamplingPrecision = "auto"  # autocast of the networks (auto: bf16 where the
+    #     replica's device has it natively, a CPU with AVX-512 BF16 or AMX or a GPU of compute
+    #     capability 8.0+, else fp16 on a GPU and fp32 on a CPU; each replica decides on its
+    #     own device: adm.precision)
+    compile: CompileSetting = "auto"  # torch.compile the networks at replica start (auto: off
+    #     on every device until a GPU replica's cold and warm start are measured)
     gpus: bool = False  # one GPU per model replica (a config file sets ray_actor_options)
     api_key_env: str = DEFAULT_API_KEY_ENV  # the environment variable holding the API key
     require_api_key: bool = False  # refuse to start without a key (a public bind)
@@ -84,29 +87,16 @@ class ServeSettings:
         return from_dict(cls, values)
 
     def __post_init__(self) -> None:
-        """The checks across arguments that need no file; a ConfigError names the argument."""
+        """The checks across arguments that need no file (each argument's own bounds are in
+        its annotation); a ConfigError names the argument."""
         if not self.base:
             raise ConfigError("base: the base model URI is required (base=URI)")
-        for name in ("max_images", "max_steps", "max_body_bytes", "default_steps",
-                     "max_batch_requests", "batch_rows"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name}: must be positive, got {getattr(self, name)}")
-        if self.upsampler_batch_rows is not None and self.upsampler_batch_rows <= 0:
-            raise ConfigError(f"upsampler_batch_rows: must be positive, got "
-                              f"{self.upsampler_batch_rows}")
-        if not self.samplers:
-            raise ConfigError("samplers: none given")
         if self.default_sampler not in self.samplers:
             raise ConfigError(f"default_sampler: {self.default_sampler!r} is not in samplers "
                               f"({', '.join(self.samplers)})")
         if self.default_steps > self.max_steps:
             raise ConfigError(f"default_steps: {self.default_steps} exceeds max_steps "
                               f"{self.max_steps}")
-        for name in ("max_guidance_scale", "max_cfg_scale"):
-            if not 0 <= getattr(self, name) < float("inf"):
-                raise ConfigError(f"{name}: must be finite and >= 0, got {getattr(self, name)}")
-        if self.batch_wait_s < 0:
-            raise ConfigError(f"batch_wait_s: must be >= 0, got {self.batch_wait_s}")
         for name, uri in (("classifier_preset", self.classifier),
                           ("upsampler_preset", self.upsampler)):
             if getattr(self, name) and not uri:

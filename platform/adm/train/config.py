@@ -15,7 +15,7 @@ from dataclasses import field
 from typing import Annotated, Any, Literal, Sequence
 
 import torch
-from pydantic import BeforeValidator
+from pydantic import BeforeValidator, Field, NonNegativeFloat, PositiveFloat, PositiveInt
 
 from .. import factory
 from ..config import (ConfigError, Location, OptionalLocation, Precision, apply_overrides,
@@ -42,8 +42,9 @@ TRAINING_FLAG_KEYS = {"lr": "optim.lr", "weight_decay": "optim.weight_decay",
                       "resume_checkpoint": "run.init_from", "data_dir": "data.uri",
                       "val_data_dir": "data.val_uri"}
 # `ema_rate: 0.9999` in YAML is a list of one rate (the reference's flag is a comma list).
-Rates = Annotated[list[float], BeforeValidator(lambda v: v if isinstance(v, (list, tuple))
-                                               else [v])]
+Rate = Annotated[float, Field(gt=0, lt=1)]
+Rates = Annotated[list[Rate], Field(min_length=1),
+                  BeforeValidator(lambda v: v if isinstance(v, (list, tuple)) else [v])]
 
 
 @config_class
@@ -54,10 +55,10 @@ class ModelSection:
 
 @config_class
 class OptimSection:
-    batch_size: int = 256  # global batch, split evenly across workers
+    batch_size: PositiveInt = 256  # global batch, split evenly across workers
     microbatch: int = -1  # per-worker microbatch for gradient accumulation (-1: none)
-    lr: float = 1e-4
-    weight_decay: float = 0.0
+    lr: PositiveFloat = 1e-4
+    weight_decay: NonNegativeFloat = 0.0
     lr_anneal_steps: int = 0  # anneal lr linearly to 0 over this many steps (0: constant)
     ema_rate: Rates = field(default_factory=lambda: [0.9999])
     # Warm the EMAs up (decay min(rate, (1+n)/(10+n)) at update n, adm.train.ema) instead of
@@ -65,8 +66,8 @@ class OptimSection:
     ema_warmup: bool = False
     schedule_sampler: Literal["uniform", "loss-second-moment"] = "uniform"
     precision: Precision = "fp32"  # fp32 | bf16 (autocast) | fp16 (autocast + grad scaler)
-    grad_clip: float = 0.0  # clip the global grad norm to this (0: off)
-    max_steps: int = 1000
+    grad_clip: NonNegativeFloat = 0.0  # clip the global grad norm to this (0: off)
+    max_steps: PositiveInt = 1000
     noised: bool = True  # classifier: train on x_t at uniformly drawn t (else on x_0, t=0)
     max_nonfinite_in_row: int = 20  # stop after this many skipped non-finite steps in a row
 
@@ -75,16 +76,16 @@ class OptimSection:
 class RunSection:
     name: str = "run"
     storage: Location = "runs"  # local folder or s3:// URI; the run lives in <storage>/<name>
-    num_workers: int = 1
+    num_workers: PositiveInt = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     # Custom Ray resources each worker asks for besides CPU/GPU: {adm_train: 1} keeps the
     # workers on cluster.yaml's training nodes (nodetypes.TRAIN_RESOURCE); none on a laptop.
     resources: dict[str, float] = field(default_factory=dict)
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"  # the worker group's
-    log_interval: int = 10
-    save_interval: int = 1000
-    keep_checkpoints: int = 2
+    log_interval: PositiveInt = 10
+    save_interval: PositiveInt = 1000
+    keep_checkpoints: PositiveInt = 2
     max_failures: int = 3  # worker-group restarts from the last checkpoint
     eval_interval: int = 100  # classifier: held-out accuracy every N steps (0: off)
     eval_batches: int = 4
@@ -130,26 +131,16 @@ class TrainConfig:
 
 
 def check(cfg: TrainConfig) -> None:
-    """Check everything that can be checked without data or workers; errors name the key.
-    Runs once per TrainConfig, when it is built (it builds the model on the meta device)."""
+    """Check what spans keys and what needs the model, without data or workers (each key's
+    own bounds are in its annotation); errors name the key. Runs once per TrainConfig, when it
+    is built (it builds the model on the meta device)."""
     o, r = cfg.optim, cfg.run
-    for key, value in (("run.num_workers", r.num_workers), ("optim.batch_size", o.batch_size),
-                       ("optim.max_steps", o.max_steps), ("run.log_interval", r.log_interval),
-                       ("run.save_interval", r.save_interval),
-                       ("run.keep_checkpoints", r.keep_checkpoints)):
-        if value < 1:
-            raise ConfigError(f"{key}: {value} must be at least 1")
     if o.batch_size % r.num_workers:
         raise ConfigError(f"optim.batch_size: {o.batch_size} is not divisible by "
                           f"run.num_workers={r.num_workers}")
     if o.microbatch != -1 and (o.microbatch < 1 or cfg.per_worker_batch % o.microbatch):
         raise ConfigError(f"optim.microbatch: {o.microbatch} must divide the per-worker batch "
                           f"{cfg.per_worker_batch}")
-    if o.lr <= 0 or o.weight_decay < 0 or o.grad_clip < 0:
-        raise ConfigError("optim.lr must be positive; optim.weight_decay and optim.grad_clip "
-                          "must not be negative")
-    if not o.ema_rate or any(not 0 < e < 1 for e in o.ema_rate):
-        raise ConfigError(f"optim.ema_rate: {o.ema_rate} must be rates in (0, 1)")
     if not cfg.data.uri:
         raise ConfigError("data.uri: no training shards given (set it or pass --data)")
     check_resources(r.resources, "run.resources")

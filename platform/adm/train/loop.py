@@ -17,7 +17,8 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Iterator
 
 import numpy as np
 import ray.train
@@ -26,10 +27,10 @@ import torch
 import torch.distributed as dist
 from torch.optim.swa_utils import AveragedModel
 
-from ..compat import openai
 from .. import storage
-from ..checkpoints import AUTOCAST
+from ..checkpoints import load_checkpoint
 from ..config import to_dict
+from ..precision import AUTOCAST
 from .checkpoint import load_state, save_state
 from .ema import ema_multi_avg_fn
 from .config import TrainConfig, build_model
@@ -147,7 +148,7 @@ def restore(w: Worker, checkpoint: ray.train.Checkpoint | None) -> None:
     EMAs are matched by rate; a checkpoint with other rates than the config is refused."""
     if checkpoint is None:
         if w.cfg.run.init_from:
-            openai.load_checkpoint(w.model, w.cfg.run.init_from)
+            load_checkpoint(w.model, w.cfg.run.init_from)
             for ema in w.emas.values():
                 ema.module.load_state_dict(w.model.state_dict())
         return
@@ -249,8 +250,12 @@ LOGGED = ("loss", "mse", "vb", "acc_top1", "val_acc_top1", "grad_norm", "lr", "i
 
 def train_loop_per_worker(loop_config: dict) -> None:
     """Train `loop_config["config"]` (a `TrainConfig`, checked on the driver) from its last
-    checkpoint, if any, to `optim.max_steps`. `loop_config["s3"]` holds the driver's non-secret S3 settings
-    (endpoint, region); credentials come from the worker's own environment or role."""
+    checkpoint, if any, to `optim.max_steps`, one `train_step` per batch. The interval's metrics
+    are logged and reported every `run.log_interval` steps and whenever the run checkpoints
+    (every `run.save_interval` steps and at the last) or evaluates on held-out data (every
+    `run.eval_interval` steps and at the last, when `data.val_uri` is set). `loop_config["s3"]`
+    holds the driver's non-secret S3 settings (endpoint, region); credentials come from the
+    worker's own environment or role."""
     storage.use_s3_settings(**loop_config.get("s3", {}))
     _quiet_train_reports(loop_config.get("log_level", "WARNING"))
     cfg: TrainConfig = loop_config["config"]
@@ -258,70 +263,124 @@ def train_loop_per_worker(loop_config: dict) -> None:
     w = build_worker(cfg)
     restore(w, ray.train.get_checkpoint())
     w.ddp = ray.train.torch.prepare_model(w.model, move_to_device=False)
-    last_saved = w.step
 
     shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if cfg.data.val_uri else None
     acc = MetricAccumulator(w.device, w.objective.num_timesteps)
     tb = TensorBoardLog(cfg) if w.rank == 0 else None
     bar = _step_reporter(w, loop_config.get("progress"))
-    nonfinite_in_row = skipped = epoch = 0
-    wait_s = busy_s = 0.0
-    interval_start = time.perf_counter()
-    while w.step < o.max_steps:
-        epoch += 1  # each pass over the shard is one epoch, reshuffled (seeded) by the pipeline
+    s = LoopState(last_saved=w.step)
+    for batch in _batches(w, shard, s):
+        _counted_train_step(w, batch, acc, s)
+        if bar is not None:
+            bar.update(w.step)
+        _check_nonfinite(w, s)
+
+        done = w.step >= o.max_steps
+        save = w.step % r.save_interval == 0 or done
+        evaluate = val_shard is not None and r.eval_interval > 0 and (
+            w.step % r.eval_interval == 0 or done)
+        if w.step % r.log_interval == 0 or save or evaluate:
+            metrics = _interval_metrics(w, acc, s)
+            if evaluate:
+                metrics.update(w.objective.evaluate(w.model, val_shard, cfg, _all_reduce_mean))
+            _log(w, metrics, tb)
+            save_and_report(w, metrics, save)
+            if save:
+                s.last_saved = w.step
+            acc.reset()
+            s.start_interval()
+    if bar is not None:
+        bar.close(w.step)
+    if tb is not None:
+        tb.close()
+
+
+@dataclass
+class LoopState:
+    """The loop's bookkeeping beside the worker's training state: the epoch (passes over the
+    shard), the steps skipped as non-finite in a row and in all, the step of the last
+    checkpoint, and the current log interval's seconds spent waiting for data (`wait_s`) and in
+    `train_step` (`busy_s`) since it began (`interval_start`, a `time.perf_counter()` reading)."""
+
+    last_saved: int
+    epoch: int = 0
+    nonfinite_in_row: int = 0
+    skipped: int = 0
+    wait_s: float = 0.0
+    busy_s: float = 0.0
+    interval_start: float = field(default_factory=time.perf_counter)
+
+    def start_interval(self) -> None:
+        self.wait_s = self.busy_s = 0.0
+        self.interval_start = time.perf_counter()
+
+
+def _batches(w: Worker, shard: ray.data.DataIterator,
+             s: LoopState) -> Iterator[dict[str, torch.Tensor]]:
+    """This worker's batches on its device until it has taken `optim.max_steps` steps: pass
+    after pass over its shard, each pass one epoch (counted in `s.epoch`), reshuffled (seeded)
+    by the pipeline. The time spent waiting for each batch is added to `s.wait_s`; the time
+    between batches (the step, logging, saving) is not."""
+    cfg = w.cfg
+    while w.step < cfg.optim.max_steps:
+        s.epoch += 1
         got_batch = False
         t_wait = time.perf_counter()
         for batch in shard.iter_torch_batches(batch_size=cfg.per_worker_batch, drop_last=True,
                                               device=w.device):
             got_batch = True
-            t_start = time.perf_counter()
-            wait_s += t_start - t_wait
-            if train_step(w, batch, acc):
-                nonfinite_in_row = 0
-            else:
-                nonfinite_in_row += 1
-                skipped += 1
-            busy_s += time.perf_counter() - t_start
-            if bar is not None:
-                bar.update(w.step)
-            if nonfinite_in_row > o.max_nonfinite_in_row:
-                raise NonFiniteError(
-                    f"step {w.step}: non-finite loss or gradient in {nonfinite_in_row} steps in "
-                    f"a row (limit optim.max_nonfinite_in_row={o.max_nonfinite_in_row}); the "
-                    f"last good checkpoint is at step {last_saved}")
-
-            done = w.step >= o.max_steps
-            save = w.step % r.save_interval == 0 or done
-            evaluate = val_shard is not None and r.eval_interval > 0 and (
-                w.step % r.eval_interval == 0 or done)
-            if w.step % r.log_interval == 0 or save or evaluate:
-                elapsed = time.perf_counter() - interval_start
-                metrics = acc.summary(_all_reduce_mean)
-                metrics.update(step=w.step, epoch=epoch, skipped_nonfinite=skipped,
-                               images_per_s=acc.images * w.world / max(elapsed, 1e-9),
-                               data_wait_frac=wait_s / max(wait_s + busy_s, 1e-9))
-                if evaluate:
-                    metrics.update(w.objective.evaluate(w.model, val_shard, cfg,
-                                                        _all_reduce_mean))
-                if w.rank == 0:  # a log record, not a print: Train's print patch shows prints twice
-                    log.info(f"[{cfg.kind}] step {w.step}/{o.max_steps} " + " ".join(
-                        f"{k}={metrics[k]:.4g}" for k in LOGGED if k in metrics))
-                    tb.write(metrics, w.step)
-                save_and_report(w, metrics, save)
-                if save:
-                    last_saved = w.step
-                acc.reset()
-                wait_s = busy_s = 0.0
-                interval_start = time.perf_counter()
-            if done:
-                break
+            s.wait_s += time.perf_counter() - t_wait
+            yield batch
+            if w.step >= cfg.optim.max_steps:
+                return
             t_wait = time.perf_counter()
         if not got_batch:
             raise ValueError(f"data.uri {cfg.data.uri}: an epoch gave no full batch of "
                              f"{cfg.per_worker_batch} images per worker; the data set is smaller "
                              "than the global batch")
-    if bar is not None:
-        bar.close(w.step)
-    if tb is not None:
-        tb.close()
+
+
+def _counted_train_step(w: Worker, batch: dict[str, torch.Tensor], acc: MetricAccumulator,
+                        s: LoopState) -> None:
+    """`train_step`, with its time added to `s.busy_s` and a skipped step counted in `s`."""
+    t_start = time.perf_counter()
+    if train_step(w, batch, acc):
+        s.nonfinite_in_row = 0
+    else:
+        s.nonfinite_in_row += 1
+        s.skipped += 1
+    s.busy_s += time.perf_counter() - t_start
+
+
+def _check_nonfinite(w: Worker, s: LoopState) -> None:
+    """Stop the run when more than `optim.max_nonfinite_in_row` steps in a row were skipped."""
+    limit = w.cfg.optim.max_nonfinite_in_row
+    if s.nonfinite_in_row > limit:
+        raise NonFiniteError(
+            f"step {w.step}: non-finite loss or gradient in {s.nonfinite_in_row} steps in a row "
+            f"(limit optim.max_nonfinite_in_row={limit}); the last good checkpoint is at step "
+            f"{s.last_saved}")
+
+
+def _interval_metrics(w: Worker, acc: MetricAccumulator, s: LoopState) -> dict[str, float]:
+    """The log interval's metrics, averaged over its steps and over every worker (so every
+    worker must call this): the loss terms (and their quartiles of t), gradient norm and
+    learning rate, then the step, epoch, steps skipped so far, images per second of all
+    workers together, and the fraction of the interval spent waiting for data."""
+    elapsed = time.perf_counter() - s.interval_start
+    metrics = acc.summary(_all_reduce_mean)
+    metrics.update(step=w.step, epoch=s.epoch, skipped_nonfinite=s.skipped,
+                   images_per_s=acc.images * w.world / max(elapsed, 1e-9),
+                   data_wait_frac=s.wait_s / max(s.wait_s + s.busy_s, 1e-9))
+    return metrics
+
+
+def _log(w: Worker, metrics: dict[str, float], tb: TensorBoardLog | None) -> None:
+    """On rank 0: one log line of the `LOGGED` metrics, and every metric to TensorBoard."""
+    if w.rank != 0:
+        return
+    # A log record, not a print: Train's print patch shows prints twice.
+    log.info(f"[{w.cfg.kind}] step {w.step}/{w.cfg.optim.max_steps} " + " ".join(
+        f"{k}={metrics[k]:.4g}" for k in LOGGED if k in metrics))
+    tb.write(metrics, w.step)

@@ -23,7 +23,7 @@ from .. import storage
 from ..config import ConfigError, to_dict
 from ..data.datasets import image_dataset, superres_dataset, train_data_config
 from ..data.manifest import CLASSES, load_split
-from ..nodetypes import check_fits, worker_demand
+from ..nodetypes import check_fits, training_resources, worker_demand
 from .checkpoint import export_run
 from .config import TrainConfig
 from .loop import train_loop_per_worker
@@ -134,8 +134,18 @@ def make_trainer(cfg: TrainConfig, callbacks: Sequence[ray.train.UserCallback] =
                  log_level: str = "WARNING", progress: str | None = None) -> TorchTrainer:
     """The `TorchTrainer` of a run: its data checked, its config and
     classes recorded in the run folder. `train_loop` wraps or replaces the per-worker loop;
-    `progress` names the step counter of the driver's bar (`adm.train.progress`)."""
+    `progress` names the step counter of the driver's bar (`adm.train.progress`).
+
+    GPU workers of a config that names no `run.resources` go to the cluster's training node
+    type where its node types are kept apart by workload (`nodetypes.training_resources`);
+    the config recorded in the run folder holds the resources the workers asked for."""
     check_data(cfg)
+    resources = training_resources(cfg.run.use_gpu, cfg.run.resources)
+    if resources != cfg.run.resources:
+        named = ", ".join(f"{k}: {v:g}" for k, v in resources.items())
+        print(f"[{cfg.kind}] GPU workers on the cluster's training nodes: run.resources="
+              f"{{{named}}} (name run.resources to choose others)", flush=True)
+        cfg = replace(cfg, run=replace(cfg.run, resources=resources))
     warn_local_paths_on_a_cluster(cfg)
     if cfg.kind == "classifier" and not cfg.data.val_uri:
         print("[classifier] no held-out data (data.val_uri unset): held-out evaluation is off; "
