@@ -40,7 +40,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve import TINY, export  # noqa: E402  (benchmarks/serve.py: tiny random-weight models)
 
-from adm.compat import openai  # noqa: E402
+from adm import factory  # noqa: E402
 from adm.nodetypes import BATCH_RESOURCE, SERVE_RESOURCE, TRAIN_RESOURCE  # noqa: E402
 from adm.runtime import free_port  # noqa: E402
 from adm.simcluster import SimSettings, SimulatedCluster  # noqa: E402
@@ -67,7 +67,7 @@ def node_kind(node) -> str:
 def serve_config(models: Path, port: int, max_replicas: int = 3) -> dict:
     """A config like serve_configs/local.yaml: the tiny base model, its replicas on serving
     nodes (adm_serve, one per node: the scaled node has 1 GPU), the ingress on the head."""
-    base = export(models / "diffusion", openai.create_model(TINY), TINY)
+    base = export(models / "diffusion", factory.create_model(TINY), TINY)
     gpu = {"num_cpus": 1, "num_gpus": 1, "resources": {SERVE_RESOURCE: 1}}
     return {
         "proxy_location": "HeadOnly",

@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -55,18 +56,29 @@ BASELINES = {"reference loop fp16": "the reference loop in fp16 (its --use_fp16 
              "reference loop fp32": "the reference loop in float32"}
 
 
+def run_bounded(argv: list[str], timeout: float, **kwargs) -> tuple[int | str, str]:
+    """Run `argv` in a process group of its own for at most `timeout` s: (exit status or
+    "timeout", its stdout and stderr). On timeout the whole group is killed, so a grandchild
+    still compiling on the GPU does not run on into the next part."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, **kwargs)
+    try:
+        text, _ = proc.communicate(timeout=max(timeout, 1))
+        return proc.returncode, text
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        text, _ = proc.communicate()
+        return "timeout", text
+
+
 def run_part(name: str, argv: list[str], writes_json: bool = True) -> dict:
     """Run one part as a subprocess within its timeout (with `--json FILE` when it
     `writes_json`); its JSON result (if it wrote one), exit status, seconds and output tail."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "part.json")
         start = time.perf_counter()
-        try:
-            proc = subprocess.run(argv + (["--json", out] if writes_json else []), cwd=ROOT,
-                                  capture_output=True, text=True, timeout=TIMEOUTS[name])
-            status, text = proc.returncode, proc.stdout + proc.stderr
-        except subprocess.TimeoutExpired as e:
-            status, text = "timeout", (e.stdout or b"").decode() + (e.stderr or b"").decode()
+        status, text = run_bounded(argv + (["--json", out] if writes_json else []),
+                                   TIMEOUTS[name], cwd=ROOT)
         result = {"status": status, "seconds": round(time.perf_counter() - start, 1),
                   "output_tail": text[-3000:]}
         if os.path.exists(out):
@@ -153,6 +165,9 @@ def replica_start(json_path: str, smoke: bool) -> None:
     networks, compile) and the child's own figures."""
     me = str(Path(__file__).resolve())
     result = {}
+    # Each start gets what is left of the part's limit (less a margin to write the result),
+    # and the result is written after every start, so the starts that finished are kept.
+    deadline = time.time() + TIMEOUTS["replica_start"] - 10
     with tempfile.TemporaryDirectory() as cache, tempfile.TemporaryDirectory() as tmp:
         for name, compile in (("eager", False), ("compiled, cold cache", True),
                               ("compiled, warm cache", True)):
@@ -160,13 +175,13 @@ def replica_start(json_path: str, smoke: bool) -> None:
             env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache,
                    "TORCHINDUCTOR_FX_GRAPH_CACHE": "1", "TORCHINDUCTOR_AUTOGRAD_CACHE": "1"}
             launched = time.time()
-            proc = subprocess.run([sys.executable, me, "--part", "replica_once", "--json", out]
-                                  + (["--smoke"] if smoke else [])
-                                  + (["--compile"] if compile else []),
-                                  cwd=ROOT, env=env, capture_output=True, text=True)
-            if proc.returncode:
-                result[name] = {"status": proc.returncode,
-                                "output_tail": (proc.stdout + proc.stderr)[-2000:]}
+            status, text = run_bounded(
+                [sys.executable, me, "--part", "replica_once", "--json", out]
+                + (["--smoke"] if smoke else []) + (["--compile"] if compile else []),
+                deadline - launched, cwd=ROOT, env=env)
+            if status != 0:
+                result[name] = {"status": status, "output_tail": text[-2000:]}
+                _write_json(json_path, result)
                 continue
             with open(out) as f:
                 once = json.load(f)
@@ -176,7 +191,11 @@ def replica_start(json_path: str, smoke: bool) -> None:
             print(f"  {name}: ready {once['process_ready_s']:.1f} s after launch (compile "
                   f"{once['warm_up_s']:.1f} s), first request {once['first_request_s']:.2f} s",
                   flush=True)
-    with open(json_path, "w") as f:
+            _write_json(json_path, result)
+
+
+def _write_json(path: str, result: dict) -> None:
+    with open(path, "w") as f:
         json.dump(result, f, indent=1)
 
 

@@ -210,8 +210,9 @@ DEFAULT_ROW = "default (auto settings; a long run)"
 
 
 def default_options(device: torch.device) -> dict:
-    """What `jobs/sample.py` and Serve run by default (`adm.stage.resolve_fast_path` with
-    precision and compile "auto") for a long run on `device`, as `sample` options."""
+    """What `jobs/sample.py` runs by default (`adm.stage.resolve_fast_path` with precision and
+    compile "auto") for a long run on `device`, as `sample` options (a Serve replica: the same
+    precision, and no compile on "auto")."""
     precision, compile = resolve_fast_path("auto", "auto", device, COMPILE_PAYS_AFTER_CALLS)
     return {"autocast_dtype": AUTOCAST[precision], "compile": compile}
 

@@ -615,7 +615,13 @@ def test_the_training_default_leaves_named_resources_cpu_runs_and_plain_clusters
     assert training_resources(True, {"adm_batch": 1}, types) == {"adm_batch": 1}
     assert training_resources(False, {}, types) == {}
     plain = [NodeType("head", {"CPU": 4}, head=True), NodeType("gpu", {"CPU": 8, "GPU": 8})]
-    assert training_resources(True, {}, plain) == {}
+    said: list[str] = []
+    assert training_resources(True, {}, plain, published=True, log=said.append) == {}
+    assert not said
+    # Live nodes of an autoscaler that did not publish its types (a KubeRay cluster whose GPU
+    # groups are at 0): no default can be decided, and the job says so in one line.
+    assert training_resources(True, {}, plain[:1], published=False, log=said.append) == {}
+    assert len(said) == 1 and "did not publish the node types" in said[0], said
 
 
 def test_gpu_training_is_refused_where_workload_types_have_no_training_type() -> None:

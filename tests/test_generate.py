@@ -531,36 +531,33 @@ def test_the_probe_holds_a_stage_actors_resources(ray_session, nets, tmp_path):
 
 
 def test_a_resume_keeps_the_recorded_precision_whatever_the_device_says(ray_session, nets,
-                                                                         tmp_path, monkeypatch):
-    """A run whose precision was decided as another machine would decide it (the probe's
-    answer injected: the opposite of this CPU's) and resumed here keeps the recorded
-    precision and gives the first run's bytes; the resume never asks the device."""
-    from adm.generate import pipeline
-
+                                                                         tmp_path):
+    """A run whose precision "auto" was decided on another machine (the opposite of this
+    CPU's answer, recorded as `generate` records a stage device's answer) and is resumed here
+    keeps the recorded precision and gives the first run's bytes; the resume never asks the
+    device (no "precision auto:" line)."""
     flags = set(Path("/proc/cpuinfo").read_text().split())
     here = "bf16" if {"avx512_bf16", "amx_bf16"} & flags else "fp32"
     other = "fp32" if here == "bf16" else "bf16"
-    monkeypatch.setattr(pipeline, "ask_device", lambda plan: {
-        "precision": other, "device": "another machine", "resources": {}})
     out = tmp_path / "run"
-    logs: list[str] = []
     kw = dict(num_samples=10, batch_size=5)
-    first = run(nets, out, logs, **kw)
-    assert f"precision auto: {other}, as decided on another machine" in logs
+    elsewhere = make_plan(settings(nets, out, **kw)).decide(other, "another machine")
+    generate(elsewhere, progress=False, log=lambda m: None)
+    first = storage.read_bytes(os.path.join(out, "samples.npz"))
     recorded = json.loads((out / "settings.json").read_text())
     assert recorded["decisive"]["base"]["precision"] == other
     assert recorded["execution"]["precision_decided_on"] == "another machine"
 
-    asked = []
-    monkeypatch.undo()  # the real probe, counted: it would answer `here`
-    real = pipeline.ask_device
-    monkeypatch.setattr(pipeline, "ask_device", lambda plan: asked.append(1) or real(plan))
     for name in ("shards/shard-000001.npz", "samples.npz", "grid.png"):
         (out / name).unlink()
-    logs.clear()
+    logs: list[str] = []
     assert run(nets, out, logs, **kw) == first
-    assert not asked and not any("precision auto" in m for m in logs)
+    assert not any("precision auto" in m for m in logs), logs
     assert json.loads((out / "settings.json").read_text()) == recorded
+    # A fresh folder asks this machine's device, which answers otherwise.
+    fresh: list[str] = []
+    run(nets, tmp_path / "fresh", fresh, num_samples=5, batch_size=5)
+    assert any(m.startswith(f"precision auto: {here}, as decided on CPU") for m in fresh), fresh
 
 
 def test_a_changed_resolved_setting_is_named_by_its_own_path(tmp_path):

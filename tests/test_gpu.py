@@ -8,12 +8,12 @@ Marked `gpu`: deselected where there is no CUDA device (CI); `benchmarks/gpu_che
 them on a GPU machine."""
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
-
-import sys
-from pathlib import Path
 
 from adm import factory
 from adm.diffusion import sample

@@ -28,7 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from .config import ConfigError, UserError
 
@@ -140,7 +140,8 @@ class NoTrainingNodeType(UserError):
 
 def training_resources(use_gpu: bool, resources: Mapping[str, float],
                        types: list[NodeType] | None = None,
-                       published: bool | None = None) -> dict[str, float]:
+                       published: bool | None = None,
+                       log: Callable[[str], None] = print) -> dict[str, float]:
     """The custom resources one Train worker asks for (`run.resources` as it will be used).
 
     The rule: a config that names `run.resources` keeps exactly them, and CPU training asks
@@ -158,6 +159,8 @@ def training_resources(use_gpu: bool, resources: Mapping[str, float],
 
     :param types: the node types to decide on (default: the connected cluster's; Ray must then
         be initialized). :param published: whether `types` are all the cluster can ever have.
+    :param log: where the line goes that says the default could not be decided (an
+        unpublished autoscaler with no workload node alive: the worker asks for a bare GPU).
     :return: resource name -> amount per worker.
     """
     if resources or not use_gpu:
@@ -169,6 +172,11 @@ def training_resources(use_gpu: bool, resources: Mapping[str, float],
             types = live_node_types()
     offered = {k for t in types for k, v in t.resources.items() if v > 0}
     if not offered & set(WORKLOAD_RESOURCES):
+        if published is False:  # an autoscaler may still add serving or batch nodes
+            log(f"run.resources: GPU workers ask for no node type: no node alive offers a "
+                f"workload resource ({', '.join(WORKLOAD_RESOURCES)}) and this cluster's "
+                f"autoscaler did not publish the node types it may add, so a worker may land "
+                f"on any GPU node. Name run.resources (e.g. {{{TRAIN_RESOURCE}: 1}}) to choose.")
         return {}
     if TRAIN_RESOURCE in offered:
         return {TRAIN_RESOURCE: 1.0}

@@ -5,7 +5,8 @@ setting "auto" picks for a device.
 one is slower than float32:
 
 - a CUDA GPU: bf16 from compute capability 8.0 (Ampere) up, else fp16 (which every CUDA GPU
-  computes natively); a ROCm GPU: bf16 (as `torch.cuda.is_bf16_supported` counts it).
+  computes natively); a ROCm GPU: bf16, as `torch.cuda.is_bf16_supported` counts it (not
+  measured by this project; older AMD cards may emulate it: set the precision there).
 - a CPU: bf16 where it has the AVX-512 BF16 or AMX-BF16 instructions (the `avx512_bf16` /
   `amx_bf16` flags of Linux's /proc/cpuinfo), else fp32. oneDNN's own
   `_is_mkldnn_bf16_supported()` is no guide: it says yes on any AVX-512 CPU (Skylake, Cascade

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import enum
 import math
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -72,7 +72,8 @@ class LossType(enum.Enum):
         return self in (LossType.KL, LossType.RESCALED_KL)
 
 
-def _device_of(model, noise, generator, device) -> torch.device:
+def sampling_device(model, noise: torch.Tensor | None, generator: torch.Generator | None,
+                    device: torch.device | str | None) -> torch.device:
     """Where to sample: `device`, else noise's, the generator's, the model's, or the CPU."""
     if device is not None:
         return torch.device(device)
@@ -88,7 +89,7 @@ def _device_of(model, noise, generator, device) -> torch.device:
     return torch.device("cpu")
 
 
-def _progress(indices: list[int], enabled: bool):
+def step_indices(indices: list[int], enabled: bool) -> Iterable[int]:
     """The indices, wrapped in a tqdm progress bar (on stderr) when `enabled`."""
     return progress_bar(indices) if enabled else indices
 
@@ -407,7 +408,7 @@ class GaussianDiffusion:
               **step_kwargs) -> Iterator[dict]:
         """`step`'s dicts from x_T = noise (else a draw from noise_fn, generator or the global
         generator) down to t = 0."""
-        device = _device_of(model, noise, generator, device)
+        device = sampling_device(model, noise, generator, device)
         if not isinstance(shape, (tuple, list)):
             raise TypeError(f"shape must be a tuple or list, got {type(shape).__name__}")
         if noise is not None:
@@ -419,7 +420,7 @@ class GaussianDiffusion:
         else:
             img = torch.randn(*shape, device=device)
         self._preload(img.device, img.dtype)  # every host-to-device copy before the loop
-        for i in _progress(list(range(self.num_timesteps))[::-1], progress):
+        for i in step_indices(list(range(self.num_timesteps))[::-1], progress):
             t = torch.full((shape[0],), i, device=device, dtype=torch.int64)
             # The last step's noise is multiplied by 0: a generator still draws it (the reference's
             # draws, so a seed gives its samples); a noise_fn is not called (a launch per row).
@@ -560,7 +561,7 @@ class GaussianDiffusion:
         """
         n = x_start.shape[0]
         vb, xstart_mse, mse = [], [], []
-        for i in _progress(list(range(self.num_timesteps))[::-1], progress):
+        for i in step_indices(list(range(self.num_timesteps))[::-1], progress):
             t = torch.full((n,), i, device=x_start.device, dtype=torch.int64)
             noise = self._noise_like(x_start, generator)
             x_t = self.q_sample(x_start, t, noise=noise)

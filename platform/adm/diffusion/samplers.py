@@ -22,8 +22,13 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .gaussian import GaussianDiffusion, NoiseFn, _progress
+from .gaussian import GaussianDiffusion, NoiseFn, step_indices
 from .spacing import log_snr
+
+# model(x [N, C, H, W], t [N], **model_kwargs) -> its output; cond_fn(x, t, **model_kwargs) ->
+# the guidance gradient, x's shape (`adm.guidance.classifier_cond_fn`).
+Model = Callable[..., torch.Tensor]
+CondFn = Callable[..., torch.Tensor]
 
 
 def check_eta(sampler: str, eta: float) -> None:
@@ -35,7 +40,8 @@ def check_eta(sampler: str, eta: float) -> None:
     raise ValueError(f"eta={eta}: {sampler} is a deterministic ODE solver (eta must be 0)")
 
 
-def ddpm(diffusion: GaussianDiffusion, model, x: torch.Tensor, *, cond_fn=None, model_kwargs=None,
+def ddpm(diffusion: GaussianDiffusion, model: Model, x: torch.Tensor, *,
+         cond_fn: CondFn | None = None, model_kwargs: dict | None = None,
          clip_denoised: bool = True, eta: float = 0.0, generator: torch.Generator | None = None,
          noise_fn: NoiseFn | None = None, progress: bool = False) -> torch.Tensor:
     """Ancestral sampling (Ho et al.) over every step of `diffusion` from x = x_T [N, C, H, W];
@@ -48,7 +54,8 @@ def ddpm(diffusion: GaussianDiffusion, model, x: torch.Tensor, *, cond_fn=None, 
                                    progress=progress, generator=generator, noise_fn=noise_fn)
 
 
-def ddim(diffusion: GaussianDiffusion, model, x: torch.Tensor, *, cond_fn=None, model_kwargs=None,
+def ddim(diffusion: GaussianDiffusion, model: Model, x: torch.Tensor, *,
+         cond_fn: CondFn | None = None, model_kwargs: dict | None = None,
          clip_denoised: bool = True, eta: float = 0.0, generator: torch.Generator | None = None,
          noise_fn: NoiseFn | None = None, progress: bool = False) -> torch.Tensor:
     """DDIM (Song et al.) with η = eta over every step of `diffusion` from x = x_T; classifier
@@ -59,8 +66,9 @@ def ddim(diffusion: GaussianDiffusion, model, x: torch.Tensor, *, cond_fn=None, 
                                       noise_fn=noise_fn)
 
 
-def dpmpp_2m(diffusion: GaussianDiffusion, model, x: torch.Tensor, *, cond_fn=None,
-             model_kwargs=None, clip_denoised: bool = True, eta: float = 0.0,
+def dpmpp_2m(diffusion: GaussianDiffusion, model: Model, x: torch.Tensor, *,
+             cond_fn: CondFn | None = None, model_kwargs: dict | None = None,
+             clip_denoised: bool = True, eta: float = 0.0,
              generator: torch.Generator | None = None, noise_fn: NoiseFn | None = None,
              progress: bool = False) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022) over every step of `diffusion` from x = x_T
@@ -78,8 +86,9 @@ def dpmpp_2m(diffusion: GaussianDiffusion, model, x: torch.Tensor, *, cond_fn=No
                       model_kwargs, clip_denoised, progress)
 
 
-def dpmpp_3m(diffusion: GaussianDiffusion, model, x: torch.Tensor, *, cond_fn=None,
-             model_kwargs=None, clip_denoised: bool = True, eta: float = 0.0,
+def dpmpp_3m(diffusion: GaussianDiffusion, model: Model, x: torch.Tensor, *,
+             cond_fn: CondFn | None = None, model_kwargs: dict | None = None,
+             clip_denoised: bool = True, eta: float = 0.0,
              generator: torch.Generator | None = None, noise_fn: NoiseFn | None = None,
              progress: bool = False) -> torch.Tensor:
     """DPM-Solver++(3M) over every step of `diffusion` from x = x_T [N, C, H, W]: `dpmpp_2m`
@@ -129,7 +138,7 @@ def _multistep(diffusion: GaussianDiffusion, model, x: torch.Tensor, coefs: list
     last step does (to ᾱ = 1, σ = 0)."""
     diffusion._preload(x.device, x.dtype)
     n, history = x.shape[0], []
-    for i in _progress(list(range(diffusion.num_timesteps))[::-1], progress):
+    for i in step_indices(list(range(diffusion.num_timesteps))[::-1], progress):
         t = torch.full((n,), i, device=x.device, dtype=torch.int64)
         with torch.no_grad():
             x0 = _data_prediction(diffusion, model, x, t, cond_fn, model_kwargs, clip_denoised)

@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from ..guidance import classifier_cond_fn
 from .cfg import check_cfg, classifier_free_guidance
-from .gaussian import GaussianDiffusion, _device_of
+from .gaussian import GaussianDiffusion, sampling_device
 from .samplers import SAMPLERS, check_eta
 from .seeds import RowNoise
 from .spacing import sampling_diffusion
@@ -172,7 +172,7 @@ def sample(
     diffusion = sampling_diffusion(diffusion, sampler, steps, timesteps, lambda_min)
     null_label = check_cfg(model, cfg_scale, y)
     shape = tuple(int(s) for s in shape)
-    device = _device_of(model, noise, generator, device)
+    device = sampling_device(model, noise, generator, device)
     row_noise = RowNoise(seeds, shape, device) if seeds is not None else None
     x = _starting_noise(shape, device, noise, row_noise, generator, channels_last)
     model_kwargs = dict(model_kwargs or {})
