@@ -184,14 +184,20 @@ def finished_message(plan: Plan) -> str:
             f"{plan.cfg.num_samples} samples of these settings; nothing to do")
 
 
+def check_actors_fit(plan: Plan) -> None:
+    """Refuse at once (naming the node types) when no node type can hold a stage's actor,
+    instead of a probe or an actor pool that would wait for ever."""
+    cfg = plan.cfg
+    check_fits(worker_demand(cfg.cpus_per_worker, int(cfg.gpus), cfg.resources),
+               "sampling actors")
+
+
 def decide_on_stage_device(plan: Plan, log=print) -> Plan:
     """`plan` with precision "auto" decided by a stage's own device (`ask_device`); a plan
     with nothing undecided (every resume: its recorded answer) is returned as it is, unasked."""
     if not plan.undecided:
         return plan
-    cfg = plan.cfg
-    check_fits(worker_demand(cfg.cpus_per_worker, int(cfg.gpus), cfg.resources),
-               "sampling actors")
+    check_actors_fit(plan)
     answer = ask_device(plan)
     log(f"precision auto: {answer['precision']}, as decided on {answer['device']}")
     return plan.decide(answer["precision"], answer["device"])
@@ -217,8 +223,7 @@ def generate(plan: Plan, progress: bool = True, log=print) -> str:
         log(f"resuming: {len(skip)} finished shard(s), {done} of {cfg.num_samples} samples")
     writer = ShardWriter(plan, skip)
     if writer.missing:
-        check_fits(worker_demand(cfg.cpus_per_worker, int(cfg.gpus), cfg.resources),
-                   "sampling actors")
+        check_actors_fit(plan)
         with progress_bar(total=cfg.num_samples, initial=done, unit="sample",
                           desc="samples", disable=not progress) as bar:
             for batch in build_dataset(plan, skip).iter_batches(batch_size=None,
