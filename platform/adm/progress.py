@@ -17,6 +17,8 @@ from tqdm import tqdm
 LOG_INTERVAL_S = 10.0  # off a terminal: the least seconds between two lines of one bar
 
 _CURSOR_CODES = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+# A bar's timings ("[00:10<00:00, 1.05s/step]"): two lines that differ only there say the same.
+_TIMINGS = re.compile(r"\s*\[[^\]]*\]$")
 
 
 class _Lines:
@@ -29,10 +31,13 @@ class _Lines:
 
     def write(self, text: str) -> None:
         line = _CURSOR_CODES.sub("", text).replace("\r", "").strip()
-        if line and line != self.last:  # close() redraws the final state once more
+        state = _TIMINGS.sub("", line)
+        # close() redraws the final state once more, a moment later: its count is the last
+        # line's, only its timings differ.
+        if line and state != self.last:
             self.stream.write(line + "\n")
             self.stream.flush()
-            self.last = line
+            self.last = state
 
     def flush(self) -> None:
         self.stream.flush()
