@@ -23,6 +23,7 @@ global generator after the model call; every method that draws also takes `gener
 from __future__ import annotations
 
 import enum
+import functools
 import math
 from typing import Callable, Iterable, Iterator
 
@@ -92,6 +93,45 @@ def sampling_device(model, noise: torch.Tensor | None, generator: torch.Generato
 def step_indices(indices: list[int], enabled: bool) -> Iterable[int]:
     """The indices, wrapped in a tqdm progress bar (on stderr) when `enabled`."""
     return progress_bar(indices) if enabled else indices
+
+
+def concatenated(chains: tuple["GaussianDiffusion", ...]) -> tuple["GaussianDiffusion", list[int]]:
+    """One diffusion whose per-step arrays are those of `chains` laid end to end, and where each
+    chain starts in it: chain k's index i is index offsets[k] + i. A batch whose rows run
+    different chains (steps, spacings), each at its own step, goes through this diffusion's
+    methods in one call, each row gathering its own chain's coefficients and its model seeing its
+    own chain's original timesteps. The chains must come from one original chain (same mean and
+    variance types, timestep rescaling, length); cached per tuple of chains.
+
+    One rule does not carry over: `_add_noise` adds no noise where the index is 0, which is the
+    last step of the first chain only. A caller that steps a row of another chain to its end
+    passes a zero noise row for it (sample + 0 is the sample, bit for bit)."""
+    return _concatenated(tuple(chains))
+
+
+@functools.lru_cache(maxsize=64)
+def _concatenated(chains: tuple) -> tuple["GaussianDiffusion", list[int]]:
+    first = chains[0]
+    for chain in chains[1:]:
+        same = (chain.model_mean_type, chain.model_var_type, chain.rescale_timesteps,
+                chain.original_num_steps) == (first.model_mean_type, first.model_var_type,
+                                              first.rescale_timesteps, first.original_num_steps)
+        if not same or not np.array_equal(chain.base_betas, first.base_betas):
+            raise ValueError("concatenated: the chains must respace one original chain")
+    if len(chains) == 1:
+        return first, [0]
+    out = GaussianDiffusion.__new__(GaussianDiffusion)
+    out.__dict__.update({k: first.__dict__[k] for k in (
+        "model_mean_type", "model_var_type", "loss_type", "rescale_timesteps",
+        "original_num_steps", "base_betas")})
+    for name in ARRAY_NAMES:
+        setattr(out, name, np.concatenate([getattr(c, name) for c in chains]))
+    out._extra = {k: np.concatenate([c._extra[k] for c in chains]) for k in first._extra}
+    out.timestep_map = [int(t) for c in chains for t in c.timestep_map]
+    out.num_timesteps = len(out.timestep_map)
+    out._tables = {}
+    offsets = np.cumsum([0] + [c.num_timesteps for c in chains[:-1]]).tolist()
+    return out, offsets
 
 
 class GaussianDiffusion:

@@ -145,14 +145,32 @@ def _multistep(diffusion: GaussianDiffusion, model, x: torch.Tensor, coefs: list
         if i == 0:
             return x0
         a, b, *weights = coefs[i]
-        data = x0
-        if any(w != 0.0 for w in weights[1:]):  # a first-order step uses x0 alone, unscaled
-            data = weights[0] * x0
-            for w, older in zip(weights[1:], history):
-                if w != 0.0:
-                    data = data + w * older
-        x, history = a * x + b * data, [x0, *history][:len(weights) - 1]
+        x, history = multistep_update(x, x0, history, a, b, weights), [x0, *history][:len(weights) - 1]
     raise AssertionError("unreachable: index 0 returns")
+
+
+def multistep_update(x: torch.Tensor, x0: torch.Tensor, history: list[torch.Tensor], a, b,
+                     weights) -> torch.Tensor:
+    """The multistep solvers' step: a·x + b·(w_0·x0 + w_1·history[0] + ...), with x = x_i and
+    x0 its data prediction [N, C, H, W], history the older data predictions (newest first).
+
+    a, b and the weights are floats (one step for every row: `_multistep`) or [N, 1, 1, 1]
+    tensors (each row its own step: `adm.diffusion.rows`). Floats skip zero terms, and a
+    first-order step (all older weights 0) uses x0 unscaled; tensors cannot skip, but their
+    0·older adds a zero and their 1·x0 is x0, so each row gets the same bits either way (the
+    history rows a row does not have yet must be zeros, not garbage that could be inf)."""
+    if isinstance(a, torch.Tensor):
+        data = weights[0] * x0
+        for w, older in zip(weights[1:], history):
+            data = data + w * older
+        return a * x + b * data
+    data = x0
+    if any(w != 0.0 for w in weights[1:]):
+        data = weights[0] * x0
+        for w, older in zip(weights[1:], history):
+            if w != 0.0:
+                data = data + w * older
+    return a * x + b * data
 
 
 def _dpmpp_2m_coefs(alphas_cumprod: np.ndarray) -> list[tuple[float, float, float, float]]:

@@ -1,0 +1,370 @@
+"""The step engine (`adm.engine`) and its per-row step (`adm.diffusion.rows`), without Ray:
+
+- every row gets exactly the float32 bits `adm.diffusion.sample` gives it (per-row seeds, a
+  padded model call of the same number of rows), whether it runs alone or joins a full engine
+  at any step beside rows of other samplers, steps, scales and classes, and after being paused;
+- the scheduling rules: a request joins at the next step, interactive rows pause batch rows
+  (state kept), batch rows age and are never starved, wide (classifier-free) rows are not
+  overtaken, cancelled rows leave at the next step, events (queued, progress, preview, result,
+  error) come as documented. These use a runner that only counts steps on a virtual clock.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import TINY_CLASSIFIER_FLAGS, TINY_UNET_FLAGS
+from adm import factory
+from adm.compat import openai
+from adm.diffusion import sample
+from adm.diffusion.rows import RowSpec, RowStepper
+from adm.diffusion.seeds import index_seeds
+from adm.engine import PROGRESS_EVERY_S, Engine, Request, StepperRunner
+from adm.images import to_uint8
+
+SLOTS = 8
+BASE = {**TINY_UNET_FLAGS, "class_dropout_prob": 0.1}  # has a null class: cfg works
+UPSAMPLER = {**{k: v for k, v in TINY_UNET_FLAGS.items() if k != "image_size"},
+             "large_size": 16, "small_size": 8}
+SETTINGS = [  # every sampler; guided, classifier-free, both; DDIM with eta; odd step counts
+    RowSpec("ddim", 10),
+    RowSpec("ddpm", 7, classifier_scale=2.0),
+    RowSpec("dpmpp_2m", 6, lambda_min=-5.1),
+    RowSpec("dpmpp_3m", 9, lambda_min=-5.1, classifier_scale=1.5),
+    RowSpec("ddim", 5, cfg_scale=3.0),
+    RowSpec("ddpm", 4, cfg_scale=2.0, classifier_scale=1.0),
+    RowSpec("ddim", 12, eta=0.5),
+    RowSpec("dpmpp_2m", 8, lambda_min=-5.1, cfg_scale=1.5),
+]
+
+
+def randomized(net: torch.nn.Module, seed: int) -> torch.nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return net.eval()
+
+
+@pytest.fixture(scope="module")
+def base():
+    net = randomized(openai.create_model(BASE), 1)
+    clf = randomized(openai.create_classifier(TINY_CLASSIFIER_FLAGS), 2)
+    diffusion = factory.create_diffusion({**BASE, "timestep_respacing": ""})
+    return net, clf, diffusion
+
+
+def reference(net, diffusion, s: RowSpec, label: int, seeds: list, clf=None,
+              low_res=None, size: int = 8) -> torch.Tensor:
+    """`sample` as a generation stage calls it: one call of SLOTS rows, the rows past the
+    given seeds repeating the first (the padding rule of adm.stage)."""
+    pad = [0] * (SLOTS - len(seeds))
+    args = {"sampler": s.sampler, "steps": s.steps, "cfg_scale": s.cfg_scale, "eta": s.eta,
+            "lambda_min": s.lambda_min}
+    if s.classifier_scale > 0:
+        args.update(classifier=clf, classifier_scale=s.classifier_scale)
+    kwargs = None if low_res is None else {"low_res": low_res[list(range(len(seeds))) + pad]}
+    out = sample(net, diffusion, (SLOTS, 3, size, size), y=torch.full((SLOTS,), label),
+                 seeds=seeds + [seeds[0]] * len(pad), model_kwargs=kwargs, **args)
+    return out[:len(seeds)]
+
+
+def run_rows(stepper: RowStepper, jobs: list, rng: random.Random) -> dict:
+    """Start `jobs` ((key, settings, label, seed, low_res)) at random steps in a batch kept as
+    full as the slots allow; each key's final row."""
+    pending, active, done = list(jobs), [], {}
+    while pending or active:
+        width = sum(r.settings.width for _, r in active)
+        while pending and width + pending[0][1].width <= SLOTS and (
+                not active or rng.random() < 0.6):
+            key, s, label, seed, low = pending.pop(0)
+            active.append((key, stepper.start(s, label, seed, low)))
+            width += s.width
+        stepper.step([r for _, r in active])
+        done.update((key, r) for key, r in active if r.done)
+        active = [(key, r) for key, r in active if not r.done]
+    return done
+
+
+def test_every_row_gets_the_bits_sample_gives_it_alone_or_in_a_full_batch(base):
+    net, clf, diffusion = base
+    stepper = RowStepper(net, diffusion, slots=SLOTS, image_size=8, classifier=clf)
+    seeds = {i: index_seeds(100 + i, range(3)) for i in range(len(SETTINGS))}
+    want = {i: reference(net, diffusion, s, i, seeds[i], clf) for i, s in enumerate(SETTINGS)}
+    jobs = [((i, k), s, i, seeds[i][k], None) for i, s in enumerate(SETTINGS) for k in range(3)]
+    random.Random(0).shuffle(jobs)
+    crowded = run_rows(stepper, jobs, random.Random(1))
+    for (i, k), row in crowded.items():
+        assert torch.equal(row.result, want[i][k]), (SETTINGS[i], k,
+                                                     (row.result - want[i][k]).abs().max())
+        assert row.steps_done == row.steps
+    for i in (1, 3, 5):  # alone: one row in a padded call
+        (row,) = run_rows(stepper, [(0, SETTINGS[i], i, seeds[i][2], None)],
+                          random.Random(0)).values()
+        assert torch.equal(row.result, want[i][2])
+
+
+def test_upsampler_rows_get_the_bits_sample_gives_them():
+    net = randomized(openai.create_superres_model(UPSAMPLER), 3)
+    diffusion = factory.create_diffusion({**UPSAMPLER, "timestep_respacing": ""})
+    stepper = RowStepper(net, diffusion, slots=SLOTS, image_size=16)
+    low = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    s = RowSpec("ddim", 4)
+    seeds = index_seeds(5, range(3), "upsampler")
+    want = reference(net, diffusion, s, 2, seeds, low_res=low, size=16)
+    other = RowSpec("ddpm", 6)
+    jobs = [(k, s, 2, seeds[k], low[k]) for k in range(3)] + [
+        (("other", k), other, 7, 99 + k, low[k % 3]) for k in range(5)]
+    random.Random(2).shuffle(jobs)
+    got = run_rows(stepper, jobs, random.Random(3))
+    for k in range(3):
+        assert torch.equal(got[k].result, want[k])
+
+
+def test_a_paused_row_resumes_where_it_was(base):
+    """A batch row paused for interactive ones ends with the bits it has alone."""
+    net, clf, diffusion = base
+    runner = StepperRunner(RowStepper(net, diffusion, slots=2, image_size=8, classifier=clf))
+    engine = Engine(runner, 2)
+    results = {}
+
+    def keep(rid):
+        return lambda kind, data: results.__setitem__(rid, data["images"]) \
+            if kind == "result" else None
+
+    s = SETTINGS[3]  # 3M, guided: history and gradients must survive the pause
+    seeds = index_seeds(7, range(2))
+    engine.submit(Request("bulk", s, [4, 4], seeds, priority="batch", on_event=keep("bulk")))
+    for _ in range(3):
+        engine.step()
+    engine.submit(Request("now", SETTINGS[0], [1, 2], [1, 2], on_event=keep("now")))
+    engine.step()
+    assert engine.stats.preemptions == 2 and engine.stats.in_flight["batch"] == 0
+    while engine.step():
+        pass
+    want = to_uint8(reference(net, diffusion, s, 4, seeds, clf))
+    assert np.array_equal(results["bulk"], want)
+
+
+# ---------------------------------------------------------------- scheduling (virtual runner)
+
+@dataclass(frozen=True)
+class Fake:
+    steps: int
+    width: int = 1
+
+
+class CountingRow:
+    def __init__(self, rid: str, steps: int):
+        self.rid, self.steps, self.index = rid, steps, steps - 1
+        self.result = self.pred_xstart = None
+
+    @property
+    def done(self) -> bool:
+        return self.result is not None
+
+    @property
+    def steps_done(self) -> int:
+        return self.steps if self.done else self.steps - 1 - self.index
+
+
+class CountingRunner:
+    """Rows that only count their steps; each step takes `step_s` on a virtual clock."""
+
+    def __init__(self, step_s: float = 0.1):
+        self.now, self.step_s, self.started, self.batches = 0.0, step_s, [], []
+
+    def clock(self) -> float:
+        return self.now
+
+    def width(self, s: Fake) -> int:
+        return s.width
+
+    def steps(self, s: Fake) -> int:
+        return s.steps
+
+    def start(self, request: Request, k: int) -> CountingRow:
+        self.started.append((request.id, k))
+        return CountingRow(request.id, request.settings.steps)
+
+    def step(self, rows: list) -> None:
+        self.batches.append([r.rid for r in rows])
+        self.now += self.step_s
+        for r in rows:
+            r.pred_xstart = 0
+            if r.index == 0:
+                r.result = 1
+            else:
+                r.index -= 1
+
+    def images(self, rows: list) -> np.ndarray:
+        return np.zeros((len(rows), 1, 1, 3), np.uint8)
+
+    previews = images
+
+
+def engine_with(slots: int, **kw) -> tuple[Engine, CountingRunner]:
+    runner = CountingRunner()
+    return Engine(runner, slots, clock=runner.clock, **kw), runner
+
+
+class Events:
+    def __init__(self):
+        self.log = []
+
+    def __call__(self, rid: str):
+        return lambda kind, data: self.log.append((rid, kind, data))
+
+    def of(self, rid: str, kind: str) -> list:
+        return [d for r, k, d in self.log if r == rid and k == kind]
+
+
+def test_a_short_request_joins_at_the_next_step_and_is_not_held_by_a_long_one():
+    engine, runner = engine_with(4)
+    events = Events()
+    engine.submit(Request("long", Fake(250), [0], [0], on_event=events("long")))
+    for _ in range(5):
+        engine.step()
+    engine.submit(Request("short", Fake(10), [0, 0], [1, 2], on_event=events("short")))
+    steps = 0
+    while not events.of("short", "result"):
+        engine.step()
+        steps += 1
+    assert steps == 10  # it ran its 10 steps from the step after it came
+    assert not events.of("long", "result") and engine.stats.in_flight["interactive"] == 1
+
+
+def test_interactive_rows_pause_batch_rows_which_resume_with_their_state():
+    engine, runner = engine_with(3)
+    events = Events()
+    engine.submit(Request("bulk", Fake(20), [0] * 3, [0, 1, 2], priority="batch",
+                          on_event=events("bulk")))
+    for _ in range(4):
+        engine.step()
+    engine.submit(Request("now", Fake(5, width=2), [0], [0], on_event=events("now")))
+    engine.step()
+    paused = [e for e in engine._waiting]
+    # The two youngest batch rows made room (a classifier-free row is two wide).
+    assert [e.k for e in paused] == [1, 2] and engine.stats.preemptions == 2
+    assert all(e.row.index == 20 - 1 - 4 for e in paused)  # kept where they stopped
+    while not events.of("now", "result"):
+        engine.step()
+    assert len(runner.batches) == 9  # 4 + its 5 steps: it never waited
+    while engine.step():
+        pass
+    assert events.of("bulk", "result") and engine.stats.requests_done == 2
+    assert runner.started.count(("bulk", 1)) == 1  # resumed, not restarted
+
+
+def test_batch_rows_age_and_are_never_starved():
+    """One slot, a steady stream of interactive requests: the batch row waits until it has
+    waited batch_max_wait_steps steps, then runs after the interactive rows that came before
+    it, and no later interactive row pauses or overtakes it."""
+    wait = 12
+    engine, runner = engine_with(1, batch_max_wait_steps=wait)
+    events = Events()
+    engine.submit(Request("i0", Fake(3), [0], [0], on_event=events("i0")))
+    engine.step()
+    engine.submit(Request("bulk", Fake(8), [0], [0], priority="batch",
+                          on_event=events("bulk")))
+    for n in range(1, 60):
+        if not any(rid.startswith(f"i{n}") for rid, _, _ in events.log):
+            engine.submit(Request(f"i{n}", Fake(3), [0], [0], on_event=events(f"i{n}")))
+        engine.step()
+        if events.of("bulk", "result"):
+            break
+    bulk_steps = [i for i, rids in enumerate(runner.batches) if rids == ["bulk"]]
+    # Aged after `wait` steps of waiting, it starts at most one interactive request (3 steps)
+    # later, and then runs its 8 steps without a pause.
+    assert wait <= bulk_steps[0] <= wait + 1 + 3
+    assert bulk_steps == list(range(bulk_steps[0], bulk_steps[0] + 8))
+    assert engine.stats.preemptions == 0
+
+
+def test_a_wide_row_is_not_overtaken_by_narrow_ones():
+    engine, runner = engine_with(2)
+    engine.submit(Request("a", Fake(4), [0], [0]))
+    engine.step()
+    engine.submit(Request("wide", Fake(2, width=2), [0], [0]))
+    engine.submit(Request("narrow", Fake(2), [0], [0]))
+    engine.step()  # one slot free: the wide row does not fit, and the narrow one waits too
+    assert [r for r in runner.started] == [("a", 0)]
+    while engine.step():
+        pass
+    assert runner.started == [("a", 0), ("wide", 0), ("narrow", 0)]
+
+
+def test_cancelled_rows_leave_at_the_next_step_and_queued_ones_never_start():
+    engine, runner = engine_with(2)
+    engine.submit(Request("a", Fake(50), [0, 0], [0, 1]))
+    engine.submit(Request("b", Fake(50), [0], [0]))
+    engine.step()
+    assert engine.stats.in_flight["interactive"] == 2 and engine.stats.queued["interactive"] == 1
+    engine.cancel("a")
+    engine.cancel("b")
+    assert not engine.step()  # nothing left to run at the very next step
+    assert engine.stats.in_flight["interactive"] == 0 and engine.stats.queued["interactive"] == 0
+    assert engine.stats.requests_cancelled == 2 and engine.stats.rows_cancelled == 3
+    assert ("b", 0) not in runner.started and len(runner.batches) == 1
+    engine.cancel("gone")  # unknown or finished: nothing happens
+    assert not engine.step() and engine.stats.requests_cancelled == 2
+
+
+def test_events_queued_progress_preview_result():
+    engine, runner = engine_with(1)
+    runner.step_s = 0.1  # progress at most every 0.25 s: every third step, and the last
+    events = Events()
+    engine.submit(Request("a", Fake(10), [0], [0], on_event=events("a")))
+    engine.submit(Request("b", Fake(4), [0], [0], preview_every=2, on_event=events("b")))
+    engine.submit(Request("c", Fake(2), [0], [0], on_event=events("c")))
+    while engine.step():
+        pass
+    assert events.of("b", "queued") == [{"position": 0}] and events.of("a", "queued") == []
+    assert events.of("c", "queued") == [{"position": 1}, {"position": 0}]
+    steps = [d["step"] for d in events.of("a", "progress")]
+    assert steps == [1, 4, 7, 10] and all(d["steps"] == 10 for d in events.of("a", "progress"))
+    times = np.diff([0.1, 0.4, 0.7, 1.0])
+    assert (times >= PROGRESS_EVERY_S).all()
+    assert [d["step"] for d in events.of("b", "preview")] == [2]  # 4 is the result
+    assert len(events.of("b", "result")) == 1
+    kinds = [k for r, k, _ in events.log if r == "b"]
+    assert kinds.index("queued") < kinds.index("progress") < kinds.index("result")
+    assert kinds[-1] == "result"
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving():
+    engine, runner = engine_with(1)
+    events = Events()
+    engine.submit(Request("a", Fake(3), [0], [0], on_event=events("a")))
+    engine.submit(Request("b", Fake(3), [0], [0], on_event=events("b")))
+    real = runner.step
+
+    def boom(rows):
+        runner.step = real
+        raise RuntimeError("out of memory")
+
+    runner.step = boom
+    engine.step()
+    assert events.of("a", "error") == [{"detail": "RuntimeError: out of memory"}]
+    while engine.step():
+        pass
+    assert len(events.of("b", "result")) == 1 and not events.of("a", "result")
+
+
+def test_requests_that_cannot_run_are_refused_at_submit(base):
+    net, clf, diffusion = base
+    runner = StepperRunner(RowStepper(net, diffusion, slots=1, image_size=8))
+    engine = Engine(runner, 1)
+    with pytest.raises(ValueError, match="takes 2 model rows"):
+        engine.submit(Request("w", RowSpec("ddim", 5, cfg_scale=2.0), [0], [0]))
+    with pytest.raises(ValueError, match="needs a classifier"):
+        engine.submit(Request("g", RowSpec("ddim", 5, classifier_scale=1.0), [0], [0]))
+    with pytest.raises(ValueError, match="eta"):
+        engine.submit(Request("e", RowSpec("dpmpp_2m", 5, eta=0.5), [0], [0]))
+    with pytest.raises(ValueError, match="priority"):
+        Request("p", RowSpec(), [0], [0], priority="urgent")
+    assert not engine.busy
