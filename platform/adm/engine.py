@@ -55,7 +55,8 @@ class Request:
       at most one per PROGRESS_EVERY_S, and always the last;
     - ("preview", {"step": k, "images": uint8 [m, H, W, 3]}): the current x_0 predictions of
       its m started images, each time k passes a multiple of `preview_every` (0: none);
-    - ("result", {"images": uint8 [N, H, W, 3]}): done;
+    - ("result", {"images": uint8 [N, H, W, 3], "shared": {"requests": r, "images": m}}): done;
+      r and m are the most requests and rows that shared one of its steps;
     - ("error", {"detail": str}): the runner failed on a step it was in.
     """
 
@@ -117,6 +118,7 @@ class _Tracked:
     reported_step: int = -1
     last_preview: int = 0
     position: int | None = None
+    shared: tuple = (0, 0)  # most requests and rows in one of its steps
 
 
 @dataclass
@@ -297,8 +299,10 @@ class Engine:
         """Progress, previews and results of the requests that ran this step."""
         now = self.clock()
         done_entries = []
-        for tracked in dict.fromkeys(e.request for e in self._running):
+        ran = list(dict.fromkeys(e.request for e in self._running))
+        for tracked in ran:
             req, n = tracked.req, len(tracked.entries)
+            tracked.shared = max(tracked.shared, (len(ran), len(self._running)))
             step = sum(e.row.steps_done if e.row is not None else 0
                        for e in tracked.entries) // n
             finished = all(e.row is not None and e.row.done for e in tracked.entries)
@@ -319,8 +323,9 @@ class Engine:
                 self._requests.pop(req.id, None)
                 self.stats.requests_done += 1
                 self.stats.images += n
-                req.on_event("result", {"images": self.runner.images(
-                    [e.row for e in tracked.entries])})
+                req.on_event("result", {
+                    "images": self.runner.images([e.row for e in tracked.entries]),
+                    "shared": {"requests": tracked.shared[0], "images": tracked.shared[1]}})
         gone = set(map(id, done_entries))
         self._running = [e for e in self._running if id(e) not in gone]
 

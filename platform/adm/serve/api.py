@@ -52,6 +52,8 @@ class Limits:
     default_sampler: str
     default_steps: int
     default_guidance_scale: float
+    max_previews: int = 10  # previews per streamed request
+    engine: bool = True  # the step engine schedules (else whole requests are batched)
 
     @classmethod
     def of(cls, loaded) -> "Limits":
@@ -63,7 +65,8 @@ class Limits:
                    loaded.classifier is not None,
                    float(loaded.base.flags.get("class_dropout_prob", 0.0)) > 0,
                    loaded.upsampler is not None,
-                   s.default_sampler, s.default_steps, loaded.guidance_scale)
+                   s.default_sampler, s.default_steps, loaded.guidance_scale, s.max_previews,
+                   s.scheduling == "step")
 
 
 class RequestError(Exception):
@@ -111,6 +114,13 @@ class GenerateRequest(BaseModel):
                              description="same seed and settings give the same images")
     upsample: bool | None = Field(None, description="run the upsampler on the base images")
     response: Literal["png", "json"] = "png"
+    stream: bool = Field(False, description="answer text/event-stream: queued, progress, "
+                                            "preview, result (or error) events")
+    preview_every: int | None = Field(None, ge=1, description="with stream: the current x_0 "
+                                      "predictions every this many steps")
+    priority: Literal["interactive", "batch"] = Field(
+        "interactive", description="interactive rows take free slots first and pause batch "
+                                   "rows; batch rows wait (never for ever)")
 
     @field_validator("class_id")
     @classmethod
@@ -203,6 +213,16 @@ class GenerateRequest(BaseModel):
                              f"{self.sampler} sampler takes none")
         # A ConfigError is a ValueError: pydantic reports it, "steps: ..." names the field.
         check_steps("steps", lim.base, self.sampler, self.steps, None, self.lambda_min)
+        if self.stream and not lim.engine:
+            raise ValueError("stream: needs the step engine (the server's scheduling is "
+                             "'request')")
+        if self.preview_every is not None:
+            if not self.stream:
+                raise ValueError("preview_every: previews come as events: set stream: true")
+            if self.steps // self.preview_every > lim.max_previews:
+                raise ValueError(f"preview_every: {self.steps} steps every "
+                                 f"{self.preview_every} is {self.steps // self.preview_every} "
+                                 f"previews; at most {lim.max_previews} (max_previews)")
         return self
 
     def sample_args(self) -> dict:
@@ -213,7 +233,7 @@ class GenerateRequest(BaseModel):
 
     def settings(self) -> dict:
         """What decided the images (returned with them)."""
-        return self.model_dump(exclude={"response"})
+        return self.model_dump(exclude={"response", "stream", "preview_every", "priority"})
 
 
 def _describe(errors: list[dict]) -> RequestError:
@@ -286,3 +306,24 @@ def authorized(header: str | None, key: str | None) -> bool:
     scheme, _, token = (header or "").partition(" ")
     return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(),
                                                               key.encode())
+
+
+def access(header: str | None, key: str | None, batch_key: str | None) -> str | None:
+    """What an Authorization header may do: "all" (the API key, or no key is set), "batch"
+    (the batch-only key: batch-class requests alone), or None (refused: 401)."""
+    if not key and not batch_key:
+        return "all"
+    if key and authorized(header, key):
+        return "all"
+    if batch_key and authorized(header, batch_key):
+        return "batch"
+    return None
+
+
+def check_priority(req: GenerateRequest, access_level: str) -> None:
+    """A batch-only key's request runs as batch; asking for interactive with it is a 403."""
+    if access_level == "batch":
+        if "priority" in req.model_fields_set and req.priority != "batch":
+            raise RequestError(403, "priority", "this API key may only make batch requests "
+                                                "(priority: batch)")
+        req.priority = "batch"

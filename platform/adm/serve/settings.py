@@ -12,9 +12,9 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Mapping
+from typing import Annotated, Any, Literal, Mapping
 
-from pydantic import BeforeValidator, Field, NonNegativeFloat, PositiveInt
+from pydantic import BeforeValidator, Field, NonNegativeFloat, NonNegativeInt, PositiveInt
 
 from .. import checkpoints, factory, storage
 from ..config import CompileSetting, ConfigError, SamplingPrecision, config_class, from_dict
@@ -53,6 +53,7 @@ class ServeSettings:
     max_guidance_scale: Scale = 20.0
     max_cfg_scale: Scale = 10.0  # classifier-free guidance w (a base trained with label dropout)
     max_body_bytes: PositiveInt = 16384
+    max_previews: NonNegativeInt = 10  # previews a streamed request may ask for (preview_every)
     # Defaults of a request that leaves a field out.
     default_sampler: SamplerName = "ddim"
     default_steps: PositiveInt = 25
@@ -60,9 +61,17 @@ class ServeSettings:
     # The upsampler stage is not a request setting: its sampler and steps are the server's.
     upsampler_sampler: SamplerName | None = None  # None: the preset's (README) sampler, else ddpm
     upsampler_steps: Steps | None = None  # None: the preset's respacing, else 25
-    # Batching: one @serve.batch call takes up to `max_batch_requests` requests; their rows
-    # (grouped by settings) run in model calls of exactly `batch_rows` rows (padded), so an
-    # image's arithmetic never depends on what it was batched with.
+    # Scheduling. "step": each model replica runs a step engine (adm.engine) with
+    # `batch_rows` slots: every request's rows join the running model call at the next step and
+    # leave when done, whatever their settings. "request": whole requests are batched (one
+    # @serve.batch call takes up to `max_batch_requests` requests for up to `batch_wait_s`, and
+    # runs each group of equal settings to the end; kept to compare, benchmarks/serve.py).
+    # Either way every model call has exactly `batch_rows` rows (padded; a multiple of 4 keeps
+    # CPU GEMMs from rounding a row by its position), so an image's arithmetic never depends on
+    # what it was batched with.
+    scheduling: Literal["step", "request"] = "step"
+    batch_max_wait_steps: NonNegativeInt = 200  # a waiting batch-class row ages into the
+    #     interactive order after this many engine steps (adm.engine: never starved)
     max_batch_requests: PositiveInt = 8
     batch_wait_s: NonNegativeFloat = 0.05
     batch_rows: PositiveInt = 8
@@ -75,6 +84,7 @@ class ServeSettings:
     #     on every device until a GPU replica's cold and warm start are measured)
     gpus: bool = False  # one GPU per model replica (a config file sets ray_actor_options)
     api_key_env: str = DEFAULT_API_KEY_ENV  # the environment variable holding the API key
+    batch_api_key_env: str | None = None  # one holding a key limited to batch-class requests
     require_api_key: bool = False  # refuse to start without a key (a public bind)
 
     @classmethod
