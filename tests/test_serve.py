@@ -30,6 +30,7 @@ from adm.config import ConfigError
 from adm.diffusion import SAMPLERS, sample
 from adm.diffusion.seeds import index_seeds
 from adm.images import to_uint8
+from adm.precision import AUTOCAST, auto_precision
 from adm.serve import ServeSettings, build, build_app, load_settings
 from adm.runtime import free_port
 from adm.serve.api import api_key_from, authorized
@@ -42,6 +43,7 @@ CLASSES = ["tench", "goldfish", "great white shark", "tiger shark", "hammerhead"
            "stingray", "cock", "hen", "ostrich"]
 APP, PREFIX = "adm", "/adm"
 KEY = "test-key-9f2c"  # the keyed app's API key (a test value, in the replica's runtime env)
+BATCH_KEY = "test-batch-key-41d7"  # its batch-only key
 
 # The limits and batching of the test app, as `serve run ... key=value` hands them: strings.
 ARGS = {"max_images": "4", "max_steps": "50", "samplers": "ddim,ddpm", "max_body_bytes": "8192",
@@ -131,8 +133,10 @@ def url(ray_session, nets):
 
 
 def generate(url: str, body, headers=None, timeout=60) -> requests.Response:
+    """POST /v1/generate; a streamed answer (body "stream": true) is read as it comes."""
     data = body if isinstance(body, (bytes, str)) else json.dumps(body)
     return requests.post(f"{url}/v1/generate", data=data, timeout=timeout,
+                         stream=isinstance(body, dict) and body.get("stream") is True,
                          headers={"Content-Type": "application/json", **(headers or {})})
 
 
@@ -167,15 +171,18 @@ def test_models_and_health(url):
     assert info["class_names"] == CLASSES and info["num_classes"] == 10
     assert info["base"]["image_size"] == 8 and info["upsampler"]["image_size"] == 16
     assert info["limits"] == {"max_images": 4, "max_steps": 50, "samplers": ["ddim", "ddpm"],
-                              "max_guidance_scale": 10.0, "max_body_bytes": 8192}
+                              "max_guidance_scale": 10.0, "max_body_bytes": 8192,
+                              "max_previews": 10}
+    assert info["scheduling"] == "step" and info["defaults"]["priority"] == "interactive"
     assert info["auth_required"] is False
     health = requests.get(f"{url}/healthz", timeout=10)
     assert health.status_code == 200 and health.json()["status"] == "ok"
 
 
 def test_served_images_are_the_library_samples(url, nets):
-    """Image k of a request is `adm.diffusion.sample` of (seed, k)'s index seeds, as a
-    padded model call of batch_rows rows (guided base, then the upsampler on it)."""
+    """Image k of a request is, bit for bit, `adm.diffusion.sample` of (seed, k)'s index
+    seeds as a padded model call of batch_rows rows (what the generation job computes for
+    those indices), although the step engine ran it row by row."""
     seed, n = 11, 2
     out = generate(url, {"class_id": 4, "num_images": n, "seed": seed, "guidance_scale": 2.0,
                          "sampler": "ddpm", "steps": 6, "response": "json"}).json()
@@ -183,13 +190,13 @@ def test_served_images_are_the_library_samples(url, nets):
     clf = openai.load_checkpoint(openai.create_classifier(TINY_CLASSIFIER_FLAGS),
                                  nets["classifier"]).eval()
     pad = [0, 1] + [0] * 6  # free rows repeat the call's first input
+    precision = AUTOCAST[auto_precision(torch.device("cpu"))]  # the replica's "auto"
     x = sample(base_net, openai.create_diffusion(TINY_UNET_FLAGS), (8, 3, 8, 8), sampler="ddpm",
                steps=6, classifier=clf, classifier_scale=2.0, y=torch.full((8,), 4),
-               seeds=[index_seeds(seed, range(n))[i] for i in pad])
+               seeds=[index_seeds(seed, range(n))[i] for i in pad], autocast_dtype=precision)
     want = to_uint8(x)[:n]
     got = np.stack([decode(s) for s in out["base_images"]])
-    # Same arithmetic up to the thread count's float rounding (the replica runs 1 thread).
-    assert np.abs(got.astype(int) - want.astype(int)).max() <= 2
+    assert np.array_equal(got, want)
 
 
 # ---------------------------------------------------------------- bad requests
@@ -359,10 +366,10 @@ def test_api_key(url, nets):
     from ray import serve
 
     args = {"max_images": "2", "api_key_env": "ADM_TEST_SERVE_KEY", "default_steps": "4",
-            "batch_rows": "2"}
+            "batch_rows": "4", "batch_api_key_env": "ADM_TEST_BATCH_KEY"}
     options = {"GuidedSampler": {"ray_actor_options": {"num_cpus": 0.1}},
                "Ingress": {"ray_actor_options": {"num_cpus": 0.1, "runtime_env": {
-                   "env_vars": {"ADM_TEST_SERVE_KEY": KEY}}}}}
+                   "env_vars": {"ADM_TEST_SERVE_KEY": KEY, "ADM_TEST_BATCH_KEY": BATCH_KEY}}}}}
     loaded = load_settings(ServeSettings.from_args({"base": nets["base"], **args}))
     serve.run(build(loaded, options), name="keyed", route_prefix="/keyed", blocking=False)
     keyed = url.replace(PREFIX, "/keyed")
@@ -386,6 +393,17 @@ def test_api_key(url, nets):
         info = requests.get(f"{keyed}/v1/models", timeout=10,
                             headers={"Authorization": f"Bearer {KEY}"}).json()
         assert info["auth_required"] is True and info["upsampler"] is None
+        # The batch-only key: its requests run as batch; asking for interactive is a 403.
+        batch = {"Authorization": f"Bearer {BATCH_KEY}"}
+        json_body = {**body, "response": "json"}
+        assert generate(keyed, json_body, batch).json()["priority"] == "batch"
+        assert generate(keyed, {**json_body, "priority": "batch"}, batch).status_code == 200
+        r = generate(keyed, {**json_body, "priority": "interactive"}, batch)
+        assert r.status_code == 403 and r.json()["errors"] == [
+            {"field": "priority", "message": "this API key may only make batch requests "
+                                             "(priority: batch)"}]
+        full = {"Authorization": f"Bearer {KEY}"}
+        assert generate(keyed, json_body, full).json()["priority"] == "interactive"
     finally:
         serve.delete("keyed")
 
@@ -463,6 +481,152 @@ def test_same_seed_same_images_alone_or_batched(url):
         res = list(pool.map(lambda b: generate(url, b).json(), mixed))
     assert res[1]["images"] == alone["images"]
     assert res[0]["images"] != alone["images"] and res[2]["images"] != alone["images"]
+
+
+# ---------------------------------------------------------------- the step engine over HTTP
+
+# One replica per model stage with 4 slots, so its engine's counters are the whole story.
+ENGINE_ARGS = {**ARGS, "batch_rows": "4", "max_steps": "100", "samplers": "ddim,ddpm,dpmpp_2m",
+               "max_previews": "5"}
+ENGINE_OPTIONS = {"GuidedSampler": {"ray_actor_options": {"num_cpus": 0.25}, "num_replicas": 1},
+                  "Upsampler": {"ray_actor_options": {"num_cpus": 0.25}, "num_replicas": 1},
+                  "Ingress": {"ray_actor_options": {"num_cpus": 0.1}}}
+
+
+@pytest.fixture(scope="module")
+def engine_url(url, nets):
+    """A second application on the module's Serve: one replica per stage, 4 slots each."""
+    from ray import serve
+
+    loaded = load_settings(ServeSettings.from_args({**nets, **ENGINE_ARGS}))
+    serve.run(build(loaded, ENGINE_OPTIONS), name="eng", route_prefix="/eng", blocking=False)
+    engine = url.replace(PREFIX, "/eng")
+    wait_healthy(engine)
+    try:
+        yield engine
+    finally:
+        serve.delete("eng")
+
+
+def engine_stats(stage: str) -> dict:
+    """The `adm.engine.Stats` of the "eng" app's only replica of `stage`."""
+    from ray import serve
+
+    return serve.get_deployment_handle(stage, app_name="eng").stats.remote().result()
+
+
+def read_events(response: requests.Response, stop=None):
+    """The (event, data) pairs of a text/event-stream answer, as a browser's EventSource
+    frames them (an `event:` line, a `data:` line of JSON, a blank line); `stop(event, data)`
+    ends the read early."""
+    events, kind = [], None
+    for line in response.iter_lines(decode_unicode=True):
+        if line.startswith("event: "):
+            kind = line[len("event: "):]
+        elif line.startswith("data: "):
+            events.append((kind, json.loads(line[len("data: "):])))
+            if stop is not None and stop(*events[-1]):
+                break
+        else:
+            assert line == "", line
+    return events
+
+
+def test_stream_sends_progress_previews_and_the_json_answer(engine_url):
+    body = {"class_id": 6, "num_images": 2, "seed": 21, "steps": 20, "sampler": "dpmpp_2m",
+            "guidance_scale": 2.0, "response": "json"}
+    want = generate(engine_url, body).json()
+    r = generate(engine_url, {**body, "stream": True, "preview_every": 5})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = read_events(r)
+    kinds = [k for k, _ in events]
+    assert kinds[-1] == "result" and "error" not in kinds
+    progress = [(d["stage"], d["step"], d["steps"]) for k, d in events if k == "progress"]
+    base = [p for p in progress if p[0] == "base"]
+    assert base[-1][1] == base[-1][2] and progress[-1] == ("upsample", 4, 4)
+    assert [p[1] for p in base] == sorted(p[1] for p in base)  # monotonic
+    assert progress.index(base[-1]) < progress.index(progress[-1])  # base, then the upsampler
+    previews = [d for k, d in events if k == "preview"]
+    assert [(d["stage"], d["step"]) for d in previews if d["stage"] == "base"] == [
+        ("base", 5), ("base", 10), ("base", 15)]
+    assert all(decode(im).shape == ((8, 8, 3) if d["stage"] == "base" else (16, 16, 3))
+               for d in previews for im in d["images"])
+    assert all(len(d["images"]) == 2 for d in previews)
+    result = events[-1][1]
+    for key in ("images", "base_images", "settings", "seed", "image_size", "base_size"):
+        assert result[key] == want[key], key  # the same JSON as response: json, same bits
+    too_many = generate(engine_url, {**body, "stream": True, "preview_every": 2})
+    assert too_many.status_code == 422 and "preview_every" in too_many.json()["detail"]
+    not_streamed = generate(engine_url, {**body, "preview_every": 5})
+    assert not_streamed.status_code == 422 and "stream" in not_streamed.json()["detail"]
+
+
+def wait_until(condition, timeout_s: float = 30.0):
+    """Poll `condition()` (engine counters, not a sleep of a guessed length) until truthy."""
+    deadline = time.monotonic() + timeout_s
+    while not (value := condition()):
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+    return value
+
+
+def test_a_client_that_leaves_frees_its_rows_at_the_next_step(engine_url):
+    """Streaming or not, a client that disconnects takes its rows out of the engine within a
+    step or two of leaving (the counters say so: the engine's steps between the close and the
+    rows' leaving), nothing of it finishes, and the upsampler never starts it."""
+    long = {"class_id": 2, "num_images": 4, "seed": 3, "steps": 100, "sampler": "ddpm",
+            "guidance_scale": 2.0, "response": "json"}
+    for streamed in (True, False):
+        base0, up0 = engine_stats("GuidedSampler"), engine_stats("Upsampler")
+        if streamed:
+            r = generate(engine_url, {**long, "stream": True}, timeout=60)
+            read_events(r, stop=lambda kind, data: kind == "progress")
+        else:
+            worker = threading.Thread(target=lambda: pytest.raises(
+                requests.exceptions.ReadTimeout, generate, engine_url, long, timeout=1.0))
+            worker.start()
+        running = wait_until(lambda: (s := engine_stats("GuidedSampler"))["in_flight"][
+            "interactive"] == 4 and s)
+        if streamed:
+            r.close()  # the client goes away mid-stream
+        else:
+            worker.join()  # its read timed out and it closed the connection
+        at_close = engine_stats("GuidedSampler")
+        after = wait_until(lambda: (s := engine_stats("GuidedSampler"))["in_flight"][
+            "interactive"] == 0 and s)
+        mode, steps = "stream" if streamed else "plain", after["steps"] - at_close["steps"]
+        print(f"\ncancel ({mode}): {steps} engine steps after the close, step "
+              f"{at_close['last_step_s'] * 1000:.0f} ms")
+        assert after["steps"] - at_close["steps"] <= 2
+        assert after["steps"] - running["steps"] < 100 - 1  # it did not run to its end
+        assert after["rows_cancelled"] - base0["rows_cancelled"] == 4
+        assert after["requests_cancelled"] - base0["requests_cancelled"] == 1
+        assert after["images"] == base0["images"]
+        assert engine_stats("Upsampler")["steps"] == up0["steps"]  # never started there
+    ok = generate(engine_url, {"class_id": 1, "seed": 1, "response": "json"})
+    assert ok.status_code == 200  # and it keeps serving
+
+
+def test_interactive_requests_overtake_batch_work(engine_url):
+    """A batch request holding every slot is paused for an interactive one, which finishes
+    first; the batch request then finishes with the images it has alone."""
+    bulk = {"class_id": 5, "num_images": 4, "seed": 8, "steps": 100, "sampler": "ddim",
+            "upsample": False, "response": "json", "priority": "batch"}
+    alone = generate(engine_url, bulk, timeout=120).json()
+    before = engine_stats("GuidedSampler")
+    done = {}
+
+    def run(name, body):
+        done[name] = (generate(engine_url, body, timeout=120).json(), time.monotonic())
+
+    worker = threading.Thread(target=run, args=("bulk", bulk))
+    worker.start()
+    wait_until(lambda: engine_stats("GuidedSampler")["in_flight"]["batch"] == 4)
+    run("now", {"class_id": 1, "steps": 10, "seed": 2, "upsample": False, "response": "json"})
+    worker.join()
+    assert done["now"][1] < done["bulk"][1]
+    assert engine_stats("GuidedSampler")["preemptions"] - before["preemptions"] >= 1
+    assert done["bulk"][0]["images"] == alone["images"]
 
 
 # ---------------------------------------------------------------- load

@@ -99,11 +99,12 @@ def row_spec(req: GenerateRequest) -> RowSpec:
 def json_body(req: GenerateRequest, seed: int, base: np.ndarray, up: np.ndarray | None,
               batch: dict, arrived: float) -> dict:
     """The JSON answer: the final images (the upsampler's when it ran) as base64 PNGs, the
-    settings that decided them, how they were batched, and the seconds since arrival."""
+    settings that decided them, how they were batched and at which priority, and the seconds
+    since arrival."""
     final = base if up is None else up
     body = {"seed": seed, "settings": {**req.settings(), "seed": seed},
             "image_size": int(final.shape[1]), "images": b64_pngs(final), "batch": batch,
-            "elapsed_s": round(time.perf_counter() - arrived, 3)}
+            "priority": req.priority, "elapsed_s": round(time.perf_counter() - arrived, 3)}
     if up is not None:
         body["base_images"] = b64_pngs(base)
         body["base_size"] = int(base.shape[1])

@@ -157,10 +157,12 @@ class Loaded:
             "limits": {"max_images": s.max_images, "max_steps": min(s.max_steps,
                                                                      self.diffusion_steps),
                        "samplers": list(s.samplers), "max_guidance_scale": s.max_guidance_scale,
-                       "max_body_bytes": s.max_body_bytes},
+                       "max_body_bytes": s.max_body_bytes, "max_previews": s.max_previews},
             "defaults": {"num_images": 1, "sampler": s.default_sampler,
                          "steps": s.default_steps, "guidance_scale": self.guidance_scale,
-                         "upsample": self.upsampler is not None, "response": "png"},
+                         "upsample": self.upsampler is not None, "response": "png",
+                         "priority": "interactive", "stream": False},
+            "scheduling": s.scheduling,
         }
         return out
 
