@@ -1,9 +1,10 @@
 """The page at GET / in a real headless Chromium (Debian's `chromium`), driven over the
 DevTools protocol on a pipe (--remote-debugging-pipe: fds 3 and 4, NUL-separated JSON), so no
 driver binary, no debugging port and no extra Python package: load the page, pick a class by
-name, a guidance scale and a seed, click Generate, and check that the base and upsampled images
-appear at their sizes. The screenshot is kept: under $ADM_TEST_ARTIFACTS when set, else in
-pytest's tmp dir; its path is printed."""
+name, a guidance scale and a seed, click Generate, and check that previews and a full progress
+bar came over the stream and the base and upsampled images appear at their sizes. The
+screenshot is kept: under $ADM_TEST_ARTIFACTS when set, else in pytest's tmp dir; its path is
+printed."""
 from __future__ import annotations
 
 import base64
@@ -152,6 +153,11 @@ def test_page_generates_in_headless_chromium(page_url, tmp_path):
                                  "document.body.dataset.state")
         status = browser.js("document.getElementById('status').textContent")
         assert state == "done", status
+        # The step engine streamed it: previews of the base and the upsampler came before
+        # the result (base 5 steps, a preview every 2: steps 2 and 4; upsampler 3 steps: 2),
+        # and the progress bar ended full.
+        assert browser.js("document.body.dataset.previews") == "3"
+        assert browser.js("document.getElementById('bar').value") == 1
         sizes = browser.js("['base', 'up'].map(id => [document.getElementById(id).naturalWidth,"
                            " document.getElementById(id).naturalHeight])")
         assert sizes == [[8, 8], [16, 16]]  # base side by side with the upsampled image

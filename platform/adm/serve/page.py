@@ -1,6 +1,8 @@
 """GET /: one small page to try the API. It uses only GET /v1/models and POST /v1/generate,
 with the API key the user types (kept in the tab's sessionStorage) when the server asks for
-one. Kept as a string in a module so that it ships with the package's Python files."""
+one. On a step-engine server it asks for a stream (`"stream": true`): a progress bar follows
+each stage's steps and the images show the model's current x_0 predictions until the result
+comes. Kept as a string in a module so that it ships with the package's Python files."""
 
 PAGE = """<!doctype html>
 <html lang="en">
@@ -20,6 +22,7 @@ PAGE = """<!doctype html>
                display: block; }
   figcaption { font-size: 13px; color: #555; margin-top: .3em; }
   #status { margin-top: 1em; min-height: 1.3em; }
+  #bar { width: 100%; max-width: 540px; margin-top: .8em; }
   .error { color: #b00; }
 </style>
 </head>
@@ -33,6 +36,7 @@ PAGE = """<!doctype html>
                         placeholder="if the server asks"></label>
   <button id="go" type="submit">Generate</button>
 </form>
+<progress id="bar" max="1" value="0"></progress>
 <div id="status"></div>
 <div id="out">
   <figure><img id="base" alt="base sample"><figcaption id="base-cap">base</figcaption></figure>
@@ -87,24 +91,82 @@ async function loadModels() {
   return true;
 }
 
+function png(b64) { return "data:image/png;base64," + b64; }
+
+// The events of a text/event-stream body (fetch, since EventSource cannot POST): each is an
+// `event:` line and a `data:` line of JSON, ended by a blank line.
+async function* events(resp) {
+  const reader = resp.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const {value, done} = await reader.read();
+    if (done) return;
+    buffer += decoder.decode(value, {stream: true});
+    let end;
+    while ((end = buffer.indexOf("\\n\\n")) >= 0) {
+      const block = buffer.slice(0, end);
+      buffer = buffer.slice(end + 2);
+      let kind = "message", data = "";
+      for (const line of block.split("\\n")) {
+        if (line.startsWith("event: ")) kind = line.slice(7);
+        else if (line.startsWith("data: ")) data += line.slice(6);
+      }
+      if (data) yield [kind, JSON.parse(data)];
+    }
+  }
+}
+
+// Progress over both stages: the base's steps, then the upsampler's.
+function progress(stage, step, steps) {
+  const stages = models.upsampler ? 2 : 1;
+  const done = (stage === "upsample" ? 1 : 0) + step / steps;
+  $("bar").value = done / stages;
+  status((stage === "upsample" ? "Upsampling" : "Sampling") + ": step " + step + " of " +
+         steps + "...");
+}
+
+async function streamed(resp) {
+  let previews = 0;
+  for await (const [kind, data] of events(resp)) {
+    if (kind === "queued") status("Queued: " + data.position + " ahead...");
+    else if (kind === "progress") progress(data.stage, data.step, data.steps);
+    else if (kind === "preview") {
+      previews += 1;
+      document.body.dataset.previews = String(previews);
+      await show($(data.stage === "upsample" ? "up" : "base"), png(data.images[0]));
+    } else if (kind === "error") throw new Error(data.status + ": " + data.detail);
+    else if (kind === "result") return data;
+  }
+  throw new Error("the stream ended without a result");
+}
+
 async function generate(event) {
   event.preventDefault();
   if (!models && !(await loadModels())) return;
+  const stream = models.scheduling === "step";
   const body = {response: "json", upsample: models.upsampler !== null,
                 guidance_scale: Number($("scale").value || 0)};
   if (models.class_names) body.class_name = $("cls").value;
   else body.class_id = Number($("cls").value);
   if ($("seed").value !== "") body.seed = Number($("seed").value);
+  if (stream) {  // about four previews of the base stage, if the server allows them
+    body.stream = true;
+    const previews = Math.min(models.limits.max_previews, 4);
+    if (previews > 0) body.preview_every = Math.ceil(models.defaults.steps / previews);
+  }
   document.body.dataset.state = "generating";
+  document.body.dataset.previews = "0";
   $("go").disabled = true;
+  $("bar").value = 0;
   status("Generating...");
   try {
     const resp = await fetch(root + "v1/generate",
                              {method: "POST", headers: headers(), body: JSON.stringify(body)});
     if (!resp.ok) { status(resp.status + ": " + await detail(resp), true);
                     document.body.dataset.state = "error"; return; }
-    const out = await resp.json();
-    const png = (b64) => "data:image/png;base64," + b64;
+    const out = stream ? await streamed(resp) : await resp.json();
+    $("bar").value = 1;
     const base = out.base_images ? out.base_images[0] : out.images[0];
     await Promise.all([show($("base"), png(base)),
                        out.base_images ? show($("up"), png(out.images[0])) : null]);
