@@ -11,7 +11,10 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
 import pytest
 
+from adm.runtime import free_port
 from s3_server import s3_server  # noqa: F401 - the session's S3 server, for every test module
+
+METRICS_PORT = free_port("127.0.0.1")  # the session Ray's Prometheus endpoint
 
 
 def pytest_collection_modifyitems(config, items):
@@ -55,14 +58,23 @@ def ray_session(s3_server):
     test process's own environment stays as it was."""
     import ray
 
+    # Its metrics on a Prometheus endpoint, reported every second (Ray's default is 10 s), so a
+    # test can scrape what the Serve replicas record (`metrics_url`).
+    os.environ["RAY_metrics_report_interval_ms"] = "1000"
     # address="local": always a fresh cluster of our own, never one `ray start` left behind.
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": s3_server.env})
+             runtime_env={"env_vars": s3_server.env}, _metrics_export_port=METRICS_PORT)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def metrics_url(ray_session) -> str:
+    """The session Ray's Prometheus endpoint (what a Prometheus server would scrape)."""
+    return f"http://127.0.0.1:{METRICS_PORT}/metrics"
 
 
 @pytest.fixture(scope="session")

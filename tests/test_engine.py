@@ -3,10 +3,12 @@
 - every row gets exactly the float32 bits `adm.diffusion.sample` gives it (per-row seeds, a
   padded model call of the same number of rows), whether it runs alone or joins a full engine
   at any step beside rows of other samplers, steps, scales and classes, and after being paused;
-- the scheduling rules: a request joins at the next step, interactive rows pause batch rows
-  (state kept), batch rows age and are never starved, wide (classifier-free) rows are not
-  overtaken, cancelled rows leave at the next step, events (queued, progress, preview, result,
-  error) come as documented. These use a runner that only counts steps on a virtual clock.
+- the scheduling rules: a request joins at the next step, a finished row frees its slot at
+  once, interactive rows pause batch rows (state kept) and a short row pauses a much longer one
+  of its class, rows age and are never starved (batch rows by interactive ones, wide
+  classifier-free rows by narrow ones), cancelled rows leave at the next step, events (queued,
+  progress, preview, result, error) come as documented. These use a runner that only counts
+  steps on a virtual clock.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from adm.compat import openai
 from adm.diffusion import sample
 from adm.diffusion.rows import RowSpec, RowStepper
 from adm.diffusion.seeds import index_seeds
-from adm.engine import PROGRESS_EVERY_S, Engine, Request, StepperRunner
+from adm.engine import Engine, Request, StepperRunner
 from adm.images import to_uint8
 
 SLOTS = 8
@@ -238,6 +240,22 @@ def test_a_short_request_joins_at_the_next_step_and_is_not_held_by_a_long_one():
     assert not events.of("long", "result") and engine.stats.in_flight["interactive"] == 1
 
 
+def test_a_finished_row_frees_its_slot_before_its_request_ends():
+    """A request of more rows than slots: each row leaves as soon as it is done, so the next
+    takes its slot (a finished row that held its slot until its request ended would block the
+    request's own waiting rows for ever)."""
+    engine, runner = engine_with(2)
+    events = Events()
+    engine.submit(Request("wide", Fake(3), [0] * 5, list(range(5)), on_event=events("wide")))
+    for _ in range(12):
+        if not engine.step():
+            break
+    assert len(events.of("wide", "result")) == 1
+    assert len(runner.batches) == 9  # rows 0-1, 2-3, then 4: 3 steps each
+    assert all(len(b) <= 2 for b in runner.batches)
+    assert engine.stats.row_steps == 15  # each of the 5 rows stepped exactly 3 times
+
+
 def test_interactive_rows_pause_batch_rows_which_resume_with_their_state():
     engine, runner = engine_with(3)
     events = Events()
@@ -285,17 +303,46 @@ def test_batch_rows_age_and_are_never_starved():
     assert engine.stats.preemptions == 0
 
 
-def test_a_wide_row_is_not_overtaken_by_narrow_ones():
-    engine, runner = engine_with(2)
-    engine.submit(Request("a", Fake(4), [0], [0]))
-    engine.step()
-    engine.submit(Request("wide", Fake(2, width=2), [0], [0]))
-    engine.submit(Request("narrow", Fake(2), [0], [0]))
-    engine.step()  # one slot free: the wide row does not fit, and the narrow one waits too
-    assert [r for r in runner.started] == [("a", 0)]
+def test_a_short_request_pauses_a_long_one_of_its_class_but_not_a_similar_one():
+    """Every slot held by a 250-step interactive request: a 10-step one pauses one of its rows
+    and is done ten steps later (it never waits for the long one to finish); a 200-step one is
+    not short enough to pause anything and waits its turn."""
+    engine, runner = engine_with(4)
+    events = Events()
+    engine.submit(Request("long", Fake(250), [0] * 4, list(range(4)), on_event=events("long")))
+    for _ in range(5):
+        engine.step()
+    engine.submit(Request("similar", Fake(200), [0], [0], on_event=events("similar")))
+    engine.submit(Request("short", Fake(10), [0], [0], on_event=events("short")))
+    for _ in range(10):
+        engine.step()
+    assert events.of("short", "result") and engine.stats.preemptions == 1
+    assert ("similar", 0) not in runner.started
     while engine.step():
         pass
-    assert runner.started == [("a", 0), ("wide", 0), ("narrow", 0)]
+    assert events.of("long", "result") and events.of("similar", "result")
+
+
+def test_a_wide_row_is_never_starved_by_narrow_ones():
+    """Narrow rows fill a slot a wide (classifier-free) row cannot use yet; once the wide row
+    has waited max_wait_steps it holds its place, nothing behind it is admitted, and it runs
+    as soon as the rows before it finish."""
+    wait = 6
+    engine, runner = engine_with(2, batch_max_wait_steps=wait)
+    events = Events()
+    engine.submit(Request("n0", Fake(3), [0], [0]))
+    engine.step()
+    engine.submit(Request("wide", Fake(2, width=2), [0], [0], on_event=events("wide")))
+    for n in range(1, 30):
+        engine.submit(Request(f"n{n}", Fake(3), [0], [0]))  # one more narrow row each step
+        engine.step()
+        if events.of("wide", "result"):
+            break
+    started = [rid for rid, _ in runner.started]
+    assert started.index("wide") > started.index("n2")  # narrow rows used the free slot first
+    # it aged after `wait` steps of waiting, then waited for at most one narrow row (3 steps)
+    # and ran its 2 steps
+    assert n <= 1 + wait + 3 + 2, n
 
 
 def test_cancelled_rows_leave_at_the_next_step_and_queued_ones_never_start():
@@ -316,24 +363,30 @@ def test_cancelled_rows_leave_at_the_next_step_and_queued_ones_never_start():
 
 def test_events_queued_progress_preview_result():
     engine, runner = engine_with(1)
-    runner.step_s = 0.1  # progress at most every 0.25 s: every third step, and the last
     events = Events()
-    engine.submit(Request("a", Fake(10), [0], [0], on_event=events("a")))
+    engine.submit(Request("a", Fake(3), [0], [0], on_event=events("a")))
+    engine.step()  # a runs; then two more wait, the shorter first
     engine.submit(Request("b", Fake(4), [0], [0], preview_every=2, on_event=events("b")))
     engine.submit(Request("c", Fake(2), [0], [0], on_event=events("c")))
     while engine.step():
         pass
-    assert events.of("b", "queued") == [{"position": 0}] and events.of("a", "queued") == []
-    assert events.of("c", "queued") == [{"position": 1}, {"position": 0}]
-    steps = [d["step"] for d in events.of("a", "progress")]
-    assert steps == [1, 4, 7, 10] and all(d["steps"] == 10 for d in events.of("a", "progress"))
-    times = np.diff([0.1, 0.4, 0.7, 1.0])
-    assert (times >= PROGRESS_EVERY_S).all()
+    assert events.of("a", "queued") == [] and events.of("c", "queued") == [{"position": 0}]
+    assert events.of("b", "queued") == [{"position": 1}, {"position": 0}]
+    assert [rid for rid, _ in runner.started] == ["a", "c", "b"]
     assert [d["step"] for d in events.of("b", "preview")] == [2]  # 4 is the result
     assert len(events.of("b", "result")) == 1
     kinds = [k for r, k, _ in events.log if r == "b"]
     assert kinds.index("queued") < kinds.index("progress") < kinds.index("result")
     assert kinds[-1] == "result"
+    # Progress: every step, at most one per PROGRESS_EVERY_S (steps of 0.1 s: every third),
+    # and the last always.
+    engine, runner = engine_with(1)
+    engine.submit(Request("d", Fake(10), [0], [0], on_event=events("d")))
+    while engine.step():
+        pass
+    progress = events.of("d", "progress")
+    assert [d["step"] for d in progress] == [1, 4, 7, 10]
+    assert all(d["steps"] == 10 for d in progress)
 
 
 def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving():
@@ -353,6 +406,16 @@ def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving():
     while engine.step():
         pass
     assert len(events.of("b", "result")) == 1 and not events.of("a", "result")
+    # A row that cannot start fails its request alone.
+    start = runner.start
+    runner.start = lambda request, k: start(request, k) if request.id != "c" or k == 0 else \
+        (_ for _ in ()).throw(ValueError("bad low_res"))
+    engine.submit(Request("c", Fake(3), [0, 0], [0, 1], on_event=events("c")))
+    engine.submit(Request("d", Fake(3), [0], [0], on_event=events("d")))
+    while engine.step():
+        pass
+    assert events.of("c", "error") == [{"detail": "ValueError: bad low_res"}]
+    assert len(events.of("d", "result")) == 1 and not events.of("c", "result")
 
 
 def test_requests_that_cannot_run_are_refused_at_submit(base):

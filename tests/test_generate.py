@@ -165,6 +165,51 @@ def test_chained_run_upsamples_each_base_sample(ray_session, nets, tmp_path):
         assert np.array_equal(images[rows], want)
 
 
+def test_the_serving_engine_gives_the_generation_jobs_bytes(ray_session, nets, tmp_path):
+    """A served image is the generation job's sample, bit for bit (float32): indices 0..7 of a
+    run seeded 3 (guided DDPM, then the upsampler), each started in a step engine of 8 slots
+    (adm.engine, as a Serve replica runs it) at its own step beside rows of other settings,
+    come out as the images jobs/sample.py wrote for those indices."""
+    from adm.diffusion.rows import RowSpec, RowStepper
+    from adm.engine import Engine, Request, StepperRunner
+
+    out = tmp_path / "job"
+    run(nets, out, num_samples=8, shard_size=8, batch_size=8, sampler="ddpm",
+        classifier=nets["classifier"], classifier_scale=4.0, upsampler=nets["upsampler"],
+        upsampler_steps=3, upsampler_batch_size=8, precision="fp32")
+    with np.load(out / "samples.npz") as z:
+        images, labels = z["arr_0"], z["arr_1"]
+    with np.load(out / "base_samples.npz") as z:
+        base = z["arr_0"]
+    net = openai.load_checkpoint(openai.create_model(BASE), nets["base"]).eval()
+    clf = openai.load_checkpoint(openai.create_classifier(CLASSIFIER), nets["classifier"]).eval()
+    up = openai.load_checkpoint(openai.create_superres_model(UPSAMPLER), nets["upsampler"]).eval()
+
+    def serve_rows(stepper, spec, stream, low=None):
+        """Each index its own request, submitted a step apart, between other work."""
+        engine, got = Engine(StepperRunner(stepper), 8), {}
+        for i in range(8):
+            engine.submit(Request(f"other{i}", RowSpec("ddim", 5 + i), [9 - i], [100 + i],
+                                  None if low is None else low[7 - i:8 - i]))
+            engine.submit(Request(
+                str(i), spec, [int(labels[i])], index_seeds(3, [i], stream),
+                None if low is None else low[i:i + 1],
+                on_event=lambda kind, data, i=i: got.__setitem__(i, data["images"][0])
+                if kind == "result" else None))
+            engine.step()
+        while engine.step():
+            pass
+        return np.stack([got[i] for i in range(8)])
+
+    served = serve_rows(RowStepper(net, openai.create_diffusion(BASE), slots=8, image_size=8,
+                                   classifier=clf), RowSpec("ddpm", 4, classifier_scale=4.0),
+                        "base")
+    assert np.array_equal(served, base)
+    upsampled = serve_rows(RowStepper(up, openai.create_diffusion(UPSAMPLER), slots=8,
+                                      image_size=16), RowSpec("ddpm", "3"), "upsampler", served)
+    assert np.array_equal(upsampled, images)
+
+
 def test_resume_finished_and_refused_reruns(ray_session, nets, tmp_path):
     out = tmp_path / "run"
     first = run(nets, out, num_samples=10, batch_size=4)

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import base64
 import http.client
+import importlib
 import io
 import json
+import re
 import threading
 import time
 import urllib.error
@@ -50,13 +52,17 @@ ARGS = {"max_images": "4", "max_steps": "50", "samplers": "ddim,ddpm", "max_body
         "max_guidance_scale": "10", "default_steps": "10", "upsampler_steps": "4",
         "upsampler_sampler": "ddim", "batch_rows": "8", "max_batch_requests": "8",
         "batch_wait_s": "0.2"}
-# Small CPU shares: the session's Ray has 4 logical CPUs; the base scales 1 -> 3 under load.
+# Small CPU shares: the session's Ray has 4 logical CPUs; the base scales 1 -> 3 under load, on
+# the slots its engine's work fills (adm.serve.autoscaling), not on open requests.
+POLICY = "adm.serve.autoscaling:QueuedWorkPolicy"
 OPTIONS = {
     "GuidedSampler": {"ray_actor_options": {"num_cpus": 0.25}, "max_ongoing_requests": 16,
                       "autoscaling_config": {
-                          "min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 2,
+                          "min_replicas": 1, "max_replicas": 3,
                           "upscale_delay_s": 0.5, "downscale_delay_s": 5,
-                          "metrics_interval_s": 0.5, "look_back_period_s": 1}},
+                          "metrics_interval_s": 0.5, "look_back_period_s": 1,
+                          "policy": {"policy_function": POLICY,
+                                     "policy_kwargs": {"target_load": 1.0, "slots": 8}}}},
     "Upsampler": {"ray_actor_options": {"num_cpus": 0.25}, "max_ongoing_requests": 16},
     "Ingress": {"ray_actor_options": {"num_cpus": 0.1}},
 }
@@ -629,12 +635,93 @@ def test_interactive_requests_overtake_batch_work(engine_url):
     assert done["bulk"][0]["images"] == alone["images"]
 
 
+def scrape(metrics_url: str) -> dict:
+    """The "eng" app's adm_* samples from Ray's Prometheus endpoint: {(name, labels): value},
+    labels a sorted tuple of the pairs that tell series apart (stage, class, status, le)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = requests.get(metrics_url, timeout=10).text
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.startswith("ray_adm_") and sample.labels.get("application") == "eng":
+                keep = tuple(sorted((k, v) for k, v in sample.labels.items()
+                                    if k in ("stage", "class", "status", "le")))
+                out[(sample.name, keep)] = out.get((sample.name, keep), 0.0) + sample.value
+    return out
+
+
+def total(samples: dict, name: str, **labels) -> float:
+    return sum(v for (n, keep), v in samples.items()
+               if n == name and all((k, v2) in keep for k, v2 in labels.items()))
+
+
+GRAFANA = ROOT / "deploy" / "grafana" / "adm-serve.json"
+
+
+def test_metrics_move_under_load_and_the_dashboard_charts_them(engine_url, metrics_url):
+    """Ray's Prometheus endpoint (the session Ray exports it, reported every second) shows each
+    engine and ingress metric moving under a load that queues, pauses and cancels work; every
+    series the Grafana dashboard queries is one of them."""
+    seen, stop = [], threading.Event()
+
+    def scraper():
+        while not stop.is_set():
+            seen.append(scrape(metrics_url))
+            time.sleep(0.2)
+
+    before = scrape(metrics_url)
+    watcher = threading.Thread(target=scraper, daemon=True)
+    watcher.start()
+    bulk = {"class_id": 5, "num_images": 4, "seed": 8, "steps": 100, "upsample": False,
+            "response": "json", "priority": "batch"}
+    with ThreadPoolExecutor(3) as pool:
+        jobs = [pool.submit(generate, engine_url, bulk, None, 120)]
+        wait_until(lambda: engine_stats("GuidedSampler")["in_flight"]["batch"] == 4)
+        jobs.append(pool.submit(generate, engine_url, {  # pauses two batch rows, then queues
+            "class_id": 1, "num_images": 4, "steps": 30, "response": "json"}, None, 120))
+        r = generate(engine_url, {"class_id": 2, "steps": 50, "stream": True}, timeout=60)
+        read_events(r, stop=lambda kind, data: kind in ("progress", "queued"))
+        r.close()  # a cancelled request
+        assert all(j.result().status_code == 200 for j in jobs)
+    final = wait_until(lambda: (s := scrape(metrics_url)) and total(
+        s, "ray_adm_requests_cancelled_total") > total(before, "ray_adm_requests_cancelled_total")
+        and total(s, "ray_adm_images_total", stage="upsample") > total(
+            before, "ray_adm_images_total", stage="upsample") and s)
+    stop.set()
+    watcher.join(5)
+    peak = lambda name, **labels: max(total(x, name, **labels) for x in seen)  # noqa: E731
+    assert peak("ray_adm_rows_in_flight", stage="base", **{"class": "batch"}) >= 2
+    assert peak("ray_adm_rows_in_flight", stage="base", **{"class": "interactive"}) >= 1
+    assert peak("ray_adm_rows_queued", stage="base") >= 1
+    assert peak("ray_adm_slots_used", stage="base") == 4
+    assert total(final, "ray_adm_slots", stage="base") == 4
+    for name in ("ray_adm_engine_steps_total", "ray_adm_row_steps_total", "ray_adm_images_total",
+                 "ray_adm_step_seconds_count", "ray_adm_rows_cancelled_total",
+                 "ray_adm_requests_cancelled_total", "ray_adm_preemptions_total"):
+        assert total(final, name, stage="base") > total(before, name, stage="base"), name
+    for name in ("ray_adm_first_progress_seconds_count", "ray_adm_requests_total"):
+        assert total(final, name) > total(before, name), name
+    assert total(final, "ray_adm_requests_total", status="cancelled") > total(
+        before, "ray_adm_requests_total", status="cancelled")
+    # The dashboard: valid JSON whose every query names only series seen here.
+    dashboard = json.loads(GRAFANA.read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    names = {n for n, _ in final}
+    queried = {m for e in exprs for m in re.findall(r"ray_adm_[a-z_]+", e)}
+    assert queried and queried <= names, queried - names
+    assert {"ray_adm_rows_queued", "ray_adm_rows_in_flight", "ray_adm_step_seconds_bucket",
+            "ray_adm_first_progress_seconds_bucket", "ray_adm_requests_cancelled_total",
+            "ray_adm_images_total", "ray_adm_engine_steps_total"} <= queried
+
+
 # ---------------------------------------------------------------- load
 
 
 def test_load_batches_and_scales_without_5xx(url):
     """60 requests from 12 concurrent clients (loopback): no 5xx, base batches of more than
-    one request, and the base deployment above its minimum of 1 replica."""
+    one request, and the base deployment above its minimum of 1 replica: 12 rows on 8 slots
+    is a load of 1.5 (QueuedWorkPolicy; a replica that reports no load is not scaled)."""
     from ray import serve
 
     replicas, running, stop = [], [], threading.Event()
@@ -678,6 +765,33 @@ def test_load_batches_and_scales_without_5xx(url):
 
 
 # ---------------------------------------------------------------- batching (no Ray)
+
+
+def test_queued_work_policy_counts_slots_not_requests():
+    """The autoscaling policy: the replicas' reported loads (slots wanted over slots had) and
+    Serve's own queue, over the target load; before any report it keeps the current count."""
+    from types import SimpleNamespace
+
+    from adm.engine import Stats
+    from adm.serve.autoscaling import LOAD_METRIC, QueuedWorkPolicy, replica_load
+
+    stats = Stats(slots=8, slots_used=8, queued_slots=12)
+    assert replica_load(stats) == 2.5
+    policy = QueuedWorkPolicy(target_load=1.0, slots=8)
+
+    def ctx(loads, queued=0, current=1):
+        return SimpleNamespace(aggregated_metrics={LOAD_METRIC: loads} if loads else {},
+                               total_queued_requests=queued, current_num_replicas=current)
+
+    assert policy(ctx({"a": 2.5}))[0] == 3
+    assert policy(ctx({"a": 1.0, "b": 0.5}))[0] == 2
+    assert policy(ctx({"a": 1.0}))[0] == 1  # exactly full: no extra replica
+    assert policy(ctx({"a": 1.0}, queued=8))[0] == 2  # 8 requests queued in Serve: one more
+    assert policy(ctx({"a": 0.0, "b": 0.0}, current=2))[0] == 0  # Serve clamps to min
+    assert policy(ctx({}, current=2)) == (2, {})
+    assert QueuedWorkPolicy(target_load=0.5)(ctx({"a": 1.0}))[0] == 2
+    with pytest.raises(ValueError):
+        QueuedWorkPolicy(target_load=0)
 
 
 def test_cfg_scale_and_dpm_solver_requests_are_checked():
@@ -755,7 +869,9 @@ def _config(name: str) -> dict:
 @pytest.mark.parametrize("name", ["local.yaml", "imagenet256.yaml", "imagenet512.yaml"])
 def test_config_files_parse(name):
     """Serve's own schema accepts each file; its args build valid settings; every deployment
-    has autoscaling (min, max, target, delays), ray_actor_options and max_ongoing_requests."""
+    has autoscaling (min, max, delays; the model stages on QueuedWorkPolicy with their slots),
+    ray_actor_options and max_ongoing_requests."""
+    from ray.serve.config import AutoscalingConfig
     from ray.serve.schema import ServeDeploySchema
 
     raw = _config(name)
@@ -773,11 +889,23 @@ def test_config_files_parse(name):
     for dep in raw["applications"][0]["deployments"]:
         assert {"ray_actor_options", "max_ongoing_requests"} <= set(dep), dep["name"]
         assert "num_cpus" in dep["ray_actor_options"], dep["name"]
-        if dep["name"] != "Ingress":
-            auto = dep["autoscaling_config"]
-            assert {"min_replicas", "max_replicas", "target_ongoing_requests",
-                    "upscale_delay_s", "downscale_delay_s"} <= set(auto), dep["name"]
-            assert dep["max_ongoing_requests"] >= settings.max_batch_requests
+        auto = dep["autoscaling_config"]
+        assert {"min_replicas", "max_replicas", "upscale_delay_s",
+                "downscale_delay_s"} <= set(auto), dep["name"]
+        if dep["name"] == "Ingress":
+            assert "target_ongoing_requests" in auto
+            continue
+        # A model stage scales on the slots its engine's work fills, with its own slot count;
+        # it takes more requests than it has slots, so that work waits in the engine.
+        slots = settings.batch_rows if dep["name"] == "GuidedSampler" else (
+            settings.upsampler_batch_rows or settings.batch_rows)
+        parsed = AutoscalingConfig(**auto)
+        assert parsed.policy.policy_function == POLICY, dep["name"]
+        assert parsed.policy.policy_kwargs == {"target_load": 1.0, "slots": slots}
+        module, _, attribute = POLICY.partition(":")
+        assert callable(getattr(importlib.import_module(module), attribute))
+        assert dep["max_ongoing_requests"] >= 4 * slots, dep["name"]
+    assert settings.scheduling == "step"
     gpu = name != "local.yaml"
     for dep in raw["applications"][0]["deployments"]:
         if dep["name"] != "Ingress":

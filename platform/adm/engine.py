@@ -10,18 +10,21 @@ loop in a worker thread (`adm.serve.deployments`), and the capacity simulation
 (benchmarks/capacity.py) calls it with a runner that only advances a virtual clock. What runs
 the networks is the `runner` (`StepperRunner` for a real stage).
 
-Scheduling, each step:
-- Rows are ranked: interactive rows, and batch rows that have waited `batch_max_wait_steps`
-  steps in all ("aged"), are rank 0; other batch rows rank 1. Within a rank, rows go in
-  arrival order (request, then image).
-- Waiting rows are admitted in that order while their width (model rows: 2 with classifier-free
-  guidance) fits in the free slots; the first that does not fit stops admission (no overtaking,
-  so a wide row is never starved by narrow ones).
-- A rank-0 row that does not fit takes slots from running rank-1 rows, youngest first: those
-  pause with their state kept and wait again (in their arrival order).
-- Never starved: a batch row ages after `batch_max_wait_steps` steps of waiting; aged, it is
-  rank 0 in its arrival order and is never paused again, so it waits at most for the rank-0
-  rows that arrived before it to finish (no later arrival overtakes it).
+Scheduling, each step (the rules of `_admit`):
+- Order. Waiting rows are taken aged rows first (by arrival), then interactive rows, then batch
+  rows, each class shortest remaining chain first (ties by arrival: request, then image). A
+  row's width is its model-call rows: 2 with classifier-free guidance.
+- Admission. Each waiting row in that order takes free slots if its width fits; if not, a
+  narrower or shorter row behind it may (so slots do not idle behind a wide row), unless it is
+  aged: an aged row holds its place, and nothing behind it is admitted until it fits.
+- Pausing. A waiting row that does not fit may pause running rows to make room: batch rows for
+  an interactive row, and rows of its own class whose remaining steps exceed PAUSE_RATIO times
+  its own (a 250-step row for a 10-step one); never an aged row. Victims go batch first, then
+  the longest remaining. A paused row keeps its state and waits again, by the same order.
+- Never starved. A row that has waited `batch_max_wait_steps` engine steps in all (queued or paused)
+  ages: from then on it goes first among the waiting rows (aged rows by arrival), holds its
+  place and is never paused again. So a row waits at most `max_wait_steps` steps plus the
+  remaining steps of the rows running when it aged (one chain at most: the running rows' longest).
 Cancelled requests (`cancel`) leave at the next step's start: their slots are free for that
 step.
 """
@@ -41,6 +44,10 @@ from .images import from_uint8, to_uint8
 
 PRIORITIES = ("interactive", "batch")
 PROGRESS_EVERY_S = 0.25  # progress events: every step, but at most one per this many seconds
+# A waiting row pauses a running row of its own class only when that row has more than this
+# many times its remaining steps left: enough to stop a 10-step request waiting out a 250-step
+# one, not so little that two rows of similar length pause each other back and forth.
+PAUSE_RATIO = 2.0
 
 
 @dataclass
@@ -106,7 +113,24 @@ class _Entry:
 
     @property
     def rank(self) -> int:
-        return 0 if self.request.req.priority == "interactive" or self.aged else 1
+        """0 interactive, 1 batch."""
+        return PRIORITIES.index(self.request.req.priority)
+
+    @property
+    def remaining(self) -> int:
+        """Steps left in its chain."""
+        return self.request.steps if self.row is None else self.row.index + 1
+
+    def order(self) -> tuple:
+        """The waiting order: aged rows by arrival, then by class, shortest remaining first."""
+        return (0, 0, 0, self.seq) if self.aged else (1, self.rank, self.remaining, self.seq)
+
+    def may_pause(self, running: "_Entry") -> bool:
+        """Whether this waiting row may take `running`'s slots."""
+        if running.aged:
+            return False
+        return running.rank > self.rank or (
+            running.rank == self.rank and running.remaining > PAUSE_RATIO * self.remaining)
 
 
 @dataclass(eq=False)
@@ -128,7 +152,8 @@ class Stats:
     slots: int
     queued: dict = field(default_factory=lambda: {p: 0 for p in PRIORITIES})  # rows waiting
     in_flight: dict = field(default_factory=lambda: {p: 0 for p in PRIORITIES})  # rows running
-    slots_used: int = 0
+    slots_used: int = 0  # model-call rows of the running rows
+    queued_slots: int = 0  # model-call rows the waiting rows need
     steps: int = 0  # engine steps made
     row_steps: int = 0  # rows advanced, summed over steps
     images: int = 0  # images finished
@@ -142,16 +167,16 @@ class Stats:
 
 class Engine:
     """The scheduler around a `runner`: `submit` and `cancel` from any thread, `step` from
-    one. `slots`: model-call rows per step; `batch_max_wait_steps`: when a waiting batch row
-    ages (see the module's rules); `clock`: seconds (a virtual clock in simulation)."""
+    one. `slots`: model-call rows per step; `batch_max_wait_steps`: when a waiting row ages
+    (see the module's rules); `clock`: seconds (a virtual clock in simulation)."""
 
-    def __init__(self, runner: Runner, slots: int, *, batch_max_wait_steps: int = 200,
+    def __init__(self, runner: Runner, slots: int, *, batch_max_wait_steps: int = 500,
                  clock: Callable[[], float] = time.monotonic):
         if slots < 1 or batch_max_wait_steps < 0:
             raise ValueError(f"slots={slots} (>= 1), batch_max_wait_steps="
                              f"{batch_max_wait_steps} (>= 0)")
         self.runner, self.slots, self.clock = runner, int(slots), clock
-        self.batch_max_wait_steps = int(batch_max_wait_steps)
+        self.max_wait_steps = int(batch_max_wait_steps)
         self.stats = Stats(self.slots)
         self._lock = threading.Condition()
         self._inbox: deque = deque()
@@ -217,8 +242,7 @@ class Engine:
         self.stats.step_seconds += elapsed
         for e in self._waiting:
             e.waited += 1
-            if e.request.req.priority == "batch" and e.waited >= self.batch_max_wait_steps:
-                e.aged = True
+            e.aged = e.aged or e.waited >= self.max_wait_steps
         self._report()
         self._count()
         return True
@@ -246,13 +270,14 @@ class Engine:
 
     def _admit(self) -> None:
         """Re-form the batch by the module's rules."""
-        order = lambda e: (e.rank, e.seq)  # noqa: E731
-        self._waiting.sort(key=order)
+        self._waiting.sort(key=_Entry.order)
         free = self.slots - sum(e.width for e in self._running)
         for e in list(self._waiting):
-            if e.width > free and e.rank == 0:
-                victims = sorted((r for r in self._running if r.rank == 1),
-                                 key=lambda r: r.seq, reverse=True)
+            if self._requests.get(e.request.req.id) is not e.request:
+                continue  # its request failed meanwhile
+            if e.width > free:
+                victims = sorted((r for r in self._running if e.may_pause(r)),
+                                 key=lambda r: (-r.rank, -r.remaining, -r.seq))
                 if free + sum(v.width for v in victims) >= e.width:
                     for v in victims:
                         if free >= e.width:
@@ -262,13 +287,19 @@ class Engine:
                         free += v.width
                         self.stats.preemptions += 1
             if e.width > free:
-                break
+                if e.aged:
+                    break  # it holds its place: nothing behind it goes ahead
+                continue
             if e.row is None:
-                e.row = self.runner.start(e.request.req, e.k)
+                try:
+                    e.row = self.runner.start(e.request.req, e.k)
+                except Exception as exc:  # its request fails; the others go on
+                    self._fail([e.request], exc)
+                    continue
             self._waiting.remove(e)
             self._running.append(e)
             free -= e.width
-        self._waiting.sort(key=order)
+        self._waiting.sort(key=_Entry.order)
 
     def _count(self) -> None:
         s = self.stats
@@ -279,6 +310,7 @@ class Engine:
         for e in self._running:
             s.in_flight[e.request.req.priority] += 1
         s.slots_used = sum(e.width for e in self._running)
+        s.queued_slots = sum(e.width for e in self._waiting)
 
     def _send_positions(self) -> None:
         """`queued` events: each request none of whose rows runs, its place among those."""
@@ -298,7 +330,6 @@ class Engine:
     def _report(self) -> None:
         """Progress, previews and results of the requests that ran this step."""
         now = self.clock()
-        done_entries = []
         ran = list(dict.fromkeys(e.request for e in self._running))
         for tracked in ran:
             req, n = tracked.req, len(tracked.entries)
@@ -319,15 +350,15 @@ class Engine:
                     req.on_event("preview", {"step": step,
                                              "images": self.runner.previews(started)})
             if finished:
-                done_entries.extend(tracked.entries)
                 self._requests.pop(req.id, None)
                 self.stats.requests_done += 1
                 self.stats.images += n
                 req.on_event("result", {
                     "images": self.runner.images([e.row for e in tracked.entries]),
                     "shared": {"requests": tracked.shared[0], "images": tracked.shared[1]}})
-        gone = set(map(id, done_entries))
-        self._running = [e for e in self._running if id(e) not in gone]
+        # A finished row leaves at once, even while its request's other rows still run or
+        # wait: it must not hold its slots (or be stepped again).
+        self._running = [e for e in self._running if not e.row.done]
 
     def _fail(self, tracked: list[_Tracked], exc: Exception) -> None:
         for t in dict.fromkeys(tracked):

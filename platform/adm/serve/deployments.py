@@ -31,6 +31,7 @@ from ..diffusion.rows import RowSpec, RowStepper
 from ..engine import Engine, Request, StepperRunner
 from ..precision import precision_name
 from ..stage import Job, Output, Stage, resolve_fast_path, run_batch
+from .autoscaling import LOAD_METRIC, replica_load
 from .metrics import EngineMetrics
 
 logger = logging.getLogger("ray.serve")
@@ -102,7 +103,12 @@ class _Replica:
         """The engine's thread: a step whenever there is work, metrics after each."""
         while True:
             self.engine.wait_for_work(timeout=1.0)
-            stepped = self.engine.step()
+            try:
+                stepped = self.engine.step()
+            except Exception:  # a bug outside a step's own failure: log it, keep serving
+                logger.exception("%s: engine step failed", self.role)
+                time.sleep(0.1)
+                continue
             self.metrics.update(self.engine.stats, stepped)
 
     async def generate(self, job: "StepJob") -> AsyncIterator[tuple[str, dict]]:
@@ -128,6 +134,11 @@ class _Replica:
                     return
         finally:  # done, failed, or the caller went away (cancelled): free the rows
             self.engine.cancel(rid)
+
+    def record_autoscaling_stats(self) -> dict:
+        """The load `adm.serve.autoscaling.QueuedWorkPolicy` scales on (Serve polls this when
+        the deployment autoscales); none in "request" scheduling."""
+        return {} if self.engine is None else {LOAD_METRIC: replica_load(self.engine.stats)}
 
     def stats(self) -> dict:
         """This replica's engine counters and gauges (`adm.engine.Stats`; the same numbers go
