@@ -85,16 +85,22 @@ def run_main(name: str, argv: list[str]) -> int:
     return load_job(name).main(argv)
 
 
-def export_random(folder: Path, net: torch.nn.Module, flags: dict, seed: int) -> str:
-    """`net` with random N(0, 0.1²) weights (ADM zero-initialises its output layers, which
-    would make every sample alike), saved as training exports it: `folder/model.pt` with
-    `flags.json` beside it. Returns the model file's path."""
-    import json
-
+def randomized(net: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
+    """`net` with every parameter drawn N(0, 0.1²), in eval mode: ADM zero-initialises its
+    output layers, which would make every sample the same function of the noise alone."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in net.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return net.eval()
+
+
+def export_random(folder: Path, net: torch.nn.Module, flags: dict, seed: int) -> str:
+    """`net` with random N(0, 0.1²) weights (`randomized`), saved as training exports it:
+    `folder/model.pt` with `flags.json` beside it. Returns the model file's path."""
+    import json
+
+    randomized(net, seed)
     folder.mkdir(parents=True)
     torch.save(net.state_dict(), folder / "model.pt")
     (folder / "flags.json").write_text(json.dumps(flags))

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import TINY_CLASSIFIER_FLAGS, TINY_UNET_FLAGS
+from helpers import TINY_CLASSIFIER_FLAGS, TINY_UNET_FLAGS, randomized
 from adm import factory
 from adm.compat import openai
 from adm.diffusion import sample
@@ -42,14 +42,6 @@ SETTINGS = [  # every sampler; guided, classifier-free, both; DDIM with eta; odd
     RowSpec("ddim", 12, eta=0.5),
     RowSpec("dpmpp_2m", 8, lambda_min=-5.1, cfg_scale=1.5),
 ]
-
-
-def randomized(net: torch.nn.Module, seed: int) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return net.eval()
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import torch.nn as nn
 from adm.compat import openai
 from adm.diffusion import index_seeds, respace, sample
 from helpers import (TINY_CLASSIFIER_FLAGS, TINY_UNET_FLAGS, assert_within, fixture_network,
-                     load_fixture)
+                     load_fixture, randomized)
 
 LOOP = 1e-3
 FX = load_fixture("ddim_loop.pt")
@@ -186,16 +186,6 @@ def test_argument_errors():
 
 TINY = TINY_UNET_FLAGS
 TINY_CLASSIFIER = TINY_CLASSIFIER_FLAGS
-
-
-def randomized(module: nn.Module, seed: int = 1) -> nn.Module:
-    """`module` with every parameter drawn N(0, 0.1²): ADM zero-initialises its output layers,
-    which would make every sample the same function of the noise alone."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return module.eval()
 
 
 @pytest.fixture(scope="module")
