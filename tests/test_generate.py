@@ -189,7 +189,7 @@ def test_the_serving_engine_gives_the_generation_jobs_bytes(ray_session, nets, t
         """Each index its own request, submitted a step apart, between other work."""
         engine, got = Engine(StepperRunner(stepper), 8), {}
         for i in range(8):
-            engine.submit(Request(f"other{i}", RowSpec("ddim", 5 + i), [9 - i], [100 + i],
+            engine.submit(Request(f"other{i}", RowSpec("ddpm", 5 + i), [9 - i], [100 + i],
                                   None if low is None else low[7 - i:8 - i]))
             engine.submit(Request(
                 str(i), spec, [int(labels[i])], index_seeds(3, [i], stream),
