@@ -5,13 +5,16 @@ cluster.yaml's node types scaled down to this machine and a 10 s idle timeout. O
 every scenario of this module. The training and generation jobs (b, c) are submitted when the
 module starts and run on their own node types while the serving scenarios (a, d) run:
 
-a. Serving: a config like serve_configs/local.yaml whose base replicas ask for `adm_serve` (min
-   1, max 3), under a 1 -> 8 client ramp: serving nodes come up, replicas follow, every request
-   gets a 200 (8 clients never fill the bounded queue, so no 503 either), no replica runs on a
-   training or batch node, and a replica on a new node answers requests.
-d. Losing a serving node, on the nodes (a) brought up: its raylet is SIGKILLed under load; Serve
-   replaces the replica, the autoscaler launches a node, and the requests that fail are counted
-   and bounded. When the load ends, nodes and replicas go back to one each.
+a. Serving under a burst of batch-class work: a config like serve_configs/local.yaml whose base
+   replicas ask for `adm_serve` (min 1, max 3) and scale on the work queued in their step
+   engines (QueuedWorkPolicy); batch clients go 1 -> 8 while an interactive probe sends a small
+   request every 0.5 s. Replicas and serving nodes go up, every request gets a 200, no replica
+   runs on a training or batch node, a replica on a new node answers requests, and the probe's
+   latency, high while the burst's batch rows crowd the one replica, recovers once the new
+   replicas run.
+d. Losing a serving node, on the nodes (a) brought up: its raylet is SIGKILLed under batch
+   load; Serve replaces the replica, the autoscaler launches a node, and the requests that fail
+   are counted and bounded. When the load ends, nodes and replicas go back to one each.
 b. Training: `ray job submit` of jobs/train_diffusion.py --gpus with a config that names no
    run.resources: its workers default to the training node type (adm_train), launch a
    training node (never a serving one), train, export; the node is removed after the idle
@@ -149,38 +152,94 @@ def one_serving_node_and_replica(sim: SimulatedCluster) -> bool:
     return len(bench.serving_nodes(sim)) == 1 and sum(states.get(bench.BASE, {}).values()) == 1
 
 
-def test_serving_scales_serving_nodes_up_with_every_request_answered(sim, app, batch_jobs):
-    """1 client, then 8: serving nodes and replicas go up; every request gets a 200 (at most 8
-    in flight never fill the replicas' bounded queues, so Serve has no cause for a 503); a
-    replica on a new serving node answers requests.
+BEFORE_S = 5.0  # 1 batch client (and the probe) before the burst
+AFTER_S = 8.0  # the burst goes on this long after the "after" window opens (bench.windows)
+BURST_MAX_S = 60.0  # ... and never longer than this
+HURT = 4.0  # the burst, before a new replica runs, raises the probe's p95 at least this x
+RECOVERED = 0.25  # after the replicas run: the probe's p95 at most this x its p95 during,
+RECOVERED_VS_BEFORE = 5.0  # and at most this x its p95 before the burst
+
+
+class BurstOver:
+    """The burst phase's end (for `bench.ramp`): AFTER_S after the "after" window opened
+    (`bench.after_opens`, once MAX_REPLICAS base replicas were RUNNING in the recorder's
+    timeline), or BURST_MAX_S after it began."""
+
+    def __init__(self, recorder):
+        self.recorder, self.start, self.full, self.opens = recorder, None, None, None
+
+    def began(self, phase: int, clients: int) -> None:
+        if phase == 1:
+            self.start = time.time()
+
+    def __call__(self) -> bool:
+        now = time.time()
+        if self.full is None:
+            self.full = next((s.t for s in self.recorder.timeline.samples if s.t > self.start
+                              and bench.running(s) >= bench.MAX_REPLICAS), None)
+        if self.full is not None and self.opens is None:
+            self.opens = bench.after_opens(self.recorder.load, self.full)
+        return now - self.start >= BURST_MAX_S or (
+            self.opens is not None and now - self.opens >= AFTER_S)
+
+
+def test_a_burst_of_batch_work_adds_replicas_and_interactive_latency_recovers(sim, app,
+                                                                              batch_jobs):
+    """1 batch client, then 8 (4 images x 50 steps each), and the interactive probe (1 image
+    x 10 steps every 0.5 s): base replicas (Serve's REST API) and serving nodes go up; every
+    request gets a 200 (32 requests per replica and 64 queued never fill, so Serve has no cause
+    for a 503); a replica on a new serving node answers requests.
+
+    Interactive latency recovers. The probe's p95 is taken over the probes sent in each window
+    of `bench.windows`: before the burst; during it, until a new replica is RUNNING; after it,
+    from when the burst's replicas were all RUNNING (+2 s) and the batch requests sent before
+    that were answered (the one replica's backlog gone: on a busy machine that takes longer)
+    to the burst's end, which comes AFTER_S later. The burst hurt: p95 during >= HURT x p95
+    before (on one replica its batch rows wait past batch_max_wait_steps, then rank with the
+    probe, which waits behind them). It recovered: p95 after <= RECOVERED x p95 during and
+    <= RECOVERED_VS_BEFORE x p95 before (spread over three replicas the batch rows no longer
+    wait that long, and the probe overtakes them; the rest is two cores shared by three
+    engines). Each window holds at least 6 probes.
     (The way back down is checked at the end of the next test, which runs on the nodes this one
     brought up: a second scale-up from one node would cost the suite half a minute.)"""
     load = bench.Load(app)
     recorder = bench.Recorder(sim, load).start()
+    over = BurstOver(recorder)
     try:
-        marks = bench.ramp(load, ((1, 4.0), (8, 25.0)))
+        marks = bench.ramp(load, ((1, BEFORE_S), (8, over)), over.began)
     finally:
         load.stop()
         timeline = recorder.stop()
     figs = bench.figures(timeline, marks, load, sim.logs_dir)
-    print(f"\nserving ramp: {json.dumps(figs)}")
+    print(f"\nbatch burst: {json.dumps(figs)}\n{bench.report(figs)}")
+    step = marks[1][0]
+    print("probes (sent, s from the load step: latency, s):", " ".join(
+        f"{r.start - step:+.1f}:{r.end - r.start:.2f}" for r in sorted(
+            load.requests, key=lambda r: r.start) if r.kind == "interactive"))
     codes = [r.status for r in load.requests]
-    others = [(r.status, r.error) for r in load.requests if r.status != 200]
+    others = [(r.kind, r.status, r.error) for r in load.requests if r.status != 200]
     assert not others, f"{len(others)} of {len(codes)} requests not 200: {others[:5]}"
-    assert len(codes) >= 20, codes
+    assert figs["batch_requests_ok"] >= 20 and figs["probe_requests_ok"] >= 40, figs
     assert figs["load_step_to_new_replica_answer_s"] is not None, (figs, timeline.replica_logs)
     peak = max(s.nodes.get("gpu_serve", 0) for s in timeline.samples)
     assert peak >= 2, f"serving nodes never went above 1: {[s.nodes for s in timeline.samples]}"
-    assert max(s.replicas.get(bench.BASE, {}).get("RUNNING", 0) for s in timeline.samples) >= 2
+    assert figs["max_replicas_running"] >= 2, figs["replicas_timeline"]
     kinds = kinds_of(sim)
     assert {kinds[n] for n in replica_nodes(sim, bench.BASE)} == {"gpu_serve"}
+    probe = figs["probe"]
+    assert all(probe[w]["probes"] >= 6 for w in ("before", "during", "after")), probe
+    before, during, after = (probe[w]["p95_s"] for w in ("before", "during", "after"))
+    assert during >= HURT * before, f"the burst did not hurt the probe: {probe}"
+    assert after <= RECOVERED * during and after <= RECOVERED_VS_BEFORE * before, \
+        f"the probe's latency did not recover: {probe}"
 
 
 def test_a_serving_node_killed_under_load_is_replaced_then_all_scale_back(sim, app):
-    """6 clients on two serving nodes (those of the ramp, or new ones): one node's raylet is
-    SIGKILLed; the node shows DEAD, a new serving node and replica come up, the failures are
-    5xx with a message and bounded, every request after recovery gets a 200. When the load
-    ends, serving nodes and replicas go back to one each."""
+    """6 batch clients (24 rows: QueuedWorkPolicy keeps three replicas) on two serving nodes or
+    more (those of the burst, or new ones): one node's raylet is SIGKILLed; the node shows
+    DEAD, a new serving node and replica come up, the failures are 5xx with a message and
+    bounded, every request after recovery gets a 200. When the load ends, serving nodes and
+    replicas go back to one each."""
     load = bench.Load(app)
     load.set_clients(6)
     try:

@@ -679,7 +679,7 @@ def test_metrics_move_under_load_and_the_dashboard_charts_them(engine_url, metri
         jobs = [pool.submit(generate, engine_url, bulk, None, 120)]
         wait_until(lambda: engine_stats("GuidedSampler")["in_flight"]["batch"] == 4)
         jobs.append(pool.submit(generate, engine_url, {  # pauses two batch rows, then queues
-            "class_id": 1, "num_images": 4, "steps": 30, "response": "json"}, None, 120))
+            "class_id": 1, "num_images": 4, "steps": 25, "response": "json"}, None, 120))
         r = generate(engine_url, {"class_id": 2, "steps": 50, "stream": True}, timeout=60)
         read_events(r, stop=lambda kind, data: kind in ("progress", "queued"))
         r.close()  # a cancelled request

@@ -35,6 +35,7 @@ from .autoscaling import LOAD_METRIC, replica_load
 from .metrics import EngineMetrics
 
 logger = logging.getLogger("ray.serve")
+METRICS_EVERY_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,10 @@ class _Replica:
         return time.perf_counter() - start
 
     def _engine_loop(self) -> None:
-        """The engine's thread: a step whenever there is work, metrics after each."""
+        """The engine's thread: a step whenever there is work; the metrics after each step
+        (step time) and at most every METRICS_EVERY_S (the rest: a gauge must be set again
+        within two of Ray's report intervals or it drops out of the scrape)."""
+        last = 0.0
         while True:
             self.engine.wait_for_work(timeout=1.0)
             try:
@@ -109,7 +113,13 @@ class _Replica:
                 logger.exception("%s: engine step failed", self.role)
                 time.sleep(0.1)
                 continue
-            self.metrics.update(self.engine.stats, stepped)
+            now = time.monotonic()
+            if now - last >= METRICS_EVERY_S:
+                self.metrics.update(self.engine.stats)
+                last = now
+            if stepped:
+                self.metrics.step_seconds.observe(self.engine.stats.last_step_s,
+                                                  tags=self.metrics.tags)
 
     async def generate(self, job: "StepJob") -> AsyncIterator[tuple[str, dict]]:
         """The job's events, (kind, data) as `adm.engine.Request` describes them, ending with

@@ -1,6 +1,7 @@
-"""The serving metrics, through `ray.util.metrics`: Ray exports them on each node's Prometheus
-endpoint (`ray start --metrics-export-port`), named `ray_<name>` with the tags below and the
-replica's own (deployment, replica, application). deploy/grafana/adm-serve.json charts them.
+"""The serving metrics, through `ray.serve.metrics` (`ray.util.metrics` with the replica's
+application, deployment and replica as tags): Ray exports them on each node's Prometheus
+endpoint (`ray start --metrics-export-port`), named `ray_<name>` (counters `..._total`) with the
+tags below. deploy/grafana/adm-serve.json charts them.
 
 Per stage ("base" or "upsample"), from each model replica's step engine (`adm.engine.Stats`):
 - adm_rows_queued, adm_rows_in_flight (gauges; tag `class`: interactive or batch);
@@ -25,7 +26,7 @@ COUNTER_NAMES = {"steps": "adm_engine_steps", "row_steps": "adm_row_steps",
 
 
 class EngineMetrics:
-    """One model replica's metrics; `update(stats)` after each engine step."""
+    """One model replica's metrics."""
 
     def __init__(self, stage: str):
         from ray.serve import metrics
@@ -44,7 +45,9 @@ class EngineMetrics:
                                               boundaries=STEP_BOUNDARIES, tag_keys=("stage",))
         self._seen = {name: 0 for name in COUNTERS}
 
-    def update(self, stats: Stats, stepped: bool) -> None:
+    def update(self, stats: Stats) -> None:
+        """Set the gauges and advance the counters to `stats` (the step time is observed per
+        step, by the caller: `step_seconds`)."""
         for cls in PRIORITIES:
             tags = {**self.tags, "class": cls}
             self.queued.set(stats.queued[cls], tags=tags)
@@ -56,8 +59,6 @@ class EngineMetrics:
             if value > self._seen[name]:
                 self.counters[name].inc(value - self._seen[name], tags=self.tags)
                 self._seen[name] = value
-        if stepped:
-            self.step_seconds.observe(stats.last_step_s, tags=self.tags)
 
 
 class IngressMetrics:
