@@ -195,7 +195,7 @@ def test_a_burst_of_batch_work_adds_replicas_and_interactive_latency_recovers(si
     from when the burst's replicas were all RUNNING (+2 s) and the batch requests sent before
     that were answered (the one replica's backlog gone: on a busy machine that takes longer)
     to the burst's end, which comes AFTER_S later. The burst hurt: p95 during >= HURT x p95
-    before (on one replica its batch rows wait past batch_max_wait_steps, then rank with the
+    before (on one replica its batch rows wait past max_wait_steps, then rank with the
     probe, which waits behind them). It recovered: p95 after <= RECOVERED x p95 during and
     <= RECOVERED_VS_BEFORE x p95 before (spread over three replicas the batch rows no longer
     wait that long, and the probe overtakes them; the rest is two cores shared by three

@@ -272,16 +272,16 @@ def test_interactive_rows_pause_batch_rows_which_resume_with_their_state():
 
 def test_batch_rows_age_and_are_never_starved():
     """One slot, a steady stream of interactive requests: the batch row waits until it has
-    waited batch_max_wait_steps steps, then runs after the interactive rows that came before
-    it, and no later interactive row pauses or overtakes it."""
-    wait = 12
-    engine, runner = engine_with(1, batch_max_wait_steps=wait)
+    waited max_wait_steps steps (here more than 4x its 8 steps), then runs after the
+    interactive row running then, and no later interactive row pauses or overtakes it."""
+    wait = 40
+    engine, runner = engine_with(1, max_wait_steps=wait)
     events = Events()
     engine.submit(Request("i0", Fake(3), [0], [0], on_event=events("i0")))
     engine.step()
     engine.submit(Request("bulk", Fake(8), [0], [0], priority="batch",
                           on_event=events("bulk")))
-    for n in range(1, 60):
+    for n in range(1, 100):
         if not any(rid.startswith(f"i{n}") for rid, _, _ in events.log):
             engine.submit(Request(f"i{n}", Fake(3), [0], [0], on_event=events(f"i{n}")))
         engine.step()
@@ -315,17 +315,34 @@ def test_a_short_request_pauses_a_long_one_of_its_class_but_not_a_similar_one():
     assert events.of("long", "result") and events.of("similar", "result")
 
 
+def test_a_row_ages_after_max_wait_steps_or_four_times_its_chain():
+    """Ageing scales with a row's own length: a 2-step row ages at max_wait_steps, a 50-step
+    one only after 4 x 50 steps of waiting (so it cannot go ahead of short rows early)."""
+    engine, _ = engine_with(1, max_wait_steps=5)
+    engine.submit(Request("hog", Fake(300), [0], [0]))
+    engine.step()
+    engine.submit(Request("short", Fake(2), [0], [0], priority="batch"))
+    engine.submit(Request("long", Fake(50), [0], [0], priority="batch"))
+    aged = {}
+    for n in range(1, 201):
+        engine.step()
+        for e in engine._waiting:
+            if e.aged and e.request.req.id not in aged:
+                aged[e.request.req.id] = n
+    assert aged == {"short": 8, "long": 200}
+
+
 def test_a_wide_row_is_never_starved_by_narrow_ones():
     """Narrow rows fill a slot a wide (classifier-free) row cannot use yet; once the wide row
-    has waited max_wait_steps it holds its place, nothing behind it is admitted, and it runs
-    as soon as the rows before it finish."""
-    wait = 6
-    engine, runner = engine_with(2, batch_max_wait_steps=wait)
+    has waited max_wait_steps (more than 4x its 2 steps) it holds its place, nothing behind it
+    is admitted, and it runs as soon as the rows before it finish."""
+    wait = 9
+    engine, runner = engine_with(2, max_wait_steps=wait)
     events = Events()
     engine.submit(Request("n0", Fake(3), [0], [0]))
     engine.step()
     engine.submit(Request("wide", Fake(2, width=2), [0], [0], on_event=events("wide")))
-    for n in range(1, 30):
+    for n in range(1, 40):
         engine.submit(Request(f"n{n}", Fake(3), [0], [0]))  # one more narrow row each step
         engine.step()
         if events.of("wide", "result"):

@@ -7,7 +7,8 @@ next step and is done ten steps later.
 
 No Ray and no threads of its own: `Engine.step()` does one step; a Serve replica calls it in a
 loop in a worker thread (`adm.serve.deployments`), and the capacity simulation
-(benchmarks/capacity.py) calls it with a runner that only advances a virtual clock. What runs
+(`adm.capacity`, benchmarks/capacity.py) calls it with a runner that only advances a virtual
+clock (`VirtualRunner`). What runs
 the networks is the `runner` (`StepperRunner` for a real stage).
 
 Scheduling, each step (the rules of `_admit`):
@@ -21,10 +22,11 @@ Scheduling, each step (the rules of `_admit`):
   an interactive row, and rows of its own class whose remaining steps exceed PAUSE_RATIO times
   its own (a 250-step row for a 10-step one); never an aged row. Victims go batch first, then
   the longest remaining. A paused row keeps its state and waits again, by the same order.
-- Never starved. A row that has waited `batch_max_wait_steps` engine steps in all (queued or paused)
-  ages: from then on it goes first among the waiting rows (aged rows by arrival), holds its
-  place and is never paused again. So a row waits at most `max_wait_steps` steps plus the
-  remaining steps of the rows running when it aged (one chain at most: the running rows' longest).
+- Never starved. A row that has waited max(`max_wait_steps`, AGE_STRETCH × its chain's steps)
+  engine steps in all (queued or paused) ages: from then on it goes first among the waiting
+  rows (aged rows by arrival), holds its place and is never paused again. So a row waits at
+  most that many steps plus the remaining steps of the rows running when it aged (one chain at
+  most: the running rows' longest).
 Cancelled requests (`cancel`) leave at the next step's start: their slots are free for that
 step.
 """
@@ -48,6 +50,10 @@ PROGRESS_EVERY_S = 0.25  # progress events: every step, but at most one per this
 # many times its remaining steps left: enough to stop a 10-step request waiting out a 250-step
 # one, not so little that two rows of similar length pause each other back and forth.
 PAUSE_RATIO = 2.0
+# A row ages after waiting max_wait_steps, or this many times its own chain if that is longer:
+# a long row that aged early would go ahead of, and hold its slots against, the short rows that
+# shortest-first admission serves first (a 250-step row waits 1000 steps before it ages).
+AGE_STRETCH = 4
 
 
 @dataclass
@@ -167,16 +173,15 @@ class Stats:
 
 class Engine:
     """The scheduler around a `runner`: `submit` and `cancel` from any thread, `step` from
-    one. `slots`: model-call rows per step; `batch_max_wait_steps`: when a waiting row ages
+    one. `slots`: model-call rows per step; `max_wait_steps`: when a waiting row ages
     (see the module's rules); `clock`: seconds (a virtual clock in simulation)."""
 
-    def __init__(self, runner: Runner, slots: int, *, batch_max_wait_steps: int = 500,
+    def __init__(self, runner: Runner, slots: int, *, max_wait_steps: int = 500,
                  clock: Callable[[], float] = time.monotonic):
-        if slots < 1 or batch_max_wait_steps < 0:
-            raise ValueError(f"slots={slots} (>= 1), batch_max_wait_steps="
-                             f"{batch_max_wait_steps} (>= 0)")
+        if slots < 1 or max_wait_steps < 0:
+            raise ValueError(f"slots={slots} (>= 1), max_wait_steps={max_wait_steps} (>= 0)")
         self.runner, self.slots, self.clock = runner, int(slots), clock
-        self.max_wait_steps = int(batch_max_wait_steps)
+        self.max_wait_steps = int(max_wait_steps)
         self.stats = Stats(self.slots)
         self._lock = threading.Condition()
         self._inbox: deque = deque()
@@ -242,7 +247,8 @@ class Engine:
         self.stats.step_seconds += elapsed
         for e in self._waiting:
             e.waited += 1
-            e.aged = e.aged or e.waited >= self.max_wait_steps
+            e.aged = e.aged or e.waited >= max(self.max_wait_steps,
+                                               AGE_STRETCH * e.request.steps)
         self._report()
         self._count()
         return True

@@ -70,8 +70,8 @@ class ServeSettings:
     # CPU GEMMs from rounding a row by its position), so an image's arithmetic never depends on
     # what it was batched with.
     scheduling: Literal["step", "request"] = "step"
-    batch_max_wait_steps: NonNegativeInt = 200  # a waiting batch-class row ages into the
-    #     interactive order after this many engine steps (adm.engine: never starved)
+    max_wait_steps: NonNegativeInt = 500  # a waiting row ages after this many engine steps
+    #     (or 4x its own chain, if longer): it then goes first and is never paused (adm.engine)
     max_batch_requests: PositiveInt = 8
     batch_wait_s: NonNegativeFloat = 0.05
     batch_rows: PositiveInt = 8
