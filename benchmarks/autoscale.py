@@ -57,10 +57,13 @@ import requests
 import torch
 import yaml
 
-from adm import factory
-from adm.nodetypes import BATCH_RESOURCE, SERVE_RESOURCE, TRAIN_RESOURCE
-from adm.runtime import free_port
-from adm.simcluster import SimSettings, SimulatedCluster
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serve import export  # noqa: E402  (benchmarks/serve.py: random weights saved as exported)
+
+from adm import factory  # noqa: E402
+from adm.nodetypes import BATCH_RESOURCE, SERVE_RESOURCE, TRAIN_RESOURCE  # noqa: E402
+from adm.runtime import free_port  # noqa: E402
+from adm.simcluster import SimSettings, SimulatedCluster  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 APP, BASE = "adm", "GuidedSampler"
@@ -84,18 +87,6 @@ TINY = {"image_size": 8, "num_channels": 32, "num_res_blocks": 1, "channel_mult"
         "diffusion_steps": 100, "noise_schedule": "cosine"}
 
 
-def export(folder: Path, net: torch.nn.Module, flags: dict) -> str:
-    """Random weights saved as training exports them: model.pt + flags.json."""
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    folder.mkdir(parents=True)
-    torch.save(net.state_dict(), folder / "model.pt")
-    (folder / "flags.json").write_text(json.dumps(flags))
-    return str(folder / "model.pt")
-
-
 def node_kind(node) -> str:
     """'head', a cluster.yaml worker type (by its workload resource) or 'cpu_worker'."""
     if node.is_head_node:
@@ -108,7 +99,7 @@ def serve_config(models: Path, port: int, max_replicas: int = MAX_REPLICAS) -> d
     """A config like serve_configs/local.yaml: the tiny base model, its replicas on serving
     nodes (adm_serve, one per node: the scaled node has 1 GPU) scaling on the work queued in
     their engines, the ingress on the head."""
-    base = export(models / "diffusion", factory.create_model(TINY), TINY)
+    base = export(models / "diffusion", factory.create_model(TINY), TINY, 0)
     gpu = {"num_cpus": 1, "num_gpus": 1, "resources": {SERVE_RESOURCE: 1}}
     return {
         "proxy_location": "HeadOnly",

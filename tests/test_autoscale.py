@@ -306,7 +306,7 @@ def batch_jobs(sim, tmp_path_factory):
     """The training and the generation job, submitted now (`ray job submit`, blocking, each in
     a thread of its own); the tests below take their results. Yields (folder, futures)."""
     folder = tmp_path_factory.mktemp("jobs")
-    model = bench.export(folder / "model", bench.factory.create_model(bench.TINY), bench.TINY)
+    model = bench.export(folder / "model", bench.factory.create_model(bench.TINY), bench.TINY, 0)
     train_args = ["--config", str(small_config(folder)), "--data", str(folder / "digits"),
                   "--storage", str(folder / "runs"), "--gpus"]
 
