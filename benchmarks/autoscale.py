@@ -12,7 +12,7 @@ A Serve config like serve_configs/local.yaml is deployed with a tiny random-weig
 whose replicas ask for `adm_serve` (min 1, max 3), so each replica needs a serving node; they
 take 32 requests each (the work waits in their engines, where it is counted) and scale on
 QueuedWorkPolicy (slots = batch_rows), with the control loop scaled down (metrics every 0.5 s,
-2 s look-back and upscale delay) and `max_wait_steps` 100.
+2 s look-back and upscale delay), `max_wait_steps` 100 and `aged_share` 1.0.
 
 The load: closed-loop clients send batch-class requests (4 images, 50 DDIM steps each) back to
 back, 1 -> 8 -> 1 clients, then stop; meanwhile an interactive probe sends a 1-image 10-step
@@ -23,10 +23,13 @@ API), the probe's and the batch requests' p50/p95 over the last 5 s, and errors.
 
 Why the probe suffers and recovers: interactive rows take a batch row's slot at the next step,
 so on an engine that is not overloaded a probe runs at once. Under a burst larger than the
-replica's slots the batch rows wait, and a batch row that has waited `max_wait_steps`
-steps ranks with the interactive rows in its arrival order (never starved, adm.engine): on one
-replica 8 clients x 4 rows leave 24 rows waiting about 150 steps, so every batch row is aged
-when a probe arrives and the probe waits behind all of them. Spread over three replicas, about
+replica's slots the batch rows wait, and a batch row that has waited `max_wait_steps` steps
+ages (never starved, adm.engine): it goes first and takes the slots of rows that are not aged,
+up to `aged_share` of the slots. The scenario sets that share to 1.0, the setting under which
+aged batch work competes for every slot: on one replica 8 clients x 4 rows leave 24 rows
+waiting about 150 steps, so the aged batch rows hold the slots when a probe arrives and the
+probe waits behind them. (With the default 0.5, half the slots always serve the shortest rows,
+and the probe keeps its latency on one replica.) Spread over three replicas, about
 3 rows wait per engine, never long enough to age, and the probe overtakes them again. (On two
 cores more replicas add no compute: every step takes longer, so the probe's latency after the
 scale-up is above its value before the burst.)
@@ -76,7 +79,8 @@ MAX_REPLICAS = 3  # of the base deployment (one serving node each)
 BATCH_ROWS = 8  # the engine's slots (QueuedWorkPolicy's `slots`)
 BATCH_IMAGES, BATCH_STEPS = 4, 50  # a batch request: 4 rows x 50 DDIM steps (~10 ms a step)
 PROBE_STEPS, PROBE_EVERY_S = 10, 0.5  # the interactive probe: 1 row x 10 steps, every 0.5 s
-AGE_STEPS = 100  # max_wait_steps: a batch row waiting longer ranks with interactive rows
+AGE_STEPS = 100  # max_wait_steps: a batch row waiting longer ages and goes first ...
+AGED_SHARE = 1.0  # ... in any slot (aged_share): the case that only more replicas help
 SETTLE_S = 2.0  # the "after" window opens at least this long after the burst's last replica
 # RUNNING, and once the batch requests sent before it have all been answered (`windows`)
 LATENCY_WINDOW_S = 5.0  # the timeline's p50/p95: the requests that ended in the last 5 s
@@ -110,6 +114,7 @@ def serve_config(models: Path, port: int, max_replicas: int = MAX_REPLICAS) -> d
                      "samplers": ["ddim"], "default_sampler": "ddim",
                      "default_steps": BATCH_STEPS, "precision": "fp32", "scheduling": "step",
                      "batch_rows": BATCH_ROWS, "max_wait_steps": AGE_STEPS,
+                     "aged_share": AGED_SHARE,
                      "require_api_key": False},
             # JSON lines: each replica's access log ("CALL generate OK 12.3ms") with its time,
             # read by `first_answers`.

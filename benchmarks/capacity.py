@@ -108,12 +108,12 @@ def gpu_flops(p: cap.ServePreset) -> dict:
 def stages_of(p: cap.ServePreset, costs: dict) -> list[cap.StageSpec]:
     """The preset's chain as simulation stages."""
     stages = [cap.StageSpec("base", p.batch_rows, costs["base"],
-                            max_wait_steps=p.max_wait_steps)]
+                            **p.schedule)]
     if p.has_upsampler:
         stages.append(cap.StageSpec("upsampler", p.upsampler_batch_rows, costs["upsampler"],
                                     sampler=p.upsampler_sampler or "ddpm",
                                     steps=p.upsampler_steps or 25,
-                                    max_wait_steps=p.max_wait_steps))
+                                    **p.schedule))
     return stages
 
 
@@ -127,7 +127,7 @@ def real_check(p: cap.ServePreset, cost: cap.StageCost, mix: cap.RequestMix, loa
                n: int, seed: int) -> list[dict]:
     """The real engine against the simulation, one replica of the base stage, same arrivals."""
     stepper, _ = quickstart_steppers(p.batch_rows, p.upsampler_batch_rows)
-    stage = cap.StageSpec("base", p.batch_rows, cost, max_wait_steps=p.max_wait_steps)
+    stage = cap.StageSpec("base", p.batch_rows, cost, **p.schedule)
     unit = cap.draw_requests(mix, n, 1.0, default_steps=p.default_steps, max_steps=p.max_steps,
                              seed=seed, has_upsampler=False)
     capacity = 1.0 / cap.slot_seconds(stage, 0, unit)
@@ -138,13 +138,13 @@ def real_check(p: cap.ServePreset, cost: cap.StageCost, mix: cap.RequestMix, loa
         spec = lambda r: cap.base_spec(r, p.default_sampler, p.default_guidance_scale)  # noqa
         start = time.perf_counter()
         real, steps = cap.run_real_engine(StepperRunner(stepper), p.batch_rows, reqs, spec,
-                                          max_wait_steps=p.max_wait_steps)
+                                          **p.schedule)
         wall = time.perf_counter() - start
         # The simulation's cost: the fit to this run's own steps (the shared machine's speed
         # during the run), as the check's point is the scheduling and the queueing.
         fitted = cap.fit_stage_cost(steps, "fitted to the run's own steps")
         sim_stage = cap.StageSpec("base", p.batch_rows, fitted,
-                                  max_wait_steps=p.max_wait_steps)
+                                  **p.schedule)
         sim = cap.ChainSim([sim_stage], [1], sampler=p.default_sampler,
                            guidance_scale=p.default_guidance_scale).run(reqs).summary()
         real = real.summary()

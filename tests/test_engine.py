@@ -271,28 +271,34 @@ def test_interactive_rows_pause_batch_rows_which_resume_with_their_state():
 
 
 def test_batch_rows_age_and_are_never_starved():
-    """One slot, a steady stream of interactive requests: the batch row waits until it has
-    waited max_wait_steps steps (here more than 4x its 8 steps), then runs after the
-    interactive row running then, and no later interactive row pauses or overtakes it."""
-    wait = 40
+    """One slot, and always two interactive requests of 3 steps (a new one whenever one is
+    done), so one always waits for the slot: the batch row waits until it has waited
+    max_wait_steps steps (here fewer than 4x its 8 steps), then pauses the interactive row
+    running then, and runs its 8 steps at once: no later interactive row pauses it."""
+    wait = 19  # it ages in the middle of an interactive row (steps 18-20)
     engine, runner = engine_with(1, max_wait_steps=wait)
     events = Events()
-    engine.submit(Request("i0", Fake(3), [0], [0], on_event=events("i0")))
+    sent = 0
+
+    def keep_two_interactive():
+        nonlocal sent
+        while sent - sum(bool(events.of(f"i{k}", "result")) for k in range(sent)) < 2:
+            engine.submit(Request(f"i{sent}", Fake(3), [0], [0], on_event=events(f"i{sent}")))
+            sent += 1
+
+    keep_two_interactive()
     engine.step()
     engine.submit(Request("bulk", Fake(8), [0], [0], priority="batch",
                           on_event=events("bulk")))
     for n in range(1, 100):
-        if not any(rid.startswith(f"i{n}") for rid, _, _ in events.log):
-            engine.submit(Request(f"i{n}", Fake(3), [0], [0], on_event=events(f"i{n}")))
+        keep_two_interactive()
         engine.step()
         if events.of("bulk", "result"):
             break
     bulk_steps = [i for i, rids in enumerate(runner.batches) if rids == ["bulk"]]
-    # Aged after `wait` steps of waiting, it starts at most one interactive request (3 steps)
-    # later, and then runs its 8 steps without a pause.
-    assert wait <= bulk_steps[0] <= wait + 1 + 3
-    assert bulk_steps == list(range(bulk_steps[0], bulk_steps[0] + 8))
-    assert engine.stats.preemptions == 0
+    # It came after step 0 and waited `wait` steps (1..wait); it runs from the next one.
+    assert bulk_steps == list(range(wait + 1, wait + 1 + 8))
+    assert engine.stats.preemptions == 1  # the interactive row it found running
 
 
 def test_a_short_request_pauses_a_long_one_of_its_class_but_not_a_similar_one():
@@ -315,21 +321,63 @@ def test_a_short_request_pauses_a_long_one_of_its_class_but_not_a_similar_one():
     assert events.of("long", "result") and events.of("similar", "result")
 
 
-def test_a_row_ages_after_max_wait_steps_or_four_times_its_chain():
-    """Ageing scales with a row's own length: a 2-step row ages at max_wait_steps, a 50-step
-    one only after 4 x 50 steps of waiting (so it cannot go ahead of short rows early)."""
-    engine, _ = engine_with(1, max_wait_steps=5)
-    engine.submit(Request("hog", Fake(300), [0], [0]))
+def test_a_row_ages_after_four_times_its_chain_or_max_wait_steps():
+    """Ageing scales with a row's own length, up to max_wait_steps: a 2-step row ages after 8
+    steps of waiting, a 10-step one after 40, a 50-step one after max_wait_steps (100)."""
+    engine, _ = engine_with(4, max_wait_steps=100)
+    engine.submit(Request("hog", Fake(1000), [0] * 4, list(range(4))))
     engine.step()
-    engine.submit(Request("short", Fake(2), [0], [0], priority="batch"))
-    engine.submit(Request("long", Fake(50), [0], [0], priority="batch"))
+    for rid, steps in (("2", 2), ("10", 10), ("50", 50)):
+        engine.submit(Request(rid, Fake(steps), [0], [0], priority="batch"))
     aged = {}
-    for n in range(1, 201):
+    for n in range(1, 121):
         engine.step()
-        for e in engine._waiting:
+        for e in engine._waiting + engine._running:
             if e.aged and e.request.req.id not in aged:
                 aged[e.request.req.id] = n
-    assert aged == {"short": 8, "long": 200}
+    assert aged == {"2": 8, "10": 40, "50": 100}
+
+
+def test_aged_rows_hold_at_most_their_share_and_a_short_row_still_joins_at_once():
+    """Four slots, aged_share 0.5: four 250-step batch rows that all age take two slots (they
+    pause two of the interactive rows there), the other two wait in the share's queue; a
+    10-step interactive request that comes then still joins at the next step (it pauses a
+    long interactive row) and is done ten steps later. Without the share the aged rows would
+    hold every slot and it would wait ~250 steps."""
+    engine, runner = engine_with(4, max_wait_steps=5, aged_share=0.5)
+    events = Events()
+    engine.submit(Request("hogs", Fake(300), [0] * 4, list(range(4))))
+    engine.step()
+    engine.submit(Request("long", Fake(250), [0] * 4, list(range(4)), priority="batch"))
+    for _ in range(10):
+        engine.step()
+    running = [e.request.req.id for e in engine._running]
+    assert sorted(running) == ["hogs", "hogs", "long", "long"], running
+    engine.submit(Request("short", Fake(10), [0], [0], on_event=events("short")))
+    for n in range(1, 300):
+        engine.step()
+        assert sum(e.width for e in engine._running if e.aged) <= 2
+        if events.of("short", "result"):
+            break
+    assert n == 10
+
+
+def test_aged_rows_go_in_the_order_they_aged():
+    """The aged share (one slot of two) is held by a long aged row from step 100 to 300; a
+    250-step batch row that came at step 30 (it ages at 130), then a 10-step one that came at
+    step 75 but ages sooner (after 40 steps: at 115), wait for it: the 10-step row goes
+    first."""
+    engine, runner = engine_with(2, max_wait_steps=100, aged_share=0.5)
+    engine.submit(Request("hogs", Fake(2000), [0, 0], [0, 1]))
+    engine.submit(Request("first", Fake(200), [0], [0], priority="batch"))
+    for n in range(1, 400):
+        engine.step()
+        if n == 30:
+            engine.submit(Request("long", Fake(250), [0], [0], priority="batch"))
+        if n == 75:
+            engine.submit(Request("short", Fake(10), [0], [0], priority="batch"))
+    order = [rid for rid, _ in runner.started]
+    assert order == ["hogs", "hogs", "first", "short", "long"], order
 
 
 def test_a_wide_row_is_never_starved_by_narrow_ones():

@@ -164,6 +164,7 @@ class StageSpec:
     sampler: str | None = None
     steps: int | None = None
     max_wait_steps: int = 200
+    aged_share: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -188,7 +189,13 @@ class ServePreset:
     upsampler_steps: int | None
     precision: str
     max_wait_steps: int
+    aged_share: float
     gpus_per_replica: float
+
+    @property
+    def schedule(self) -> dict:
+        """The engine's scheduling arguments (those of `StageSpec` and `Engine`)."""
+        return {"max_wait_steps": self.max_wait_steps, "aged_share": self.aged_share}
 
 
 def load_serve_preset(path: str | Path) -> ServePreset:
@@ -218,7 +225,7 @@ def load_serve_preset(path: str | Path) -> ServePreset:
         upsampler_steps=None if up_steps is None else int(up_steps),
         precision=str(args.get("precision", "auto")),
         max_wait_steps=int(args.get("max_wait_steps", 200)),
-        gpus_per_replica=gpus)
+        aged_share=float(args.get("aged_share", 0.5)), gpus_per_replica=gpus)
 
 
 @dataclass(frozen=True)
@@ -431,6 +438,7 @@ class ChainSim:
                 runner = VirtualRunner(spec.cost)
                 replicas.append(_Replica(Engine(runner, spec.slots,
                                                 max_wait_steps=spec.max_wait_steps,
+                                                aged_share=spec.aged_share,
                                                 clock=runner.clock), runner))
             self.fleet.append(replicas)
         self._heap: list = []
@@ -751,13 +759,13 @@ class TimedRunner:
 
 def run_real_engine(runner, slots: int, requests: Sequence[SimRequest],
                     spec: Callable[[SimRequest], RowSpec], *, max_wait_steps: int = 200,
-                    warmup: float = 0.1) -> tuple[RunResult, list]:
+                    aged_share: float = 0.5, warmup: float = 0.1) -> tuple[RunResult, list]:
     """Run a real engine (`Engine(runner, slots)`: a real runner, the wall clock) under
     `requests`' arrivals: a thread loops `wait_for_work(); step()` as a Serve replica does,
     and this thread submits each request at its arrival time. Latency: submit to the `result`
     event. Returns the run and its steps' (rows, guided, seconds) (`TimedRunner`)."""
     timed = TimedRunner(runner)
-    engine = Engine(timed, slots, max_wait_steps=max_wait_steps)
+    engine = Engine(timed, slots, max_wait_steps=max_wait_steps, aged_share=aged_share)
     result = RunResult(list(requests))
     result.measured = [r.id for r in requests[int(len(requests) * warmup):]]
     done = threading.Event()

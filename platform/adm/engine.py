@@ -12,21 +12,24 @@ clock (`VirtualRunner`). What runs
 the networks is the `runner` (`StepperRunner` for a real stage).
 
 Scheduling, each step (the rules of `_admit`):
-- Order. Waiting rows are taken aged rows first (by arrival), then interactive rows, then batch
-  rows, each class shortest remaining chain first (ties by arrival: request, then image). A
-  row's width is its model-call rows: 2 with classifier-free guidance.
+- Order. Waiting rows are taken aged rows first (in the order they aged), then interactive
+  rows, then batch rows, each class shortest remaining chain first (ties by arrival: request,
+  then image). A row's width is its model-call rows: 2 with classifier-free guidance.
 - Admission. Each waiting row in that order takes free slots if its width fits; if not, a
-  narrower or shorter row behind it may (so slots do not idle behind a wide row), unless it is
-  aged: an aged row holds its place, and nothing behind it is admitted until it fits.
+  narrower or shorter row behind it may (so slots do not idle behind a wide row).
 - Pausing. A waiting row that does not fit may pause running rows to make room: batch rows for
   an interactive row, and rows of its own class whose remaining steps exceed PAUSE_RATIO times
   its own (a 250-step row for a 10-step one); never an aged row. Victims go batch first, then
   the longest remaining. A paused row keeps its state and waits again, by the same order.
-- Never starved. A row that has waited max(`max_wait_steps`, AGE_STRETCH × its chain's steps)
-  engine steps in all (queued or paused) ages: from then on it goes first among the waiting
-  rows (aged rows by arrival), holds its place and is never paused again. So a row waits at
-  most that many steps plus the remaining steps of the rows running when it aged (one chain at
-  most: the running rows' longest).
+- Never starved. A row ages once it has waited min(`max_wait_steps`, AGE_STRETCH x its chain's
+  steps) engine steps in all (queued or paused): a 10-step row after 40, a 250-step one after
+  `max_wait_steps`. Aged rows share `aged_share` of the slots (at least one row): the first
+  aged rows that fit in that share take their slots at the next step, pausing any rows that
+  are not aged if they must, and are never paused again; an aged row that does not fit in the
+  share holds its place there (no later aged row goes ahead of it) until aged rows finish. So
+  a row waits at most its ageing time plus the chains of the aged rows ahead of it, and the
+  other slots always serve the shortest rows: a burst of long rows that all age cannot shut
+  a 10-step request out.
 Cancelled requests (`cancel`) leave at the next step's start: their slots are free for that
 step.
 """
@@ -50,9 +53,9 @@ PROGRESS_EVERY_S = 0.25  # progress events: every step, but at most one per this
 # many times its remaining steps left: enough to stop a 10-step request waiting out a 250-step
 # one, not so little that two rows of similar length pause each other back and forth.
 PAUSE_RATIO = 2.0
-# A row ages after waiting max_wait_steps, or this many times its own chain if that is longer:
-# a long row that aged early would go ahead of, and hold its slots against, the short rows that
-# shortest-first admission serves first (a 250-step row waits 1000 steps before it ages).
+# A row ages after waiting this many times its own chain, or max_wait_steps if that is sooner:
+# a short row's wait is bounded by its own length (a batch-class 10-step row behind a stream of
+# interactive work waits 40 steps, not max_wait_steps), a long row's by max_wait_steps.
 AGE_STRETCH = 4
 
 
@@ -115,7 +118,11 @@ class _Entry:
     width: int
     row: Any = None  # the runner's row, once started
     waited: int = 0  # steps spent waiting (queued or paused)
-    aged: bool = False
+    aged_at: int | None = None  # the engine step at which it aged
+
+    @property
+    def aged(self) -> bool:
+        return self.aged_at is not None
 
     @property
     def rank(self) -> int:
@@ -128,13 +135,17 @@ class _Entry:
         return self.request.steps if self.row is None else self.row.index + 1
 
     def order(self) -> tuple:
-        """The waiting order: aged rows by arrival, then by class, shortest remaining first."""
-        return (0, 0, 0, self.seq) if self.aged else (1, self.rank, self.remaining, self.seq)
+        """The waiting order: aged rows in the order they aged, then by class, shortest
+        remaining first."""
+        if self.aged:
+            return (0, 0, self.aged_at, self.seq)
+        return (1, self.rank, self.remaining, self.seq)
 
     def may_pause(self, running: "_Entry") -> bool:
-        """Whether this waiting row may take `running`'s slots."""
-        if running.aged:
-            return False
+        """Whether this waiting row may take `running`'s slots: never an aged row's; any
+        other row's if this one is aged (the aged share is reserved for aged rows)."""
+        if running.aged or self.aged:
+            return not running.aged
         return running.rank > self.rank or (
             running.rank == self.rank and running.remaining > PAUSE_RATIO * self.remaining)
 
@@ -173,15 +184,18 @@ class Stats:
 
 class Engine:
     """The scheduler around a `runner`: `submit` and `cancel` from any thread, `step` from
-    one. `slots`: model-call rows per step; `max_wait_steps`: when a waiting row ages
-    (see the module's rules); `clock`: seconds (a virtual clock in simulation)."""
+    one. `slots`: model-call rows per step; `max_wait_steps`: the longest a waiting row waits
+    before it ages, and `aged_share`: the fraction of the slots aged rows may hold (see the
+    module's rules); `clock`: seconds (a virtual clock in simulation)."""
 
     def __init__(self, runner: Runner, slots: int, *, max_wait_steps: int = 500,
-                 clock: Callable[[], float] = time.monotonic):
-        if slots < 1 or max_wait_steps < 0:
-            raise ValueError(f"slots={slots} (>= 1), max_wait_steps={max_wait_steps} (>= 0)")
+                 aged_share: float = 0.5, clock: Callable[[], float] = time.monotonic):
+        if slots < 1 or max_wait_steps < 0 or not 0 < aged_share <= 1:
+            raise ValueError(f"slots={slots} (>= 1), max_wait_steps={max_wait_steps} (>= 0), "
+                             f"aged_share={aged_share} (in (0, 1])")
         self.runner, self.slots, self.clock = runner, int(slots), clock
         self.max_wait_steps = int(max_wait_steps)
+        self.aged_slots = max(1, round(aged_share * self.slots))
         self.stats = Stats(self.slots)
         self._lock = threading.Condition()
         self._inbox: deque = deque()
@@ -247,8 +261,9 @@ class Engine:
         self.stats.step_seconds += elapsed
         for e in self._waiting:
             e.waited += 1
-            e.aged = e.aged or e.waited >= max(self.max_wait_steps,
-                                               AGE_STRETCH * e.request.steps)
+            if not e.aged and e.waited >= min(self.max_wait_steps,
+                                              AGE_STRETCH * e.request.steps):
+                e.aged_at = self.stats.steps
         self._report()
         self._count()
         return True
@@ -278,9 +293,15 @@ class Engine:
         """Re-form the batch by the module's rules."""
         self._waiting.sort(key=_Entry.order)
         free = self.slots - sum(e.width for e in self._running)
+        aged_used = sum(e.width for e in self._running if e.aged)
+        aged_full = False  # an aged row did not fit in the aged share: it holds its place
         for e in list(self._waiting):
             if self._requests.get(e.request.req.id) is not e.request:
                 continue  # its request failed meanwhile
+            if e.aged:
+                if aged_full or (aged_used and aged_used + e.width > self.aged_slots):
+                    aged_full = True
+                    continue
             if e.width > free:
                 victims = sorted((r for r in self._running if e.may_pause(r)),
                                  key=lambda r: (-r.rank, -r.remaining, -r.seq))
@@ -293,8 +314,6 @@ class Engine:
                         free += v.width
                         self.stats.preemptions += 1
             if e.width > free:
-                if e.aged:
-                    break  # it holds its place: nothing behind it goes ahead
                 continue
             if e.row is None:
                 try:
@@ -305,6 +324,7 @@ class Engine:
             self._waiting.remove(e)
             self._running.append(e)
             free -= e.width
+            aged_used += e.width if e.aged else 0
         self._waiting.sort(key=_Entry.order)
 
     def _count(self) -> None:

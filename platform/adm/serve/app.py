@@ -325,13 +325,13 @@ def build(loaded: Loaded, options: dict | None = None):
     s = loaded.settings
     sampler = GuidedSampler.options(**_options(s, "GuidedSampler", options)).bind(
         loaded.base, loaded.classifier, s.precision, s.max_batch_requests, s.batch_wait_s,
-        s.batch_rows, s.compile, s.scheduling, s.max_wait_steps)
+        s.batch_rows, s.compile, s.scheduling, s.engine_options())
     upsampler, up_args = None, {}
     if loaded.upsampler is not None:
         upsampler = Upsampler.options(**_options(s, "Upsampler", options)).bind(
             loaded.upsampler, s.precision, s.max_batch_requests, s.batch_wait_s,
             s.upsampler_batch_rows or s.batch_rows, s.compile, s.scheduling,
-            s.max_wait_steps)
+            s.engine_options())
         up_args = {"sampler": loaded.upsampler_sampler, "steps": loaded.upsampler_steps}
     return Ingress.options(**_options(s, "Ingress", options)).bind(
         sampler, upsampler, loaded.info(), Limits.of(loaded), up_args, s.api_key_env,

@@ -59,7 +59,7 @@ class _Replica:
     def _setup(self, spec: checkpoints.ModelSpec, classifier: checkpoints.ModelSpec | None,
                precision: str, max_batch_requests: int, batch_wait_s: float,
                batch_rows: int, compile: bool | str, scheduling: str,
-               max_wait_steps: int) -> None:
+               engine_options: dict) -> None:
         # The replica's GPU when Ray gave it one (num_gpus in ray_actor_options), else the CPU;
         # "auto" is decided here, on the replica's own hardware, not where the app was built.
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -75,8 +75,7 @@ class _Replica:
             stepper = RowStepper(self.stage.net, self.stage.diffusion, slots=batch_rows,
                                  image_size=self.stage.size, classifier=self.stage.classifier,
                                  autocast=self.stage.autocast, compile=compile, device=device)
-            self.engine = Engine(StepperRunner(stepper), batch_rows,
-                                 max_wait_steps=max_wait_steps)
+            self.engine = Engine(StepperRunner(stepper), batch_rows, **engine_options)
             if compile:
                 warm_up_s = self._warm_up()
             self.metrics = EngineMetrics(self.stage_name)
@@ -183,9 +182,9 @@ class GuidedSampler(_Replica):
     def __init__(self, base: checkpoints.ModelSpec, classifier: checkpoints.ModelSpec | None,
                  precision: str = "auto", max_batch_requests: int = 8, batch_wait_s: float = 0.05,
                  batch_rows: int = 8, compile: bool | str = "auto", scheduling: str = "step",
-                 max_wait_steps: int = 500):
+                 engine_options: dict | None = None):
         self._setup(base, classifier, precision, max_batch_requests, batch_wait_s, batch_rows,
-                    compile, scheduling, max_wait_steps)
+                    compile, scheduling, engine_options or {})
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=16)
@@ -198,6 +197,6 @@ class Upsampler(_Replica):
     def __init__(self, upsampler: checkpoints.ModelSpec, precision: str = "auto",
                  max_batch_requests: int = 8, batch_wait_s: float = 0.05, batch_rows: int = 8,
                  compile: bool | str = "auto", scheduling: str = "step",
-                 max_wait_steps: int = 500):
+                 engine_options: dict | None = None):
         self._setup(upsampler, None, precision, max_batch_requests, batch_wait_s, batch_rows,
-                    compile, scheduling, max_wait_steps)
+                    compile, scheduling, engine_options or {})

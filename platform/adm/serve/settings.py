@@ -70,8 +70,10 @@ class ServeSettings:
     # CPU GEMMs from rounding a row by its position), so an image's arithmetic never depends on
     # what it was batched with.
     scheduling: Literal["step", "request"] = "step"
-    max_wait_steps: NonNegativeInt = 500  # a waiting row ages after this many engine steps
-    #     (or 4x its own chain, if longer): it then goes first and is never paused (adm.engine)
+    max_wait_steps: NonNegativeInt = 500  # a waiting row ages after 4x its own chain's steps,
+    #     or this many engine steps if sooner: it then goes first and is never paused ...
+    aged_share: Annotated[float, Field(gt=0, le=1)] = 0.5  # ... in this share of the slots,
+    #     which aged rows never exceed: the rest serve the shortest rows (adm.engine)
     max_batch_requests: PositiveInt = 8
     batch_wait_s: NonNegativeFloat = 0.05
     batch_rows: PositiveInt = 8
@@ -95,6 +97,10 @@ class ServeSettings:
         values = {k: None if k in optional and isinstance(v, str)
                   and v.strip().lower() in ("", "none", "null") else v for k, v in args.items()}
         return from_dict(cls, values)
+
+    def engine_options(self) -> dict:
+        """The step engine's scheduling arguments (`adm.engine.Engine`)."""
+        return {"max_wait_steps": self.max_wait_steps, "aged_share": self.aged_share}
 
     def __post_init__(self) -> None:
         """The checks across arguments that need no file (each argument's own bounds are in
