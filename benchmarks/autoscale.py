@@ -24,12 +24,12 @@ API), the probe's and the batch requests' p50/p95 over the last 5 s, and errors.
 Why the probe suffers and recovers: interactive rows take a batch row's slot at the next step,
 so on an engine that is not overloaded a probe runs at once. Under a burst larger than the
 replica's slots the batch rows wait, and a batch row that has waited `max_wait_steps` steps
-ages (never starved, adm.engine): it goes first and takes the slots of rows that are not aged,
-up to `aged_share` of the slots. The scenario sets that share to 1.0, the setting under which
-aged batch work competes for every slot: on one replica 8 clients x 4 rows leave 24 rows
-waiting about 150 steps, so the aged batch rows hold the slots when a probe arrives and the
-probe waits behind them. (With the default 0.5, half the slots always serve the shortest rows,
-and the probe keeps its latency on one replica.) Spread over three replicas, about
+ages (never starved, adm.engine): it goes first, and the oldest aged rows, up to `aged_share`
+of the slots, are never paused. The scenario sets that share to 1.0, the setting under which
+aged batch work holds every slot: on one replica 8 clients x 4 rows leave 24 rows waiting
+about 150 steps, so the aged batch rows hold the slots when a probe arrives and the probe
+waits behind them. (With the default 0.5, the probe pauses an aged batch row outside the share
+and keeps its latency on one replica.) Spread over three replicas, about
 3 rows wait per engine, never long enough to age, and the probe overtakes them again. (On two
 cores more replicas add no compute: every step takes longer, so the probe's latency after the
 scale-up is above its value before the burst.)
@@ -99,7 +99,8 @@ def node_kind(node) -> str:
                 "cpu_worker")
 
 
-def serve_config(models: Path, port: int, max_replicas: int = MAX_REPLICAS) -> dict:
+def serve_config(models: Path, port: int, max_replicas: int = MAX_REPLICAS,
+                 aged_share: float = AGED_SHARE) -> dict:
     """A config like serve_configs/local.yaml: the tiny base model, its replicas on serving
     nodes (adm_serve, one per node: the scaled node has 1 GPU) scaling on the work queued in
     their engines, the ingress on the head."""
@@ -114,7 +115,7 @@ def serve_config(models: Path, port: int, max_replicas: int = MAX_REPLICAS) -> d
                      "samplers": ["ddim"], "default_sampler": "ddim",
                      "default_steps": BATCH_STEPS, "precision": "fp32", "scheduling": "step",
                      "batch_rows": BATCH_ROWS, "max_wait_steps": AGE_STEPS,
-                     "aged_share": AGED_SHARE,
+                     "aged_share": aged_share,
                      "require_api_key": False},
             # JSON lines: each replica's access log ("CALL generate OK 12.3ms") with its time,
             # read by `first_answers`.
@@ -631,11 +632,12 @@ def plot(timeline: Timeline, marks: list, out: Path, load: Load | None = None) -
 
 
 def run(out: Path, plot_path: Path, settings: SimSettings, phases=RAMP,
-        idle_wait: float = 120) -> dict:
+        idle_wait: float = 120, aged_share: float = AGED_SHARE) -> dict:
     cluster = yaml.safe_load((ROOT / "cluster.yaml").read_text())
     folder = Path(tempfile.mkdtemp(prefix="adm-autoscale-"))
     with SimulatedCluster(cluster, settings, workdir=folder) as sim:
-        url = deploy(sim, serve_config(folder / "models", free_port("127.0.0.1")), folder)
+        config = serve_config(folder / "models", free_port("127.0.0.1"), aged_share=aged_share)
+        url = deploy(sim, config, folder)
         wait_until("one serving node", lambda: len(serving_nodes(sim)) == 1, 120)
         load = Load(url)
         recorder = Recorder(sim, load).start()
@@ -699,11 +701,14 @@ def main() -> None:
                    help="the simulated nodes' idle timeout (cluster.yaml: 300)")
     p.add_argument("--burst-s", type=float, default=RAMP[1][1],
                    help="seconds of the burst (8 batch clients)")
+    p.add_argument("--aged-share", type=float, default=AGED_SHARE,
+                   help="the engines' aged_share (the serving default is 0.5)")
     args = p.parse_args()
     torch.set_num_threads(1)
     phases = (RAMP[0], (RAMP[1][0], args.burst_s), RAMP[2])
     figs = run(Path(args.out), Path(args.plot),
-               SimSettings(idle_timeout_minutes=args.idle_timeout_s / 60), phases)
+               SimSettings(idle_timeout_minutes=args.idle_timeout_s / 60), phases,
+               aged_share=args.aged_share)
     print(json.dumps(figs, indent=1))
     print(report(figs))
     print(f"timeline: {Path(args.out) / 'timeline.json'}, plot: {args.plot}")

@@ -53,10 +53,14 @@ Goals, printed PASS/FAIL:
 3. a 10-step request never waits for a 250-step one to finish. Precisely: a 10-step request S
    is BLOCKED by a 250-step request L when L arrived before S, S's first progress came only
    after L's base stage had finished (step mode: L's last base `progress` event; request mode:
-   L's answer, and S's first byte, its only event), and S waited longer for its first progress
+   L's answer, and S's first byte, its only event), S waited longer for its first progress
    than a 10-step request takes alone (so a wait of a step or two at L's very end does not
-   count). PASS when no 10-step request in step mode is blocked, at any level. Blocking by
-   one's own slots being full of other short rows is not this, and is not counted.
+   count), and L's class is not above S's. PASS when no 10-step request in step mode is
+   blocked, at any level. Blocking by one's own slots being full of other short rows is not
+   this, and is not counted; nor is a batch-class S waiting while interactive work (an
+   interactive L among it) holds the slots, which is the priority the engine must give
+   interactive rows (they are never paused for batch rows). Those waits are printed apart
+   (`prio10`), with a bound: a batch row ages after 4x its chain and then goes first.
 
 Reading the table: `x cap` is the offered load over cap_R; `lat10`, `lat50`, `lat250` are
 p50/p95 seconds of those request lengths; `int`/`bat` the p95 of the two classes; `ttfp` p50/p95
@@ -396,8 +400,10 @@ def pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
-def blocked(records: list[Record], t10: float) -> list[tuple[Record, Record]]:
-    """Goal 3's (S, L) pairs: 10-step S blocked by 250-step L (see the module docstring)."""
+def blocked(records: list[Record], t10: float, priority: bool = False
+            ) -> list[tuple[Record, Record]]:
+    """Goal 3's (S, L) pairs: 10-step S blocked by 250-step L (see the module docstring); with
+    `priority`, instead the pairs of a batch-class S and an interactive L (`prio10`)."""
     done = [r for r in records if r.ok]
     longs = [r for r in done if r.spec.steps == 250]
     out = []
@@ -405,6 +411,9 @@ def blocked(records: list[Record], t10: float) -> list[tuple[Record, Record]]:
         if s.ttfp <= t10:
             continue
         for l in longs:
+            above = s.spec.priority == "batch" and l.spec.priority == "interactive"
+            if above != priority:
+                continue
             if l.arrival < s.arrival and s.first_progress >= l.base_done:
                 if l.base_done > s.arrival:  # L was still in its base stage when S came
                     out.append((s, l))
@@ -421,6 +430,7 @@ def summarize(records: list[Record], wall: float, t10: float) -> dict:
            "send_lag_max_s": max((r.sent - r.arrival for r in records), default=0.0),
            "ttfp": (pct([r.ttfp for r in ok], 50), pct([r.ttfp for r in ok], 95)),
            "blocked": len(blocked(records, t10)),
+           "priority_waits": [round(s.ttfp, 2) for s, _ in blocked(records, t10, True)],
            "n10": sum(r.spec.steps == 10 for r in ok),
            "error_samples": [r.error for r in records if not r.ok][:3]}
     for steps in LENGTHS:
@@ -603,6 +613,10 @@ def main() -> None:
           f"request mode's first progress = its whole answer (it cannot stream)")
     print_table(results)
     print("\nblk10: 10-step requests blocked by a 250-step one / 10-step requests (goal 3)")
+    print("prio10 (step mode): batch-class 10-step requests that started after an interactive "
+          "250-step one ended, by priority (s to first progress): " + "; ".join(
+              f"{r['load']:.2f}: {r['stats']['priority_waits'] or 'none'}" for r in results
+              if r["mode"] == "step"))
     print("\nmarkdown for docs/serving.md:\n")
     print(markdown(results))
     plot(results, Path(args.plot), title, cal.cap_request)

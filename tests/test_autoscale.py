@@ -196,7 +196,7 @@ def test_a_burst_of_batch_work_adds_replicas_and_interactive_latency_recovers(si
     that were answered (the one replica's backlog gone: on a busy machine that takes longer)
     to the burst's end, which comes AFTER_S later. The burst hurt: p95 during >= HURT x p95
     before (on one replica its batch rows wait past max_wait_steps and age: with the
-    scenario's aged_share 1.0 they go ahead of the probe in every slot). It recovered: p95 after <= RECOVERED x p95 during and
+    scenario's aged_share 1.0 none of them may be paused, and the probe waits behind them). It recovered: p95 after <= RECOVERED x p95 during and
     <= RECOVERED_VS_BEFORE x p95 before (spread over three replicas the batch rows no longer
     wait that long, and the probe overtakes them; the rest is two cores shared by three
     engines). Each window holds at least 6 probes.

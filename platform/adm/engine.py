@@ -19,17 +19,20 @@ Scheduling, each step (the rules of `_admit`):
   narrower or shorter row behind it may (so slots do not idle behind a wide row).
 - Pausing. A waiting row that does not fit may pause running rows to make room: batch rows for
   an interactive row, and rows of its own class whose remaining steps exceed PAUSE_RATIO times
-  its own (a 250-step row for a 10-step one); never an aged row. Victims go batch first, then
-  the longest remaining. A paused row keeps its state and waits again, by the same order.
+  its own (a 250-step row for a 10-step one); never a protected aged row (below). Victims go
+  batch first, then the longest remaining. A paused row keeps its state and waits again, by
+  the same order.
 - Never starved. A row ages once it has waited min(`max_wait_steps`, AGE_STRETCH x its chain's
   steps) engine steps in all (queued or paused): a 10-step row after 40, a 250-step one after
-  `max_wait_steps`. Aged rows share `aged_share` of the slots (at least one row): the first
-  aged rows that fit in that share take their slots at the next step, pausing any rows that
-  are not aged if they must, and are never paused again; an aged row that does not fit in the
-  share holds its place there (no later aged row goes ahead of it) until aged rows finish. So
-  a row waits at most its ageing time plus the chains of the aged rows ahead of it, and the
-  other slots always serve the shortest rows: a burst of long rows that all age cannot shut
-  a 10-step request out.
+  `max_wait_steps`. Aged rows go first, in the order they aged. The oldest running aged rows,
+  up to `aged_share` of the slots (at least one row), are protected: never paused. An aged row
+  that would be protected but does not fit yet holds the slots it needs as they free (nothing
+  else takes them); later aged rows do not go ahead of it into the share. Aged rows past the
+  share still take free slots first, but may be paused like any row. So a row waits at most
+  its ageing time, plus the chains of the protected rows ahead of it, plus the remaining steps
+  of the rows running when it entered the share; and even when everything has aged (past
+  capacity) the slots past the share can still pause a 250-step row for a 10-step one. Only
+  the slots held that way idle while a row waits that could use them.
 Cancelled requests (`cancel`) leave at the next step's start: their slots are free for that
 step.
 """
@@ -142,10 +145,8 @@ class _Entry:
         return (1, self.rank, self.remaining, self.seq)
 
     def may_pause(self, running: "_Entry") -> bool:
-        """Whether this waiting row may take `running`'s slots: never an aged row's; any
-        other row's if this one is aged (the aged share is reserved for aged rows)."""
-        if running.aged or self.aged:
-            return not running.aged
+        """Whether this waiting row may take `running`'s slots (unless `running` is a protected
+        aged row, which the engine checks)."""
         return running.rank > self.rank or (
             running.rank == self.rank and running.remaining > PAUSE_RATIO * self.remaining)
 
@@ -293,27 +294,32 @@ class Engine:
         """Re-form the batch by the module's rules."""
         self._waiting.sort(key=_Entry.order)
         free = self.slots - sum(e.width for e in self._running)
-        aged_used = sum(e.width for e in self._running if e.aged)
-        aged_full = False  # an aged row did not fit in the aged share: it holds its place
+        protected = self._protected()
+        share = sum(e.width for e in protected)  # slots the protected rows hold
+        reserved = 0  # free slots held for aged rows of the share that do not fit yet
+        share_closed = False
         for e in list(self._waiting):
             if self._requests.get(e.request.req.id) is not e.request:
                 continue  # its request failed meanwhile
-            if e.aged:
-                if aged_full or (aged_used and aged_used + e.width > self.aged_slots):
-                    aged_full = True
-                    continue
-            if e.width > free:
-                victims = sorted((r for r in self._running if e.may_pause(r)),
+            in_share = False
+            if e.aged and not share_closed:
+                in_share = share + reserved == 0 or share + reserved + e.width <= self.aged_slots
+                share_closed = not in_share
+            if e.width > free - reserved:
+                victims = sorted((r for r in self._running
+                                  if r not in protected and e.may_pause(r)),
                                  key=lambda r: (-r.rank, -r.remaining, -r.seq))
-                if free + sum(v.width for v in victims) >= e.width:
+                if free - reserved + sum(v.width for v in victims) >= e.width:
                     for v in victims:
-                        if free >= e.width:
+                        if free - reserved >= e.width:
                             break
                         self._running.remove(v)
                         self._waiting.append(v)
                         free += v.width
                         self.stats.preemptions += 1
-            if e.width > free:
+            if e.width > free - reserved:
+                if in_share:
+                    reserved += e.width
                 continue
             if e.row is None:
                 try:
@@ -324,8 +330,20 @@ class Engine:
             self._waiting.remove(e)
             self._running.append(e)
             free -= e.width
-            aged_used += e.width if e.aged else 0
+            if in_share:
+                share += e.width
+                protected.add(e)
         self._waiting.sort(key=_Entry.order)
+
+    def _protected(self) -> set:
+        """The running aged rows no row may pause: the oldest aged, up to the aged share."""
+        out, used = set(), 0
+        for e in sorted((e for e in self._running if e.aged), key=_Entry.order):
+            if used and used + e.width > self.aged_slots:
+                break
+            out.add(e)
+            used += e.width
+        return out
 
     def _count(self) -> None:
         s = self.stats

@@ -71,9 +71,9 @@ class ServeSettings:
     # what it was batched with.
     scheduling: Literal["step", "request"] = "step"
     max_wait_steps: NonNegativeInt = 500  # a waiting row ages after 4x its own chain's steps,
-    #     or this many engine steps if sooner: it then goes first and is never paused ...
-    aged_share: Annotated[float, Field(gt=0, le=1)] = 0.5  # ... in this share of the slots,
-    #     which aged rows never exceed: the rest serve the shortest rows (adm.engine)
+    #     or this many engine steps if sooner: it then goes first, and the oldest aged rows ...
+    aged_share: Annotated[float, Field(gt=0, le=1)] = 0.5  # ... up to this share of the slots
+    #     are never paused (adm.engine)
     max_batch_requests: PositiveInt = 8
     batch_wait_s: NonNegativeFloat = 0.05
     batch_rows: PositiveInt = 8
