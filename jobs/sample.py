@@ -2,9 +2,10 @@
 ADM evaluator's `samples.npz`:
 
     python jobs/sample.py --model URI [--model-preset NAME]
-        [--classifier URI [--classifier-preset NAME] --classifier-scale S]
+        [--classifier URI [--classifier-preset NAME] --classifier-scale S
+         [--guidance-interval LO HI]]
         [--upsampler URI [--upsampler-preset NAME] [--upsampler-steps N]]
-        [--sampler ddim|ddpm|dpmpp_2m|dpmpp_3m] [--steps N] [--timesteps uniform|logsnr]
+        [--sampler ddim|ddpm|dpmpp_2m|dpmpp_3m|unipc] [--steps N] [--timesteps uniform|logsnr]
         [--lambda-min L] [--cfg-scale W] [--num-samples N] [--batch-size B]
         [--classes uniform|balanced|3,7,9] [--seed S] [--out URI]
         [--num-workers N] [--gpus] [--config YAML] [--address ADDR] [key=value ...]
@@ -38,7 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--upsampler", help="upsampler state dict: stage 2")
     add("--upsampler-preset", help="flags of a released upsampler")
     add("--upsampler-steps", help="stage 2 steps (int) or respacing ('250', 'ddim25')")
-    add("--sampler", choices=("ddim", "ddpm", "dpmpp_2m", "dpmpp_3m"), help="stage 1 sampler")
+    add("--sampler", choices=("ddim", "ddpm", "dpmpp_2m", "dpmpp_3m", "unipc"),
+        help="stage 1 sampler")
     add("--steps", help="stage 1 steps (int) or respacing ('250', 'ddim25')")
     add("--timesteps", choices=("uniform", "logsnr"),
         help="how an int --steps is spaced (default: the sampler's own)")
@@ -46,6 +48,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "starts: the noisiest step with lambda >= it (default -5.1; -inf: the whole chain)")
     add("--cfg-scale", type=float, help="classifier-free guidance w (1 = off; a model "
         "trained with label dropout)")
+    add("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"),
+        help="classifier guidance only at steps with noise level sigma in (LO, HI] "
+        "(sigma = sqrt((1 - alpha_bar) / alpha_bar); e.g. 0.28 5.42; default: every step)")
     add("--num-samples", type=int, help="N")
     add("--batch-size", type=int, help="stage 1 rows per model call")
     add("--classes", help="uniform, balanced, or a list of class ids/names: 3,7,9")
@@ -78,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_sample_config(
         args.config, args.overrides, model=args.model, model_preset=args.model_preset,
             classifier=args.classifier, classifier_preset=args.classifier_preset,
-            classifier_scale=args.classifier_scale, upsampler=args.upsampler,
+            classifier_scale=args.classifier_scale,
+            guidance_interval=args.guidance_interval, upsampler=args.upsampler,
             upsampler_preset=args.upsampler_preset, upsampler_steps=_steps(args.upsampler_steps),
             sampler=args.sampler, steps=_steps(args.steps), timesteps=args.timesteps,
             lambda_min=args.lambda_min, cfg_scale=args.cfg_scale, num_samples=args.num_samples,

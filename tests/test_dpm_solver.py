@@ -452,4 +452,5 @@ def test_3m_is_a_choice_wherever_2m_is():
                  default_steps=10, default_guidance_scale=0.0)
     req = parse_generate(b'{"class_id": 2, "sampler": "dpmpp_3m", "steps": 7}', lim)
     assert req.sample_args() == {"classifier_scale": 0.0, "cfg_scale": 1.0,
-                                 "sampler": "dpmpp_3m", "steps": 7, "lambda_min": LOGSNR_MIN}
+                                 "sampler": "dpmpp_3m", "steps": 7, "lambda_min": LOGSNR_MIN,
+                                 "guidance_interval": None}

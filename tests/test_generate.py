@@ -362,6 +362,33 @@ def test_lambda_min_reaches_the_plan_and_the_run_settings(nets, tmp_path):
                               steps=4)).base.lambda_min is None
 
 
+def test_guidance_interval_reaches_the_stage_and_the_run_settings(nets, tmp_path, monkeypatch):
+    """`guidance_interval` as jobs/sample.py gives it: in the base stage's plan and in the
+    settings a resume compares (absent when unset, so runs recorded before it resume); the
+    stage's sampler calls `sample` with it; refused without a classifier."""
+    import adm.stage
+    from adm.generate.pipeline import StageSampler
+
+    plan = make_plan(settings(nets, tmp_path / "g", classifier=nets["classifier"],
+                              classifier_scale=2.0, guidance_interval=[0.5, 8.0],
+                              precision="fp32"))
+    assert plan.base.guidance_interval == (0.5, 8.0)
+    assert plan.decisive()["settings"]["guidance_interval"] == [0.5, 8.0]
+    assert plan.decisive()["base"]["guidance_interval"] == [0.5, 8.0]
+    plain = make_plan(settings(nets, tmp_path / "p", classifier=nets["classifier"]))
+    assert "guidance_interval" not in plain.decisive()["settings"]
+    assert "guidance_interval" not in plain.decisive()["base"]
+    seen = []
+    monkeypatch.setattr(adm.stage, "sample", lambda *a, **kw: (seen.append(kw), sample(*a, **kw))[1])
+    stage = StageSampler(plan.base, seed=3, clip_denoised=True, eta=0.0, gpus=False)
+    stage({"id": np.arange(2), "label": np.array([1, 2])})
+    assert seen and all(kw["guidance_interval"] == (0.5, 8.0) for kw in seen)
+    with pytest.raises(ConfigError, match="guidance_interval"):
+        settings(nets, tmp_path / "n", guidance_interval=[0.5, 8.0])
+    with pytest.raises(ConfigError, match="guidance_interval"):
+        settings(nets, tmp_path / "b", classifier=nets["classifier"], guidance_interval=[8, 1])
+
+
 @pytest.mark.parametrize("path", sorted((ROOT / "jobs" / "configs" / "sample").glob("*.yaml")),
                          ids=lambda p: p.stem)
 def test_paper_configs_load_and_agree_with_the_readme_presets(path):

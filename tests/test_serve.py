@@ -160,7 +160,7 @@ def test_chain_returns_upsampled_images(url):
     assert out["seed"] == 5 and out["image_size"] == 16 and out["base_size"] == 8
     assert out["settings"] == {"class_id": 1, "class_name": "goldfish", "num_images": 2,
                                "guidance_scale": 1.0, "cfg_scale": 1.0, "sampler": "ddim",
-                               "lambda_min": None,
+                               "lambda_min": None, "guidance_interval": None,
                                "steps": 10, "seed": 5, "upsample": True}
     # response "png" (the default): one PNG, the images side by side; seed in a header
     r = generate(url, {"class_id": 3, "num_images": 2, "seed": 1})
@@ -191,14 +191,17 @@ def test_served_images_are_the_library_samples(url, nets):
     those indices), although the step engine ran it row by row."""
     seed, n = 11, 2
     out = generate(url, {"class_id": 4, "num_images": n, "seed": seed, "guidance_scale": 2.0,
-                         "sampler": "ddpm", "steps": 6, "response": "json"}).json()
+                         "guidance_interval": [0.3, 5.0], "sampler": "ddpm", "steps": 6,
+                         "response": "json"}).json()
+    assert out["settings"]["guidance_interval"] == [0.3, 5.0]
     base_net = openai.load_checkpoint(openai.create_model(TINY_UNET_FLAGS), nets["base"]).eval()
     clf = openai.load_checkpoint(openai.create_classifier(TINY_CLASSIFIER_FLAGS),
                                  nets["classifier"]).eval()
     pad = [0, 1] + [0] * 6  # free rows repeat the call's first input
     precision = AUTOCAST[auto_precision(torch.device("cpu"))]  # the replica's "auto"
     x = sample(base_net, openai.create_diffusion(TINY_UNET_FLAGS), (8, 3, 8, 8), sampler="ddpm",
-               steps=6, classifier=clf, classifier_scale=2.0, y=torch.full((8,), 4),
+               steps=6, classifier=clf, classifier_scale=2.0, guidance_interval=(0.3, 5.0),
+               y=torch.full((8,), 4),
                seeds=[index_seeds(seed, range(n))[i] for i in pad], autocast_dtype=precision)
     want = to_uint8(x)[:n]
     got = np.stack([decode(s) for s in out["base_images"]])
@@ -240,6 +243,14 @@ BAD = [  # (body, status, text the message must contain)
     ({"class_id": 1, "guidance_scale": 11.0}, 422, "guidance_scale: at most 10"),
     ({"class_id": 1, "guidance_scale": -1}, 422, "guidance_scale"),
     ({"class_id": 1, "cfg_scale": 2.0}, 422, "cfg_scale: the base model was not trained with"),
+    ({"class_id": 1, "guidance_scale": 2.0, "guidance_interval": [5, 1]}, 422,
+     "guidance_interval: [5.0, 1.0]: expected [lo, hi]"),
+    ({"class_id": 1, "guidance_scale": 2.0, "guidance_interval": [1]}, 422,
+     "guidance_interval: List should have at least 2 items"),
+    ({"class_id": 1, "guidance_scale": 2.0, "guidance_interval": [1, "2"]}, 422,
+     "guidance_interval.1"),
+    ({"class_id": 1, "guidance_scale": 0.0, "guidance_interval": [1, 2]}, 422,
+     "guidance_interval: limits classifier guidance"),
     (b'{"class_id": 1, "cfg_scale": NaN}', 422, "cfg_scale"),
     ({"class_id": 1, "seed": -3}, 422, "seed"),
     ({"class_id": 1, "seed": 2**64}, 422, "seed"),
@@ -678,8 +689,10 @@ def test_metrics_move_under_load_and_the_dashboard_charts_them(engine_url, metri
     with ThreadPoolExecutor(3) as pool:
         jobs = [pool.submit(generate, engine_url, bulk, None, 120)]
         wait_until(lambda: engine_stats("GuidedSampler")["in_flight"]["batch"] == 4)
-        jobs.append(pool.submit(generate, engine_url, {  # pauses two batch rows, then queues
-            "class_id": 1, "num_images": 4, "steps": 25, "response": "json"}, None, 120))
+        # It pauses the batch rows; 100 steps keep its rows in flight across several of the
+        # replica's metric exports (every 0.5 s) on a fast machine too.
+        jobs.append(pool.submit(generate, engine_url, {
+            "class_id": 1, "num_images": 4, "steps": 100, "response": "json"}, None, 120))
         r = generate(engine_url, {"class_id": 2, "steps": 50, "stream": True}, timeout=60)
         read_events(r, stop=lambda kind, data: kind in ("progress", "queued"))
         r.close()  # a cancelled request
@@ -810,7 +823,8 @@ def test_cfg_scale_and_dpm_solver_requests_are_checked():
                          b'"steps": 7}', lim)
     # dpmpp_2m's grid starts at λ = -5.1 unless lambda_min says otherwise (a batching key too)
     assert req.sample_args() == {"classifier_scale": 0.0, "cfg_scale": 3.0,
-                                 "sampler": "dpmpp_2m", "steps": 7, "lambda_min": -5.1}
+                                 "sampler": "dpmpp_2m", "steps": 7, "lambda_min": -5.1,
+                                 "guidance_interval": None}
     req = parse_generate(b'{"class_id": 2, "sampler": "dpmpp_2m", "lambda_min": -3.5}', lim)
     assert req.sample_args()["lambda_min"] == -3.5 and req.settings()["lambda_min"] == -3.5
     for body, text in ((b'{"class_id": 2, "lambda_min": -3.0}', "lambda_min: sets where "

@@ -148,6 +148,8 @@ def test_page_generates_in_headless_chromium(page_url, tmp_path):
         browser.js("document.getElementById('cls').value = 'stingray'")
         browser.js("document.getElementById('scale').value = '2'")
         browser.js("document.getElementById('seed').value = '7'")
+        browser.js("document.getElementById('glo').value = '0.5'")
+        browser.js("document.getElementById('ghi').value = '50'")
         browser.click("#go")
         state = browser.wait_for("['done', 'error'].includes(document.body.dataset.state) && "
                                  "document.body.dataset.state")
@@ -161,7 +163,7 @@ def test_page_generates_in_headless_chromium(page_url, tmp_path):
         sizes = browser.js("['base', 'up'].map(id => [document.getElementById(id).naturalWidth,"
                            " document.getElementById(id).naturalHeight])")
         assert sizes == [[8, 8], [16, 16]]  # base side by side with the upsampled image
-        assert "seed 7" in status and "guidance 2" in status
+        assert "seed 7" in status and "guidance 2 for sigma in (0.5, 50]" in status
         shot = browser.send("Page.captureScreenshot", {"format": "png"})["data"]
         path = _artifact_dir(tmp_path) / "serve_page.png"
         path.write_bytes(base64.b64decode(shot))

@@ -174,6 +174,7 @@ class Stage:
         guided = self.classifier is not None and args.get("classifier_scale", 0.0) > 0
         if not guided:
             args.pop("classifier_scale", None)  # no classifier passes at all
+            args.pop("guidance_interval", None)
         images = np.zeros((len(labels), self.size, self.size, 3), np.uint8)
         for mine in model_calls(slots, self.rows):
             row = slots[mine] % self.rows

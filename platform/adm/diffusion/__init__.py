@@ -17,7 +17,7 @@ from .resample import (
     create_named_schedule_sampler,
 )
 from .respace import SpacedDiffusion, create_gaussian_diffusion, respace, space_timesteps
-from .samplers import SAMPLERS, ddim, ddpm, dpmpp_2m, dpmpp_3m
+from .samplers import SAMPLERS, ddim, ddpm, dpmpp_2m, dpmpp_3m, unipc
 from .sampling import sample
 from .schedules import betas_for_alpha_bar, get_named_beta_schedule
 from .seeds import STREAMS, RowNoise, index_seeds
@@ -28,7 +28,7 @@ __all__ = [
     "get_named_beta_schedule", "betas_for_alpha_bar", "space_timesteps", "respace",
     "create_gaussian_diffusion", "create_named_schedule_sampler", "ScheduleSampler",
     "UniformSampler", "LossAwareSampler", "LossSecondMomentResampler", "sample", "ddim", "ddpm",
-    "dpmpp_2m", "dpmpp_3m", "SAMPLERS", "TIMESTEP_SPACINGS", "sampling_diffusion", "LOGSNR_MIN",
+    "dpmpp_2m", "dpmpp_3m", "unipc", "SAMPLERS", "TIMESTEP_SPACINGS", "sampling_diffusion", "LOGSNR_MIN",
     "logsnr_timesteps", "SamplerName", "SpacingName",
     "classifier_free_guidance", "index_seeds", "RowNoise", "STREAMS", "normal_kl",
     "discretized_gaussian_log_likelihood", "mean_flat",

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from ..progress import progress_bar
+from .interval import guidance_at
 from .losses import discretized_gaussian_log_likelihood, mean_flat, normal_kl
 
 Model = Callable[..., torch.Tensor]  # model(x [N,C,H,W], t [N], **model_kwargs) -> [N,C or 2C,H,W]
@@ -460,13 +461,15 @@ class GaussianDiffusion:
         else:
             img = torch.randn(*shape, device=device)
         self._preload(img.device, img.dtype)  # every host-to-device copy before the loop
+        cond_fn = step_kwargs.pop("cond_fn", None)
         for i in step_indices(list(range(self.num_timesteps))[::-1], progress):
             t = torch.full((shape[0],), i, device=device, dtype=torch.int64)
             # The last step's noise is multiplied by 0: a generator still draws it (the reference's
             # draws, so a seed gives its samples); a noise_fn is not called (a launch per row).
             step_noise = noise_fn if noise_fn is None or i > 0 else (lambda: None)
             with torch.no_grad():
-                out = step(model, img, t, generator=generator, noise_fn=step_noise, **step_kwargs)
+                out = step(model, img, t, generator=generator, noise_fn=step_noise,
+                           cond_fn=guidance_at(cond_fn, self.alphas_cumprod[i]), **step_kwargs)
             yield out
             img = out["sample"]
 

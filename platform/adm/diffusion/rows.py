@@ -10,7 +10,8 @@ solvers, and its own noise generator. `RowStepper.step(rows)` advances each row 
 
 1. one call of the network on exactly `slots` rows (a fixed shape: the rows, a classifier-free
    row twice, with the null class the second time, then padding that repeats the first row);
-2. one classifier-gradient call on `slots` rows for the rows with a classifier scale > 0;
+2. one classifier-gradient call on `slots` rows for the rows with a classifier scale > 0 whose
+   step is inside their guidance interval (none at all when no row's is);
 3. each sampler's update on its rows, through the same functions `sample`'s loops use
    (`GaussianDiffusion.p_sample` / `ddim_sample`, the multistep solvers' `_data_prediction`
    and `multistep_update`), on the rows' chains laid end to end (`concatenated`), so each row
@@ -35,12 +36,16 @@ import torch.nn as nn
 from ..guidance import classifier_cond_fn
 from ..images import to_uint8
 from .gaussian import GaussianDiffusion, concatenated
-from .samplers import _data_prediction, _dpmpp_2m_coefs, _dpmpp_3m_coefs, check_eta, \
-    multistep_update
+from .interval import check_interval, in_interval
+from .samplers import UNIPC_ORDER, _data_prediction, _dpmpp_2m_coefs, _dpmpp_3m_coefs, \
+    _unipc_coefs, check_eta, multistep_update
 from .sampling import _compile_options, _model_fn, _prepared
 from .spacing import sampling_diffusion
 
-MULTISTEP = {"dpmpp_2m": _dpmpp_2m_coefs, "dpmpp_3m": _dpmpp_3m_coefs}
+# The multistep samplers: ᾱ's -> (per-index predictor coefficients, correctors or None).
+MULTISTEP = {"dpmpp_2m": lambda ac: (_dpmpp_2m_coefs(ac), None),
+             "dpmpp_3m": lambda ac: (_dpmpp_3m_coefs(ac), None),
+             "unipc": lambda ac: _unipc_coefs(ac, UNIPC_ORDER)}
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,7 @@ class RowSpec:
     timesteps: str | None = None
     lambda_min: float | None = None
     classifier_scale: float = 0.0
+    guidance_interval: tuple[float, float] | None = None
     cfg_scale: float = 1.0
     eta: float = 0.0
     clip_denoised: bool = True
@@ -76,6 +82,7 @@ class Row:
         # x_T as `RowNoise` draws a row: one normal_ of [C, H, W] from the row's generator.
         self.x = torch.empty(shape, device=device).normal_(generator=self.generator)
         self.history: list[torch.Tensor] = []
+        self.previous: torch.Tensor | None = None  # UniPC: x where its last step started
         self.pred_xstart: torch.Tensor | None = None
         self.result: torch.Tensor | None = None
 
@@ -84,12 +91,19 @@ class Row:
         return self.result is not None
 
     @property
+    def guided(self) -> bool:
+        """Whether its next step is classifier-guided (a scale > 0, and the step's noise level
+        in its guidance interval, if it has one)."""
+        return self.settings.classifier_scale > 0 and in_interval(
+            self.settings.guidance_interval, self.chain.alphas_cumprod[self.index])
+
+    @property
     def steps_done(self) -> int:
         return self.steps - 1 - self.index if not self.done else self.steps
 
 
 @functools.lru_cache(maxsize=64)
-def _multistep_coefs(sampler: str, chain: GaussianDiffusion) -> list[tuple]:
+def _multistep_coefs(sampler: str, chain: GaussianDiffusion) -> tuple[list, list | None]:
     return MULTISTEP[sampler](chain.alphas_cumprod)
 
 
@@ -131,6 +145,10 @@ class RowStepper:
             raise ValueError(f"cfg_scale={settings.cfg_scale}: the model has no null class")
         if settings.classifier_scale > 0 and self.guidance is None:
             raise ValueError("classifier_scale > 0 needs a classifier")
+        if settings.guidance_interval is not None:
+            check_interval(settings.guidance_interval)
+            if not settings.classifier_scale > 0:
+                raise ValueError("guidance_interval needs classifier_scale > 0")
         if settings.width > self.slots:
             raise ValueError(f"a row takes {settings.width} model rows; slots={self.slots}")
         return sampling_diffusion(self.diffusion, settings.sampler, settings.steps,
@@ -167,7 +185,7 @@ class RowStepper:
         labels = torch.tensor([r.label for r in rows], device=self.device)
         cfg = [k for k, r in enumerate(rows) if r.settings.width == 2]
         out = self._model_outputs(rows, packed, x, t, labels, cfg)
-        guided = [k for k, r in enumerate(rows) if r.settings.classifier_scale > 0]
+        guided = [k for k, r in enumerate(rows) if r.guided]
         gradient = None
         if guided:
             take = self._padded(guided)
@@ -179,7 +197,7 @@ class RowStepper:
         groups: dict[tuple, list[int]] = {}
         for k, r in enumerate(rows):
             groups.setdefault((r.settings.sampler, r.settings.eta, r.settings.clip_denoised,
-                               r.settings.classifier_scale > 0), []).append(k)
+                               r.guided), []).append(k)
         for (sampler, eta, clip, is_guided), ks in groups.items():
             self._update([rows[k] for k in ks], packed, x[ks], t[ks], out[ks],
                          gradient[ks] if is_guided else None, sampler, eta, clip)
@@ -215,14 +233,24 @@ class RowStepper:
         cond_fn = None if gradient is None else (lambda *args, **kwargs: gradient)
         if sampler in MULTISTEP:
             x0 = _data_prediction(packed, model, x, t, cond_fn, {}, clip)
-            coefs = _multistep_coefs(sampler, rows[0].chain)
-            table = [_multistep_coefs(sampler, r.chain)[r.index] for r in rows]
-            a, b, *weights = (_column(list(col), self.device) for col in zip(*table))
+            coefs, correctors = _multistep_coefs(sampler, rows[0].chain)
             older = [torch.stack([r.history[j] if len(r.history) > j else torch.zeros_like(r.x)
                                   for r in rows]) for j in range(len(coefs[0]) - 3)]
+            if correctors is not None:  # UniC: correct x from where its step started
+                # (a row's first index has no step behind it: 1·x + 0 is x itself)
+                keep = (1.0, 0.0, 1.0) + (0.0,) * len(older)
+                table = [_multistep_coefs(sampler, r.chain)[1][r.index] or keep for r in rows]
+                a, b, *weights = (_column(list(col), self.device) for col in zip(*table))
+                start = torch.stack([r.previous if r.previous is not None else r.x
+                                     for r in rows])
+                x = multistep_update(start, x0, older, a, b, weights)
+            table = [_multistep_coefs(sampler, r.chain)[0][r.index] for r in rows]
+            a, b, *weights = (_column(list(col), self.device) for col in zip(*table))
             nxt = multistep_update(x, x0, older, a, b, weights)
             for k, r in enumerate(rows):
                 r.history = [x0[k], *r.history][:len(weights) - 1]
+                if correctors is not None:
+                    r.previous = x[k]
             self._advance(rows, nxt, x0, final=x0)
             return
         noise = self._noise(rows, needed=sampler == "ddpm" or eta != 0.0)
@@ -254,7 +282,7 @@ class RowStepper:
             r.pred_xstart = x0[k]
             if r.index == 0:
                 r.result = final[k].clamp(-1, 1)
-                r.history = []
+                r.history, r.previous = [], None
             else:
                 r.x, r.index = nxt[k], r.index - 1
 

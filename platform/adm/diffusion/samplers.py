@@ -10,9 +10,14 @@ device-cached coefficients.
   in log-SNR with the multistep second-order data-prediction update, deterministic (η = 0);
 - "dpmpp_3m": DPM-Solver++(3M), its third-order multistep sibling (the data prediction
   interpolated through the last three, integrated exactly in λ), deterministic (η = 0).
+- "unipc": UniPC (Zhao et al. 2023), the bh2 variant on the data prediction, order 2: the
+  multistep predictor UniP, and after each model call the corrector UniC, which reuses that
+  call's output to correct the point it was made at (no extra calls), deterministic (η = 0).
 
-`cond_fn` is classifier guidance (`adm.guidance.classifier_cond_fn`); classifier-free guidance
-wraps `model` instead (`adm.diffusion.cfg`). `noise_fn` draws each step's noise (per-row
+`cond_fn` is classifier guidance (`adm.guidance.classifier_cond_fn`), applied at every step, or
+only at the steps whose noise level is in its interval (`adm.diffusion.interval.limited`: the
+others make the unguided update); classifier-free guidance wraps `model` instead
+(`adm.diffusion.cfg`). `noise_fn` draws each step's noise (per-row
 streams: `adm.diffusion.seeds.RowNoise`), else `generator` does.
 """
 from __future__ import annotations
@@ -23,6 +28,7 @@ import numpy as np
 import torch
 
 from .gaussian import GaussianDiffusion, NoiseFn, step_indices
+from .interval import guidance_at
 from .spacing import log_snr
 
 # model(x [N, C, H, W], t [N], **model_kwargs) -> its output; cond_fn(x, t, **model_kwargs) ->
@@ -103,8 +109,32 @@ def dpmpp_3m(diffusion: GaussianDiffusion, model: Model, x: torch.Tensor, *,
                       model_kwargs, clip_denoised, progress)
 
 
+UNIPC_ORDER = 2  # `SAMPLERS["unipc"]`'s predictor order (the UniPC paper's for guided sampling)
+
+
+def unipc(diffusion: GaussianDiffusion, model: Model, x: torch.Tensor, *,
+          cond_fn: CondFn | None = None, model_kwargs: dict | None = None,
+          clip_denoised: bool = True, eta: float = 0.0, generator: torch.Generator | None = None,
+          noise_fn: NoiseFn | None = None, progress: bool = False,
+          order: int = UNIPC_ORDER) -> torch.Tensor:
+    """UniPC (Zhao et al. 2023: bh2, data prediction) over every step of `diffusion` from
+    x = x_T [N, C, H, W], one model call per step, deterministic (η = 0; `generator`,
+    `noise_fn` unused). `order` (1-3; `SAMPLERS["unipc"]` is 2, the paper's choice for guided
+    sampling) is the predictor's: each step from index i to i − 1 is UniP-p on the last p data
+    predictions (fewer at the start), and after the model call at i − 1 UniC-p corrects x_{i−1}
+    with that call's own data prediction (`_unipc_coefs`), so the next step starts from the
+    corrected point with the prediction the call already made: order p + 1 for one call per
+    step. The data prediction, guidance, clipping, step grid (log-SNR, as DPM-Solver++'s) and
+    last step (index 0 returns its data prediction) are `dpmpp_2m`'s."""
+    check_eta("unipc", eta)
+    predictors, correctors = _unipc_coefs(diffusion.alphas_cumprod, order)
+    return _multistep(diffusion, model, x, predictors, cond_fn, model_kwargs, clip_denoised,
+                      progress, correctors)
+
+
 SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {"ddpm": ddpm, "ddim": ddim,
-                                                     "dpmpp_2m": dpmpp_2m, "dpmpp_3m": dpmpp_3m}
+                                                     "dpmpp_2m": dpmpp_2m, "dpmpp_3m": dpmpp_3m,
+                                                     "unipc": unipc}
 
 
 # DPM-Solver++: the data prediction, the multistep loop and its per-step coefficients.
@@ -129,22 +159,34 @@ def _data_prediction(diffusion: GaussianDiffusion, model, x, t, cond_fn, model_k
 
 
 def _multistep(diffusion: GaussianDiffusion, model, x: torch.Tensor, coefs: list[tuple],
-               cond_fn, model_kwargs, clip_denoised: bool, progress: bool) -> torch.Tensor:
+               cond_fn, model_kwargs, clip_denoised: bool, progress: bool,
+               correctors: list[tuple | None] | None = None) -> torch.Tensor:
     """The loop of the multistep data-prediction solvers over every step of `diffusion` from
     x = x_T [N, C, H, W]: at index i, one model call gives x0_i (`_data_prediction`), and with
     coefs[i] = (a, b, w_0, w_1, ...) the step to index i − 1 is
     x ← a·x + b·(w_0·x0_i + w_1·x0_{i+1} + ...), the older predictions being the previous
-    steps' (kept, newest first, as many as there are weights). Index 0 returns x0_0, as DDIM's
-    last step does (to ᾱ = 1, σ = 0)."""
+    steps' (kept, newest first, as many as there are weights less one). Index 0 returns x0_0,
+    as DDIM's last step does (to ᾱ = 1, σ = 0).
+
+    With `correctors` (UniPC), correctors[i] = (a, b, w_0, w_1, ...) corrects x_i once x0_i is
+    known, before the step from i: x_i ← a·x_{i+1} + b·(w_0·x0_i + w_1·x0_{i+1} + ...), from
+    the (corrected) point the step to i started at; x0_i stays the prediction made at the
+    uncorrected x_i."""
     diffusion._preload(x.device, x.dtype)
-    n, history = x.shape[0], []
+    n, history, previous = x.shape[0], [], None
     for i in step_indices(list(range(diffusion.num_timesteps))[::-1], progress):
         t = torch.full((n,), i, device=x.device, dtype=torch.int64)
         with torch.no_grad():
-            x0 = _data_prediction(diffusion, model, x, t, cond_fn, model_kwargs, clip_denoised)
+            x0 = _data_prediction(diffusion, model, x, t,
+                                  guidance_at(cond_fn, diffusion.alphas_cumprod[i]),
+                                  model_kwargs, clip_denoised)
         if i == 0:
             return x0
+        if correctors is not None and correctors[i] is not None:
+            a, b, *weights = correctors[i]
+            x = multistep_update(previous, x0, history, a, b, weights)
         a, b, *weights = coefs[i]
+        previous = x
         x, history = multistep_update(x, x0, history, a, b, weights), [x0, *history][:len(weights) - 1]
     raise AssertionError("unreachable: index 0 returns")
 
@@ -229,3 +271,68 @@ def _dpmpp_3m_coefs(alphas_cumprod: np.ndarray) -> list[tuple[float, ...]]:
         a, b = coefs[i][:2]
         coefs[i] = (a, b, *(float(w) for w in weights))
     return coefs
+
+
+def _unipc_weights(ac: np.ndarray, lam: np.ndarray, s0: int, p: int, corrector: bool) -> tuple:
+    """One UniPC bh2 update (data prediction) from index s0 to index t = s0 − 1 of a chain with
+    cumulative ᾱ's `ac` and log-SNRs `lam`, on the data predictions at s0, s0 + 1, ...,
+    s0 + p − 1 (m_0, m_1, ...; the older ones noisier), and for the corrector also the one at t
+    (m_t): (a, b, *weights) of x_t = a·x_{s0} + b·Σ weights·m, the weights on [m_0, m_1, ...]
+    (predictor) or [m_t, m_0, m_1, ...] (corrector).
+
+    With h = λ_t − λ_{s0} and r_k = (λ_{s0+k} − λ_{s0})/h (negative: older points are
+    noisier), UniP-p is x_t = (σ_t/σ_{s0})·x_{s0} + α_t(1 − e^{−h})·(m_0 + Σ_{k<p} ρ_k·D_k),
+    D_k = (m_k − m_0)/r_k, and UniC-p adds the new prediction at r = 1, + ρ_p·(m_t − m_0).
+    The ρ solve the order conditions Σ_k ρ_k·r_k^(j−1) = g_j (over the predictor's r_k for
+    UniP, with r = 1 too for UniC), g_j = j!·ψ_j/B(h), with the paper's recursion
+    ψ_1 = (e^{−h} − 1)/(−h) − 1, ψ_{j+1} = ψ_j/(−h) − 1/(j+1)!, and bh2's B(h) = e^{−h} − 1
+    (which makes the α_t·B(h) factor of the corrections equal the first-order term's);
+    UniP-2 and UniC-1 use the paper's ρ = 1/2 (the small-h limit of g_1)."""
+    t = s0 - 1
+    h = lam[t] - lam[s0]
+    rks = [(lam[s0 + k] - lam[s0]) / h for k in range(1, p)] + [1.0]
+    hh = -h
+    h_phi_1 = np.expm1(hh)
+    b_h = np.expm1(hh)  # bh2
+    psi, factorial = h_phi_1 / hh - 1.0, 1.0
+    rows, g = [], []
+    for j in range(1, p + 1):
+        rows.append([r ** (j - 1) for r in rks])
+        g.append(psi * factorial / b_h)
+        factorial *= j + 1
+        psi = psi / hh - 1.0 / factorial
+    R, g = np.array(rows), np.array(g)
+    if corrector:
+        rho = np.array([0.5]) if p == 1 else np.linalg.solve(R, g)
+        older = rho[:-1] / np.array(rks[:-1])
+        weights = (rho[-1], 1.0 - older.sum() - rho[-1], *older)
+    else:
+        rho = np.array([]) if p == 1 else np.array([0.5]) if p == 2 else np.linalg.solve(
+            R[:-1, :-1], g[:-1])
+        older = rho / np.array(rks[:-1])
+        weights = (1.0 - older.sum(), *older)
+    a = np.sqrt((1.0 - ac[t]) / (1.0 - ac[s0]))
+    b = -np.sqrt(ac[t]) * h_phi_1
+    return float(a), float(b), *(float(w) for w in weights)
+
+
+def _unipc_coefs(alphas_cumprod: np.ndarray, order: int) -> tuple[list, list]:
+    """UniPC's per-index coefficients on a (respaced) chain, float64 (`_multistep`'s form):
+    predictors[i] (i ≥ 1) steps from index i to i − 1 with UniP of order p_i = min(order,
+    T − i) (the predictions made so far), zero-padded to order + 1 weights; correctors[i]
+    (i ≤ T − 2) corrects x_i with UniC of the order p_{i+1} of the step that reached it (None at
+    T − 1, which no step reached; entry 0 of predictors is unused)."""
+    if order not in (1, 2, 3):
+        raise ValueError(f"UniPC order {order}: 1, 2 or 3")
+    ac = np.asarray(alphas_cumprod, dtype=np.float64)
+    lam = log_snr(ac)
+    T = len(ac)
+    predictors: list = [(0.0, 0.0, 1.0) + (0.0,) * order]
+    correctors: list = [None] * T
+    for i in range(1, T):
+        p = min(order, T - i)
+        a, b, *w = _unipc_weights(ac, lam, i, p, corrector=False)
+        predictors.append((a, b, *w, *[0.0] * (order + 1 - len(w))))
+        a, b, *w = _unipc_weights(ac, lam, i, p, corrector=True)
+        correctors[i - 1] = (a, b, *w, *[0.0] * (order + 1 - len(w)))
+    return predictors, correctors

@@ -21,6 +21,7 @@ import torch.nn as nn
 from ..guidance import classifier_cond_fn
 from .cfg import check_cfg, classifier_free_guidance
 from .gaussian import GaussianDiffusion, sampling_device
+from .interval import limited
 from .samplers import SAMPLERS, check_eta
 from .seeds import RowNoise
 from .spacing import sampling_diffusion
@@ -40,7 +41,8 @@ def _model_fn(model, pass_y: bool):
     return model_fn
 
 
-def _check_arguments(sampler: str, eta: float, classifier, y, seeds, generator) -> None:
+def _check_arguments(sampler: str, eta: float, classifier, y, seeds, generator,
+                     guidance_interval) -> None:
     """`sample`'s checks of its own arguments (`sampling_diffusion` and `check_cfg` check the
     spacing and the classifier-free guidance; `RowNoise` the number of seeds)."""
     if sampler not in SAMPLERS:
@@ -50,6 +52,8 @@ def _check_arguments(sampler: str, eta: float, classifier, y, seeds, generator) 
         raise ValueError("seeds and generator exclude each other: seeds gives each row its own")
     if classifier is not None and y is None:
         raise ValueError("classifier guidance needs labels y")
+    if guidance_interval is not None and classifier is None:
+        raise ValueError("guidance_interval is where a classifier guides: pass a classifier")
 
 
 def _starting_noise(shape: tuple, device: torch.device, noise: torch.Tensor | None,
@@ -100,6 +104,7 @@ def sample(
     lambda_min: float | None = None,
     classifier: nn.Module | None = None,
     classifier_scale: float = 1.0,
+    guidance_interval: Sequence[float] | None = None,
     cfg_scale: float = 1.0,
     y: torch.Tensor | None = None,
     model_kwargs: dict | None = None,
@@ -137,6 +142,9 @@ def sample(
         step). Only with a "logsnr" spacing.
     :param classifier: a noisy-image classifier ``classifier(x, t)`` for guidance, with
         `classifier_scale` the paper's s; needs `y`.
+    :param guidance_interval: (lo, hi): apply the classifier's guidance only at the steps whose
+        noise level σ = √((1 − ᾱ_t)/ᾱ_t) is in (lo, hi] (Kynkäänniemi et al. 2024); the other
+        steps make the unguided update and do not call the classifier. None: every step.
     :param cfg_scale: classifier-free guidance weight w (1 = off: the model is called as is).
         Otherwise each model call is one call on the doubled batch (labels y, then the null
         class) and ε = ε_null + w·(ε_cond − ε_null), Σ from the conditional half (see
@@ -168,7 +176,7 @@ def sample(
     :param progress: show a progress bar.
     :return: [N, C, H, W] float32 samples in [-1, 1] (clamped), contiguous.
     """
-    _check_arguments(sampler, eta, classifier, y, seeds, generator)
+    _check_arguments(sampler, eta, classifier, y, seeds, generator, guidance_interval)
     diffusion = sampling_diffusion(diffusion, sampler, steps, timesteps, lambda_min)
     null_label = check_cfg(model, cfg_scale, y)
     shape = tuple(int(s) for s in shape)
@@ -187,8 +195,8 @@ def sample(
         model_fn = _model_fn(model, pass_y)
         if null_label is not None:
             model_fn = classifier_free_guidance(model_fn, cfg_scale, null_label)
-        cond_fn = None if classifier is None else classifier_cond_fn(
-            classifier, classifier_scale, compile=options or False)
+        cond_fn = None if classifier is None else limited(classifier_cond_fn(
+            classifier, classifier_scale, compile=options or False), guidance_interval)
         out = SAMPLERS[sampler](diffusion, model_fn, x, cond_fn=cond_fn, model_kwargs=model_kwargs,
                                 clip_denoised=clip_denoised, eta=eta, generator=generator,
                                 noise_fn=row_noise, progress=progress)

@@ -59,7 +59,8 @@ def logsnr_timesteps(alphas_cumprod: np.ndarray, steps: int,
 # How an int `steps` picks the chain's timesteps: the spacings `timesteps` may name, and each
 # sampler's own when it names none ("ddim": the DDIM paper's stride, the respacing "ddimN").
 TIMESTEP_SPACINGS = ("uniform", "logsnr")
-DEFAULT_SPACING = {"ddpm": "uniform", "ddim": "ddim", "dpmpp_2m": "logsnr", "dpmpp_3m": "logsnr"}
+DEFAULT_SPACING = {"ddpm": "uniform", "ddim": "ddim", "dpmpp_2m": "logsnr", "dpmpp_3m": "logsnr",
+                   "unipc": "logsnr"}
 
 
 @functools.lru_cache(maxsize=32)

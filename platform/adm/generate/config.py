@@ -16,6 +16,7 @@ from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt
 from ..config import (CompileSetting, ConfigError, Location, SamplingPrecision,
                       apply_overrides, config_class, from_dict, load_yaml)
 from ..diffusion import SamplerName, SpacingName
+from ..diffusion.interval import check_interval
 from ..nodetypes import check_resources
 
 
@@ -28,6 +29,9 @@ class SampleConfig:
     classifier: str | None = None  # state-dict URI of a noisy-image classifier: guidance
     classifier_preset: str | None = None
     classifier_scale: float | None = None  # the paper's s; needs a classifier
+    # Guide only at the steps whose noise level sigma = sqrt((1 - abar) / abar) is in (lo, hi]
+    # (Kynkaanniemi et al. 2024; adm.diffusion.interval); None: every step.
+    guidance_interval: tuple[float, float] | None = None
     upsampler: str | None = None  # state-dict URI of an upsampler: stage 2
     upsampler_preset: str | None = None
     upsampler_steps: int | str | None = None  # stage 2 respacing (int: 'ddimN' or 'N')
@@ -92,6 +96,13 @@ def check_numbers(cfg: SampleConfig) -> None:
     check_resources(cfg.resources, "resources")
     if cfg.classifier_scale is not None and not cfg.classifier and not cfg.classifier_preset:
         raise ConfigError("classifier_scale: given without a classifier (--classifier URI)")
+    if cfg.guidance_interval is not None:
+        if not cfg.classifier:
+            raise ConfigError("guidance_interval: given without a classifier (--classifier URI)")
+        try:
+            check_interval(cfg.guidance_interval)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     if cfg.classifier_preset and not cfg.classifier:
         raise ConfigError("classifier_preset: given without a classifier file (--classifier)")
     if cfg.upsampler_preset and not cfg.upsampler:
@@ -103,5 +114,9 @@ def check_numbers(cfg: SampleConfig) -> None:
 
 
 def decisive(cfg: SampleConfig) -> dict:
-    """The settings that decide the samples, as a JSON-ready dict."""
-    return {name: getattr(cfg, name) for name in DECISIVE}
+    """The settings that decide the samples, as a JSON-ready dict. `guidance_interval` only
+    when set, so that runs recorded before it existed resume."""
+    out = {name: getattr(cfg, name) for name in DECISIVE}
+    if cfg.guidance_interval is not None:
+        out["guidance_interval"] = list(cfg.guidance_interval)
+    return out

@@ -89,6 +89,7 @@ class StageSampler:
         self.args = dict(sampler=stage.sampler, steps=stage.steps or None,
                          timesteps=stage.timesteps, lambda_min=stage.lambda_min,
                          cfg_scale=stage.cfg_scale, classifier_scale=stage.classifier_scale,
+                         guidance_interval=stage.guidance_interval,
                          clip_denoised=clip_denoised,
                          eta=eta if stage.sampler == "ddim" else 0.0)  # DDPM takes no eta
 

@@ -39,6 +39,7 @@ class StagePlan:
     timesteps: str | None = None
     cfg_scale: float = 1.0
     lambda_min: float | None = None
+    guidance_interval: tuple[float, float] | None = None
     precision: str = "fp32"  # a key of AUTOCAST; "auto" until the stage's device decides it
     compile: bool = False
 
@@ -47,7 +48,9 @@ class StagePlan:
                 "timesteps": self.timesteps, "lambda_min": self.lambda_min,
                 "stream": self.stream, "precision": self.precision, "compile": self.compile,
                 "classifier": self.classifier.settings() if self.classifier else None,
-                "classifier_scale": self.classifier_scale, "cfg_scale": self.cfg_scale}
+                "classifier_scale": self.classifier_scale, "cfg_scale": self.cfg_scale,
+                **({} if self.guidance_interval is None  # (runs recorded before it resume)
+                   else {"guidance_interval": list(self.guidance_interval)})}
 
 
 @dataclass(frozen=True)
@@ -142,6 +145,7 @@ def make_plan(cfg: SampleConfig) -> Plan:
                         cfg.batch_size, cfg.num_workers)
     stage1 = StagePlan(base, sampler, steps, "base", cfg.batch_size, cfg.num_workers,
                        classifier, scale, cfg.timesteps, cfg.cfg_scale, cfg.lambda_min,
+                       cfg.guidance_interval if scale > 0 else None,
                        _precision(cfg.precision, recorded.get("base")),
                        resolve_compile(cfg.compile, calls))
     stage2 = None

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from ..checkpoints import ModelSpec
 from ..diffusion import LOGSNR_MIN
+from ..diffusion.interval import check_interval
 from ..diffusion.spacing import DEFAULT_SPACING
 from ..stage import check_steps
 
@@ -99,6 +100,12 @@ class GenerateRequest(BaseModel):
     guidance_scale: float | None = Field(None, ge=0, allow_inf_nan=False,
                                          description="classifier guidance scale s",
                                          json_schema_extra={SAMPLE_ARG: "classifier_scale"})
+    guidance_interval: list[float] | None = Field(
+        None, min_length=2, max_length=2,
+        description="[lo, hi]: classifier guidance only at the steps whose noise level "
+                    "sigma = sqrt((1 - alpha_bar) / alpha_bar) is in (lo, hi] (e.g. [0.28, "
+                    "5.42]); default: every step",
+        json_schema_extra={SAMPLE_ARG: "guidance_interval"})
     cfg_scale: float = Field(1.0, ge=0, allow_inf_nan=False,
                              description="classifier-free guidance w (1 = off)",
                              json_schema_extra={SAMPLE_ARG: "cfg_scale"})
@@ -108,7 +115,8 @@ class GenerateRequest(BaseModel):
                               json_schema_extra={SAMPLE_ARG: "steps"})
     lambda_min: float | None = Field(
         None, ge=LAMBDA_MIN_RANGE[0], le=LAMBDA_MIN_RANGE[1], allow_inf_nan=False,
-        description="dpmpp_2m, dpmpp_3m: the log-SNR where the grid starts (default -5.1)",
+        description="dpmpp_2m, dpmpp_3m, unipc: the log-SNR where the grid starts (default "
+                    "-5.1)",
         json_schema_extra={SAMPLE_ARG: "lambda_min"})
     seed: int | None = Field(None, ge=0, le=MAX_SEED,
                              description="same seed and settings give the same images")
@@ -158,6 +166,14 @@ class GenerateRequest(BaseModel):
             raise ValueError("no classifier is loaded: only 0 (unguided) is possible")
         return v
 
+    @field_validator("guidance_interval")
+    @classmethod
+    def _interval(cls, v: list[float] | None) -> tuple[float, float] | None:
+        try:  # a tuple: the request's sample arguments are its batching key
+            return check_interval(v)
+        except ValueError as exc:
+            raise ValueError(str(exc).removeprefix("guidance_interval ")) from None
+
     @field_validator("cfg_scale")
     @classmethod
     def _cfg(cls, v: float, info: ValidationInfo) -> float:
@@ -206,6 +222,9 @@ class GenerateRequest(BaseModel):
             self.guidance_scale = lim.default_guidance_scale
         if self.upsample is None:
             self.upsample = lim.has_upsampler
+        if self.guidance_interval is not None and not self.guidance_scale:
+            raise ValueError("guidance_interval: limits classifier guidance, which this request "
+                             "does not use (guidance_scale 0)")
         if DEFAULT_SPACING[self.sampler] == "logsnr":
             self.lambda_min = LOGSNR_MIN if self.lambda_min is None else self.lambda_min
         elif self.lambda_min is not None:

@@ -31,6 +31,9 @@ PAGE = """<!doctype html>
 <form id="form">
   <label>Class <select id="cls" required></select></label>
   <label>Guidance scale <input id="scale" type="number" min="0" step="0.5"></label>
+  <label title="guide only where the noise level sigma is in (from, to]; blank: every step">Guided
+    for sigma in (<input id="glo" type="number" min="0" step="any" placeholder="0" size="5">,
+    <input id="ghi" type="number" min="0" step="any" placeholder="any" size="5">]</label>
   <label>Seed <input id="seed" type="number" min="0" step="1" placeholder="random"></label>
   <label>API key <input id="key" type="password" autocomplete="off"
                         placeholder="if the server asks"></label>
@@ -84,6 +87,7 @@ async function loadModels() {
   $("scale").value = models.defaults.guidance_scale;
   $("scale").max = models.limits.max_guidance_scale;
   $("scale").disabled = models.classifier === null;
+  $("glo").disabled = $("ghi").disabled = models.classifier === null;
   $("up").parentElement.style.display = models.upsampler ? "" : "none";
   document.body.dataset.state = "ready";
   status("Ready: " + models.base.image_size + " px base" +
@@ -150,6 +154,9 @@ async function generate(event) {
   if (models.class_names) body.class_name = $("cls").value;
   else body.class_id = Number($("cls").value);
   if ($("seed").value !== "") body.seed = Number($("seed").value);
+  if (body.guidance_scale > 0 && ($("glo").value !== "" || $("ghi").value !== ""))
+    body.guidance_interval = [Number($("glo").value || 0),
+                              $("ghi").value === "" ? 1e9 : Number($("ghi").value)];
   if (stream) {  // about four previews of the base stage, if the server allows them
     body.stream = true;
     const previews = Math.min(models.limits.max_previews, 4);
@@ -173,7 +180,10 @@ async function generate(event) {
     $("base-cap").textContent = "base, " + (out.base_size || out.image_size) + " px";
     if (out.base_images) $("up-cap").textContent = "upsampled, " + out.image_size + " px";
     status("seed " + out.seed + ", " + out.settings.sampler + " " + out.settings.steps +
-           " steps, guidance " + out.settings.guidance_scale + " (" + out.elapsed_s + " s)");
+           " steps, guidance " + out.settings.guidance_scale +
+           (out.settings.guidance_interval ? " for sigma in (" +
+            out.settings.guidance_interval.join(", ") + "]" : "") +
+           " (" + out.elapsed_s + " s)");
     document.body.dataset.state = "done";
   } catch (e) {
     status(String(e), true);
