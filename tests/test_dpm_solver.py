@@ -433,24 +433,25 @@ def test_3m_guidance_and_starting_steps_through_sample():
         np.cumprod(1 - base.base_betas), 10)
 
 
-def test_3m_is_a_choice_wherever_2m_is():
-    """The job's --sampler, the sample config and a Serve request take dpmpp_3m as they take
-    dpmpp_2m (a Serve request gets its log-SNR grid's default start, -5.1)."""
+@pytest.mark.parametrize("name", ["dpmpp_3m", "unipc"])
+def test_the_other_log_snr_solvers_are_a_choice_wherever_2m_is(name):
+    """The job's --sampler, the sample config and a Serve request take dpmpp_3m and unipc as
+    they take dpmpp_2m (a Serve request gets its log-SNR grid's default start, -5.1)."""
     from helpers import load_job
 
     from adm.generate import load_sample_config
     from adm.checkpoints import ModelSpec
     from adm.serve.api import Limits, parse_generate
 
-    assert load_job("sample").parse_args(["--sampler", "dpmpp_3m"]).sampler == "dpmpp_3m"
-    assert load_sample_config(None, ["model=m.pt", "sampler=dpmpp_3m"]).sampler == "dpmpp_3m"
-    lim = Limits(max_images=4, max_steps=50, samplers=("ddim", "dpmpp_3m"),
+    assert load_job("sample").parse_args(["--sampler", name]).sampler == name
+    assert load_sample_config(None, ["model=m.pt", f"sampler={name}"]).sampler == name
+    lim = Limits(max_images=4, max_steps=50, samplers=("ddim", name),
                  max_guidance_scale=10.0, max_cfg_scale=5.0, max_body_bytes=8192,
                  num_classes=10, class_names=None, has_classifier=False,
                  base=ModelSpec("model", "m.pt", "diffusion", {"diffusion_steps": 100}, ""),
                  has_null_class=True, has_upsampler=False, default_sampler="ddim",
                  default_steps=10, default_guidance_scale=0.0)
-    req = parse_generate(b'{"class_id": 2, "sampler": "dpmpp_3m", "steps": 7}', lim)
+    req = parse_generate(f'{{"class_id": 2, "sampler": "{name}", "steps": 7}}'.encode(), lim)
     assert req.sample_args() == {"classifier_scale": 0.0, "cfg_scale": 1.0,
-                                 "sampler": "dpmpp_3m", "steps": 7, "lambda_min": LOGSNR_MIN,
+                                 "sampler": name, "steps": 7, "lambda_min": LOGSNR_MIN,
                                  "guidance_interval": None}

@@ -1,18 +1,17 @@
 """UniPC (`sampler="unipc"`, Zhao et al. 2023: bh2, data prediction, orders 1-3): its
 coefficients against an independent quadrature, its order of convergence against an
-independent ODE solve, its first steps, guidance and options through `sample`, and its
-availability wherever `dpmpp_2m` is. The exact problems (Gaussian denoiser, two-Gaussian
-mixture, a chain uniform in λ) are test_dpm_solver's."""
+independent ODE solve, its first steps, guidance and options through `sample` (its
+availability wherever `dpmpp_2m` is: test_dpm_solver). The exact problems (Gaussian denoiser,
+two-Gaussian mixture, a chain uniform in λ) are test_dpm_solver's."""
 from __future__ import annotations
 
-import math
 from typing import get_args
 
 import numpy as np
 import pytest
 import torch
 
-from adm.diffusion import (SAMPLERS, LOGSNR_MIN, SamplerName, create_gaussian_diffusion,
+from adm.diffusion import (SAMPLERS, SamplerName, create_gaussian_diffusion,
                            logsnr_timesteps, sample, sampling_diffusion, unipc)
 from adm.diffusion.samplers import _dpmpp_2m_coefs, _unipc_coefs
 from test_dpm_solver import (GaussianDenoiser, MixtureDenoiser, SumClassifier, _mixture_x0,
@@ -144,27 +143,3 @@ def test_unipc_through_sample_first_steps_guidance_and_options():
     batch = sample(model, base, (3, 1, 4, 4), sampler="unipc", steps=7, seeds=seeds)
     alone = sample(model, base, (1, 1, 4, 4), sampler="unipc", steps=7, seeds=seeds[1:2])
     assert torch.equal(batch[1:2], alone)
-
-
-def test_unipc_is_a_choice_wherever_dpmpp_2m_is():
-    """The job's --sampler, the sample config and a Serve request take unipc as they take
-    dpmpp_2m (a Serve request gets its log-SNR grid's default start, -5.1)."""
-    from helpers import load_job
-
-    from adm.checkpoints import ModelSpec
-    from adm.generate import load_sample_config
-    from adm.serve.api import Limits, parse_generate
-
-    assert load_job("sample").parse_args(["--sampler", "unipc"]).sampler == "unipc"
-    assert load_sample_config(None, ["model=m.pt", "sampler=unipc"]).sampler == "unipc"
-    lim = Limits(max_images=4, max_steps=50, samplers=("ddim", "unipc"),
-                 max_guidance_scale=10.0, max_cfg_scale=5.0, max_body_bytes=8192,
-                 num_classes=10, class_names=None, has_classifier=False,
-                 base=ModelSpec("model", "m.pt", "diffusion", {"diffusion_steps": 100}, ""),
-                 has_null_class=True, has_upsampler=False, default_sampler="ddim",
-                 default_steps=10, default_guidance_scale=0.0)
-    req = parse_generate(b'{"class_id": 2, "sampler": "unipc", "steps": 7}', lim)
-    assert req.sample_args() == {"classifier_scale": 0.0, "cfg_scale": 1.0,
-                                 "sampler": "unipc", "steps": 7, "lambda_min": LOGSNR_MIN,
-                                 "guidance_interval": None}
-    assert math.isfinite(req.lambda_min)
