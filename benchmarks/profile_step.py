@@ -15,6 +15,17 @@ Cases are `arch:size:batch`: `quickstart` is the quickstart's model and classifi
 (jobs/configs/quickstart: 32 channels), `adm128` the README's ImageNet-128 pair (adm.presets),
 both built at the given image size with random weights. The profiler's own cost is part of
 the wall time; the shares, not the absolute times, are the result.
+
+Against the machine's limit (`--peak`, on by default): first, in the same run, the peak
+convolution rate of this machine in fp32 and in bf16 (autocast): 3x3 convolutions of ADM-128's
+own channel counts and feature maps (256 channels at 64 px, 512 at 32, 768 at 16, 1024 at 8),
+contiguous and channels-last, each timed as the median of 5 calls after 2 warm-ups; the peak of
+a precision is the best of them, in GFLOP/s (2·C_in·C_out·9·H·W·N per call). Then each case's
+step gets its achieved rate, its FLOPs (the model's forward and the classifier gradient's
+forward and backward, counted by `FlopCounterMode`, `adm.capacity.stage_flops`) over its
+unprofiled time, and that rate as a fraction of the peak of its precision. `--fast-path` runs
+the cases as the default fast path runs on this machine: the precision "auto" picks
+(adm.precision) and channels-last.
 """
 from __future__ import annotations
 
@@ -29,9 +40,10 @@ from torch.autograd.profiler import record_function
 from torch.profiler import ProfilerActivity, profile
 
 from adm import factory
+from adm.capacity import stage_flops
 from adm.diffusion import sampling_diffusion
 from adm.guidance import classifier_cond_fn
-from adm.precision import AUTOCAST
+from adm.precision import AUTOCAST, auto_precision
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = "quickstart:32:4,quickstart:64:8,quickstart:128:2,adm128:32:4,adm128:64:8,adm128:128:2"
@@ -157,10 +169,63 @@ def breakdown(prof) -> dict:
     return out
 
 
-def profile_case(arch: str, size: int, batch: int, precision: str) -> dict:
+# ADM-128's 3x3 convolutions at its own scales: (channels, feature-map side, batch).
+PEAK_SHAPES = ((256, 64, 4), (512, 32, 8), (768, 16, 16), (1024, 8, 32))
+
+
+def _median_call_s(fn, warmups: int = 2, calls: int = 5) -> float:
+    for _ in range(warmups):
+        fn()
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def peak_conv_rates(precision: str) -> dict:
+    """GFLOP/s of each of PEAK_SHAPES' convolutions, contiguous and channels-last, in
+    `precision` (autocast, as the networks run); "peak" is the best."""
+    dtype = AUTOCAST[precision]
+    out = {}
+    for channels, side, batch in PEAK_SHAPES:
+        conv = torch.nn.Conv2d(channels, channels, 3, padding=1).eval().requires_grad_(False)
+        x = torch.randn(batch, channels, side, side)
+        flops = 2 * channels * channels * 9 * side * side * batch
+        for layout in ("contiguous", "channels-last"):
+            fmt = torch.channels_last if layout == "channels-last" else torch.contiguous_format
+            c, xx = conv.to(memory_format=fmt), x.to(memory_format=fmt)
+            ctx = (torch.autocast("cpu", dtype=dtype) if dtype is not None
+                   else contextlib.nullcontext())
+
+            def call():
+                with ctx, torch.no_grad():
+                    c(xx)
+
+            out[f"{channels}ch {side}px b{batch} {layout}"] = flops / _median_call_s(call) / 1e9
+    out["peak"] = max(out.values())
+    return out
+
+
+def step_flops(model, classifier, size: int, batch: int) -> float:
+    """FLOPs of one guided step of `batch` rows: the model's forward and the classifier
+    gradient's forward and backward (the update's arithmetic is negligible)."""
+    model_f, guided_f = stage_flops(model, size, batch, classifier=classifier,
+                                    class_cond=model.num_classes is not None)
+    return model_f + guided_f
+
+
+def profile_case(arch: str, size: int, batch: int, precision: str,
+                 channels_last: bool = False) -> dict:
     model, classifier, chain = build(arch, size)
+    flops = step_flops(*build_meta(arch, size), size, batch)
     diffusion = sampling_diffusion(chain, "ddim", 25)
+    if channels_last:
+        model, classifier = (m.to(memory_format=torch.channels_last) for m in (model, classifier))
     x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
     y = torch.randint(0, model.num_classes, (batch,), generator=torch.Generator().manual_seed(1))
     t = torch.full((batch,), 12, dtype=torch.int64)
     dtype = AUTOCAST[precision]
@@ -176,7 +241,15 @@ def profile_case(arch: str, size: int, batch: int, precision: str) -> dict:
             guided_step(model, classifier, diffusion, x, t, y, 1.0)
         for h in handles:
             h.remove()
-    return {"ranges": breakdown(prof), "step_s": unprofiled}
+    return {"ranges": breakdown(prof), "step_s": unprofiled, "flops": flops}
+
+
+def build_meta(arch: str, size: int):
+    """The case's two networks on the meta device (for counting FLOPs)."""
+    model_flags, classifier_flags = flags(arch, size)
+    with torch.device("meta"):
+        return (factory.create_model(model_flags).eval(),
+                factory.create_classifier(classifier_flags).eval())
 
 
 def main() -> None:
@@ -184,25 +257,50 @@ def main() -> None:
     parser.add_argument("--cases", default=CASES, help=f"arch:size:batch,... (default {CASES})")
     parser.add_argument("--precision", choices=sorted(AUTOCAST), default="fp32")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--fast-path", action="store_true",
+                        help="the default fast path: precision 'auto' and channels-last")
+    parser.add_argument("--no-peak", dest="peak", action="store_false",
+                        help="skip the peak convolution rates (and the fractions of peak)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.fast_path:
+        args.precision = auto_precision(torch.device("cpu"))
+    peaks = {}
+    if args.peak:
+        print(f"# peak 3x3 convolution rates, ADM-128's shapes, {torch.get_num_threads()} "
+              "threads (GFLOP/s; the median of 5 calls)\n")
+        print("| precision | " + " | ".join(
+            f"{c}ch {s}px b{b} {lay}" for c, s, b in PEAK_SHAPES
+            for lay in ("contiguous", "channels-last")) + " | peak |")
+        print("|---" * (2 + 2 * len(PEAK_SHAPES)) + "|")
+        for precision in sorted({"fp32", args.precision}):
+            rates = peak_conv_rates(precision)
+            peaks[precision] = rates["peak"]
+            print(f"| {precision} | " + " | ".join(f"{v:.0f}" for v in rates.values()) + " |",
+                  flush=True)
+        print()
     columns = ["convolution", "attention", "GroupNorm", "SiLU", "embedding", "linear",
                "copies and casts", "other ops", "Python and dispatch"]
-    print(f"# one classifier-guided DDIM step, {args.precision}, CPU, "
+    print(f"# one classifier-guided DDIM step, {args.precision}"
+          f"{', channels-last' if args.fast_path else ''}, CPU, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")
     print("\nShares of the profiled step's wall time (%); ranges: base forward (B), classifier "
-          "forward (CF), classifier backward (CB), update (U).\n")
-    print("| case | step ms (unprofiled) | B | CF | CB | U | " + " | ".join(columns) + " |")
-    print("|---" * (6 + len(columns)) + "|")
+          "forward (CF), classifier backward (CB), update (U). GFLOP/s: the step's FLOPs over "
+          "its unprofiled time; of peak: that over the peak rate of its precision.\n")
+    print("| case | step ms (unprofiled) | GFLOP/s | of peak | B | CF | CB | U | "
+          + " | ".join(columns) + " |")
+    print("|---" * (8 + len(columns)) + "|")
     for case in args.cases.split(","):
         arch, size, batch = case.split(":")
-        r = profile_case(arch, int(size), int(batch), args.precision)
+        r = profile_case(arch, int(size), int(batch), args.precision, args.fast_path)
         ranges = r["ranges"]
         total = sum(v["wall"] for v in ranges.values())
         share = {k: 100 * v["wall"] / total for k, v in ranges.items()}
         cats = {c: 100 * sum(v.get(c, 0.0) for v in ranges.values()) / total for c in columns}
-        print(f"| {arch} {size}px b{batch} | {1e3 * r['step_s']:.0f} | "
+        rate = r["flops"] / r["step_s"] / 1e9
+        of_peak = f"{rate / peaks[args.precision]:.2f}" if peaks else "—"
+        print(f"| {arch} {size}px b{batch} | {1e3 * r['step_s']:.0f} | {rate:.0f} | {of_peak} | "
               + " | ".join(f"{share[k]:.0f}" for k in RANGES) + " | "
               + " | ".join(f"{cats[c]:.0f}" for c in columns) + " |", flush=True)
 
