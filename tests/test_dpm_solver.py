@@ -406,6 +406,21 @@ def test_dpm_solver_3m_converges_at_third_order_2m_at_second():
     assert errors["dpmpp_3m"][-1] < errors["dpmpp_2m"][-1] / 20
 
 
+def guided_runs():
+    """(base, model, noise, run): the exact Gaussian denoiser on ADM's linear 1000-step chain,
+    8 float32 rows, classifier-guided (scale 4); run(sampler, steps) samples them."""
+    base = create_gaussian_diffusion(steps=1000, noise_schedule="linear")
+    model = GaussianDenoiser(np.cumprod(1 - base.base_betas))
+    noise = x_T(8, torch.float32)
+    kw = dict(noise=noise, y=torch.tensor([1, 0] * 4),
+              classifier=SumClassifier(torch.tensor([-0.05, 0.05])), classifier_scale=4.0)
+
+    def run(sampler: str, steps) -> torch.Tensor:
+        return sample(model, base, noise.shape, sampler=sampler, steps=steps, **kw)
+
+    return base, model, noise, run
+
+
 def test_3m_guidance_and_starting_steps_through_sample():
     """Through `sample`, classifier-guided: on 2 steps 3M is DDIM, on 3 it is 2M (its first
     steps are theirs, its last the data prediction), from 4 on it differs; its options are
@@ -413,14 +428,7 @@ def test_3m_guidance_and_starting_steps_through_sample():
     from adm.diffusion import SamplerName, dpmpp_3m  # noqa: F401 (exported)
     from typing import get_args
 
-    base = create_gaussian_diffusion(steps=1000, noise_schedule="linear")
-    model = GaussianDenoiser(np.cumprod(1 - base.base_betas))
-    noise = x_T(8, torch.float32)
-    y = torch.tensor([1, 0] * 4)
-    kw = dict(noise=noise, y=y, classifier=SumClassifier(torch.tensor([-0.05, 0.05])),
-              classifier_scale=4.0)
-    run = lambda sampler, steps: sample(model, base, noise.shape, sampler=sampler,  # noqa: E731
-                                        steps=steps, **kw)
+    base, model, noise, run = guided_runs()
     torch.testing.assert_close(run("dpmpp_3m", "ddim2"), run("ddim", "ddim2"), rtol=0, atol=1e-5)
     torch.testing.assert_close(run("dpmpp_3m", "ddim3"), run("dpmpp_2m", "ddim3"), rtol=0,
                                atol=0)

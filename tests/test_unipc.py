@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from adm.diffusion import (SAMPLERS, SamplerName, create_gaussian_diffusion,
+from adm.diffusion import (SAMPLERS, SamplerName,
                            logsnr_timesteps, sample, sampling_diffusion, unipc)
 from adm.diffusion.samplers import _dpmpp_2m_coefs, _unipc_coefs
-from test_dpm_solver import (GaussianDenoiser, MixtureDenoiser, SumClassifier, _mixture_x0,
-                             lambda_uniform_chain, orders, x_T)
+from test_dpm_solver import (MixtureDenoiser, _mixture_x0, guided_runs, lambda_uniform_chain,
+                             orders, x_T)
 
 
 def lagrange_quadrature(lam: np.ndarray, start: int, nodes: list[int]) -> np.ndarray:
@@ -121,14 +121,7 @@ def test_unipc_through_sample_first_steps_guidance_and_options():
     the data prediction: a correction of the last point changes nothing returned), from 3 on
     it differs from DDIM and from 2M; eta refused; its log-SNR grid is DPM-Solver++'s; it is in
     every sampler Literal; per-row seeds give a row the same bits alone or in a batch."""
-    base = create_gaussian_diffusion(steps=1000, noise_schedule="linear")
-    model = GaussianDenoiser(np.cumprod(1 - base.base_betas))
-    noise = x_T(8, torch.float32)
-    y = torch.tensor([1, 0] * 4)
-    kw = dict(noise=noise, y=y, classifier=SumClassifier(torch.tensor([-0.05, 0.05])),
-              classifier_scale=4.0)
-    run = lambda sampler, steps: sample(model, base, noise.shape, sampler=sampler,  # noqa: E731
-                                        steps=steps, **kw)
+    base, model, noise, run = guided_runs()
     torch.testing.assert_close(run("unipc", "ddim2"), run("ddim", "ddim2"), rtol=0, atol=1e-5)
     assert (run("unipc", "ddim3") - run("dpmpp_2m", "ddim3")).abs().max() > 1e-4
     assert (run("unipc", 10) - run("dpmpp_2m", 10)).abs().max() > 1e-4
