@@ -3,8 +3,8 @@
     python benchmarks/sampling.py                 # CPU: a small ADM; GPU (if any): ImageNet-128
     python benchmarks/sampling.py --device cpu --batch-size 8 --repeats 3
     python benchmarks/sampling.py --tables samplers   # only the sampler/guidance table
-    python benchmarks/sampling.py --tables quality --models runs/quickstart/models \
-        --reference runs/quickstart/data/digits --quality-stop-after 2
+    python benchmarks/sampling.py --tables quality --train-deep --precision bf16 --compile \
+        --quality-lambda-min -2.8
 
 Table "variants": for each execution option — float32 eager, bf16 autocast, channels-last,
 torch.compile, and all three together (plus fp16 autocast on CUDA) — images/s of
@@ -20,18 +20,23 @@ classifier-guided, and the cost of classifier-free guidance (w = 3: one model ca
 batch per step; the model gets the null-class embedding row), alone and with the classifier.
 It measures speed at a step count, not quality.
 
-Table "quality" (`--tables quality`, after `make quickstart`: its models and digits): on the
-trained quickstart models, classifier-guided at scale 2 (`--quality-scales`; 0 is unguided),
-judge-feature FID (the quickstart judge's features against the real digits) per seed
-(`--quality-seeds`, `--quality-samples` each) of DDIM-25 (the reference's sampler, through
-`adm.diffusion.sample`) and of DPM-Solver++(2M) and (3M) down a descending sweep of step counts
-(`--quality-steps`, their default log-SNR grid; a solver's sweep stops after
-`--quality-stop-after` rows worse than DDIM-25 on some seed), every row from the same seeds
-and labels; images/s of every row and of the reference loop's DDIM-25
-(`reference_loop.reference_ddim`, checked to give DDIM-25's images), timed round-robin on one
-batch first. Then, per solver: the fewest model calls no worse than DDIM-25 on every seed, and
-its images/s over the reference loop's DDIM-25's. `--precision`, `--compile` and
-`--channels-last` set the `sample` rows' execution (default float32 eager).
+Table "quality" (`--tables quality`, after `make quickstart`: its models and digits; with
+`--train-deep` also on a deep model, three resolution levels at 16 px, trained first by
+`train_deep` with benchmarks/configs/digits16/ and kept in runs/digits16/): images/s against
+judge-feature FID, precision and recall (the model's judge against its real digits), each row
+on two seeds of samples (`--quality-seeds`, `--quality-samples` / `--deep-samples` each).
+Rows: the reference loop's DDIM-25 (`reference_loop.reference_ddim`, float32 eager: the
+baseline of every speed-up; checked to give `sample`'s DDIM-25's images), DDIM-25 through
+`adm.diffusion.sample` (the anchor), DDIM-250 (the paper's), then sweeps down
+`--quality-steps`: DDIM, DPM-Solver++(2M), (3M) and UniPC alone, and 2M and UniPC with each
+combination of the methods: the guidance interval (`--quality-interval`), DeepCache
+(`--quality-cache`) and the grid's clean end (`--quality-lambda-max`). A row matches when its
+mean FID is at most DDIM-25's worse seed (the noise band); a sweep stops after
+`--quality-stop-after` rows that do not. After the FIDs every row is timed round-robin on one
+batch. Prints the table, the fastest matching row's speed-up over the reference loop, and
+what each method contributes against the same row without it. `--precision`, `--compile` and
+`--channels-last` set the `sample` rows' execution (default float32 eager; the default fast
+path of a long run on this CPU is `--precision bf16 --compile`).
 
 On CPU it runs a small 32x32 ADM and classifier (the 2-core CI box would take minutes per image
 at 128x128); when CUDA is available it runs the ImageNet-128 model and classifier of the
@@ -45,7 +50,9 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import sys
 import time
+from pathlib import Path
 
 import torch
 from torch.utils import benchmark
@@ -256,35 +263,112 @@ def samplers_table(config: dict, device, batch: int, seed: int, repeats: int) ->
               f"{run['warmup_s']:.1f} |")
 
 
-# Samplers of the quality table's sweep, by name: the label its rows carry.
-SWEEP_SOLVERS = {"dpmpp_2m": "DPM-Solver++(2M)", "dpmpp_3m": "DPM-Solver++(3M)"}
-SWEEP_STEPS = (20, 15, 12, 10, 8, 7, 6, 5)
+# The quality table's second model (`--train-deep`): three resolution levels at 16 px.
+DEEP_MODELS = Path(__file__).resolve().parent / "configs" / "digits16" / "models.yaml"
+
+
+def train_deep(config: Path = DEEP_MODELS) -> tuple[str, str]:
+    """Train the deep model's networks with jobs/quickstart.py's own stages (the digits
+    prepared, each role of `config` trained on Ray Train and its EMA weights published; a
+    finished role is reused); returns (the models folder, the digits' shard root)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "adm_job_quickstart", Path(__file__).resolve().parents[1] / "jobs" / "quickstart.py")
+    quickstart = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = quickstart  # (its dataclasses look their module up)
+    spec.loader.exec_module(quickstart)
+    cfg = quickstart.load_config(str(config), False, None)
+    run = quickstart.Quickstart(cfg, None)
+    run.prepare()
+    for role in cfg.trainings:
+        run.train(role)
+    return str(run.models), str(run.data)
+
+
+# Samplers of the quality table's sweeps, by name: the label their rows carry.
+SWEEP_SOLVERS = {"ddim": "DDIM", "dpmpp_2m": "DPM-Solver++(2M)", "dpmpp_3m": "DPM-Solver++(3M)",
+                 "unipc": "UniPC"}
+SWEEP_STEPS = (20, 15, 10, 8, 6, 5, 4, 3)
+# The methods switched on and off over the sweeps of `METHOD_SOLVERS`: the guidance interval
+# (sigma in (lo, hi]), deep-feature reuse (DeepCache, every `cache`-th call full), and the
+# grid's clean end (`lambda_max`: the last call's x_0 is the sample). The interval's default
+# guides the noisy end only: on a held-out seed (7) of the quickstart models, UniPC-6's FID
+# was the same with guidance above sigma 0.28 only (2.484 vs 2.491), and worse with the upper
+# bound of the paper's ImageNet-512 interval (0.28, 5.42] (3.233), which drops the first step.
+METHODS = {"end": "grid end", "interval": "guidance interval", "cache": "DeepCache"}
+METHOD_COMBINATIONS = (("interval",), ("cache",), ("interval", "cache"), ("end",),
+                       ("end", "interval"), ("end", "cache"), ("end", "interval", "cache"))
+METHOD_SOLVERS = ("dpmpp_2m", "unipc")
+DEFAULT_INTERVAL = (1.0, 1e6)
+DEFAULT_CACHE = 2
+DEFAULT_LAMBDA_MAX = 1.9  # the 4th point of a 6-step grid from -2.8 (t = 960) to step 0
+
+
+def quality_rows(solvers, method_solvers, sweep, interval, cache, lambda_max) -> list[list[dict]]:
+    """The quality table's sweeps: each a list of rows (`sample` keywords and the methods on)
+    down the descending `sweep` of step counts. Every solver alone, then every method solver
+    with each combination of methods on (`METHOD_COMBINATIONS`)."""
+    sweeps = [[dict(sampler=v, steps=k, methods=()) for k in sweep] for v in solvers]
+    for v in method_solvers:
+        for on in METHOD_COMBINATIONS:
+            sweeps.append([dict(sampler=v, steps=k, methods=on) for k in sweep])
+    for rows in sweeps:
+        for r in rows:
+            r["guidance_interval"] = interval if "interval" in r["methods"] else None
+            r["cache_interval"] = cache if "cache" in r["methods"] else 1
+            r["lambda_max"] = lambda_max if "end" in r["methods"] else None
+    return sweeps
+
+
+def row_name(r: dict) -> str:
+    if r["sampler"] == "reference":
+        return "DDIM-25, the reference loop (float32 eager)"
+    name = f"{SWEEP_SOLVERS.get(r['sampler'], r['sampler'])}-{r['steps']}"
+    if r.get("anchor"):
+        name += " (`sample`)"
+    on = [{"interval": lambda: f"interval ({r['guidance_interval'][0]:g}, "
+                               f"{r['guidance_interval'][1]:g}]",
+           "cache": lambda: f"DeepCache k={r['cache_interval']}",
+           "end": lambda: f"to λ {r['lambda_max']:g}"}[m]() for m in r["methods"]]
+    return name + (" + " + " + ".join(on) if on else "")
+
+
+def matches(r: dict, anchor: dict) -> bool:
+    """The table's rule: a row matches when its mean FID is within the noise band of the
+    anchor's (DDIM-25's two seeds: at most the worse of them)."""
+    return r["fid"] <= max(anchor["fids"])
 
 
 def quality_table(models_dir: str, reference: str, device: torch.device, n: int,
-                  seeds: list[int], *, scales: tuple[float, ...] = (2.0,),
+                  seeds: list[int], *, title: str = "quickstart models", scale: float = 2.0,
                   solvers: tuple[str, ...] = tuple(SWEEP_SOLVERS),
+                  method_solvers: tuple[str, ...] = METHOD_SOLVERS,
                   sweep: tuple[int, ...] = SWEEP_STEPS, stop_after: int = 1,
-                  lambda_min: float | None = None,
+                  lambda_min: float | None = None, interval=DEFAULT_INTERVAL,
+                  cache: int = DEFAULT_CACHE, lambda_max: float = DEFAULT_LAMBDA_MAX,
+                  ddim250: bool = True,
                   autocast_dtype: torch.dtype | None = None, compile: bool = False,
                   channels_last: bool = False, batch: int = 250, repeats: int = 3) -> list[dict]:
-    """Images/s and judge-feature FID on the trained quickstart models: DDIM-25 (the
-    reference's sampler, through `adm.diffusion.sample`), the reference loop's DDIM-25
-    (`reference_loop.reference_ddim`, float32 eager: its images/s), and each solver of
-    `solvers` down the descending `sweep` of step counts (its default log-SNR grid), for each
-    classifier scale of `scales`.
+    """Judge-feature FID (and precision/recall) against images/s on trained models (a models
+    folder of jobs/quickstart.py's layout: diffusion, classifier, judge), classifier-guided at
+    `scale`: DDIM-25 (the anchor, through `adm.diffusion.sample`), the reference loop's
+    DDIM-25 (`reference_loop.reference_ddim`, float32 eager: the baseline of the speed-ups;
+    checked to give the anchor's images), DDIM-250 (the paper's), and the sweeps of
+    `quality_rows`: each solver alone, and each method solver with the guidance interval
+    (`interval`), DeepCache (`cache`) and both.
 
-    FID: `n` samples per seed (labels i mod 10, per-index noise `index_seeds(seed, i)`, so every
-    row starts from the same x_T), the judge's pooled features against the real digits'.
-    A solver's sweep stops after `stop_after` consecutive rows worse than DDIM-25 on some seed
-    (its step counts below are not run); `lambda_min` moves the solvers' grid start (None:
-    −5.1, `LOGSNR_MIN`). Images/s: of one batch of `batch` samples per row,
-    every row timed in turn, `repeats` rounds, the median (see `speeds`), before the FIDs.
-    The execution options (`autocast_dtype`, `compile`, `channels_last`) apply to every
-    `sample` row, not to the reference loop, which is the reference's float32 eager loop
-    whatever they are. Prints the table and, per scale and
-    solver, the fewest model calls no worse than DDIM-25 on every seed and its images/s over
-    the reference loop's DDIM-25; returns the rows."""
+    Every row samples `n` images per seed of `seeds` (labels i mod 10, per-index noise
+    `index_seeds(seed, i)`: every row starts from the same x_T); the judge's pooled features
+    against the real images' give FID, and precision/recall (k = 3). A row matches when its
+    mean FID is at most the anchor's worse seed (`matches`); "paired" marks the stricter rule,
+    no worse than the anchor on every seed. A sweep stops after `stop_after` consecutive rows
+    that do not match. `lambda_min` starts the log-SNR grid of the solvers (None: -5.1).
+    Images/s: every row with a FID, timed round-robin on one batch of `batch` samples after all
+    FIDs (`repeats` rounds, the median), so a burst of load hits every row alike. The
+    execution options apply to the `sample` rows, not to the reference loop. Prints the table,
+    the fastest matching row's speed-up over the reference loop's DDIM-25 and what each method
+    contributes (speed and FID against the same row without it); returns the rows."""
     import numpy as np
 
     from reference_loop import reference_ddim
@@ -294,6 +378,7 @@ def quality_table(models_dir: str, reference: str, device: torch.device, n: int,
     from adm.diffusion.seeds import RowNoise, index_seeds
     from adm.evaluate import fid_statistics, frechet_distance
     from adm.evaluate.networks import FeatureExtractor, resolve_network
+    from adm.evaluate.metrics import precision_recall
     from adm.evaluate.sources import open_source, read_rows
 
     specs = {role: checkpoints.resolve(role, f"{models_dir}/{role}/model.pt", None, kind)
@@ -308,127 +393,126 @@ def quality_table(models_dir: str, reference: str, device: torch.device, n: int,
                              batch_size=500, device=str(device))
     real = open_source(reference, size)
     real_images = np.concatenate([read_rows(real, c) for c in real.chunks(1000)])
-    ref_mu, ref_sigma = fid_statistics(judge(real_images)["pool"].astype(np.float64))
+    real_feats = judge(real_images)["pool"].astype(np.float64)
+    ref_mu, ref_sigma = fid_statistics(real_feats)
     options = dict(autocast_dtype=autocast_dtype, compile=compile, channels_last=channels_last)
     shape = lambda rows: (rows, 3, size, size)  # noqa: E731
-    batches = [(s, min(batch, n - s)) for s in range(0, n, batch)]
+    if n % batch:
+        raise ValueError(f"--quality-samples {n}: a multiple of the batch {batch} (one shape)")
 
-    def run(scale: float, sampler: str, steps: int) -> dict:
-        """One row's FID: every seed's n samples."""
-        fids = []
+    def kwargs(r: dict) -> dict:
+        return dict(sampler=r["sampler"], steps=r["steps"],
+                    lambda_min=None if r["sampler"] == "ddim" else lambda_min,
+                    lambda_max=r["lambda_max"], guidance_interval=r["guidance_interval"],
+                    cache_interval=r["cache_interval"], classifier=classifier,
+                    classifier_scale=scale, **options)
+
+    def evaluate(r: dict) -> dict:
+        fids, prec, rec = [], [], []
         for seed in seeds:
             labels, row_seeds, images = torch.arange(n) % 10, index_seeds(seed, range(n)), []
-            for s, rows in batches:
-                x = sample(net, diffusion, shape(rows), sampler=sampler, steps=steps,
-                           lambda_min=None if sampler == "ddim" else lambda_min,
-                           classifier=classifier if scale else None, classifier_scale=scale,
-                           y=labels[s:s + rows].to(device), seeds=row_seeds[s:s + rows],
-                           device=device, **options)
+            for s in range(0, n, batch):
+                x = sample(net, diffusion, shape(batch), y=labels[s:s + batch].to(device),
+                           seeds=row_seeds[s:s + batch], device=device, **kwargs(r))
                 images.append(to_uint8(x))
             feats = judge(np.concatenate(images))["pool"].astype(np.float64)
             fids.append(frechet_distance(*fid_statistics(feats), ref_mu, ref_sigma))
-        calls = sampling_diffusion(diffusion, sampler, steps, None,
-                                   None if sampler == "ddim" else lambda_min).num_timesteps
-        return dict(scale=scale, sampler=sampler, steps=steps, calls=calls, fids=fids,
-                    fid=float(np.mean(fids)))
+            precision, recall = precision_recall(real_feats, feats, k=3)
+            prec.append(precision)
+            rec.append(recall)
+        calls = sampling_diffusion(diffusion, r["sampler"], r["steps"], None,
+                                   kwargs(r)["lambda_min"], r["lambda_max"]).num_timesteps
+        return {**r, "calls": calls, "fids": fids, "fid": float(np.mean(fids)),
+                "precision": float(np.mean(prec)), "recall": float(np.mean(rec))}
 
-    def speeds(scale: float) -> dict:
-        """Images/s of every row (the reference loop, DDIM-25 and the whole sweep) on one
-        batch of the first seed, timed round-robin, `repeats` rounds, median: a burst of load
-        on a shared machine hits every row alike. Checks that the reference loop's images are
-        `sample`'s DDIM-25 (float32 eager) on that batch (max |diff| in the row)."""
-        rows = batches[0][1]
-        y = (torch.arange(rows) % 10).to(device)
-        row_seeds = index_seeds(seeds[0], range(rows))
-        x_T = RowNoise(row_seeds, shape(rows), device)()
+    def speeds(rows: list[dict]) -> float:
+        """Sets every row's images/s (one batch of the first seed, round-robin, `repeats`
+        rounds, median); returns max |diff| of the reference loop's images to the anchor's
+        (`sample`'s DDIM-25 in float32 eager, same x_T)."""
+        y = (torch.arange(batch) % 10).to(device)
+        row_seeds = index_seeds(seeds[0], range(batch))
+        x_T = RowNoise(row_seeds, shape(batch), device)()
         respaced = sampling_diffusion(diffusion, "ddim", 25)
-        guide, ref_guide = (classifier, ref_classifier) if scale else (None, None)
-        fns = {("reference", 25): lambda: reference_ddim(ref_net, ref_guide, respaced, x_T, y,
-                                                         scale)}
-        for sampler, steps in [("ddim", 25)] + [(v, k) for v in solvers for k in sweep]:
-            fns[sampler, steps] = functools.partial(
-                sample, net, diffusion, shape(rows), sampler=sampler, steps=steps,
-                lambda_min=None if sampler == "ddim" else lambda_min,
-                classifier=guide, classifier_scale=scale, y=y, seeds=row_seeds, device=device,
-                **options)
-        ours = sample(ref_net, diffusion, shape(rows), sampler="ddim", steps=25,
-                      classifier=ref_guide, classifier_scale=scale, y=y, noise=x_T, device=device)
-        diff = (fns["reference", 25]().clamp(-1, 1) - ours).abs().max().item()
-        seconds = {key: [] for key in fns}
+        fns = [lambda: reference_ddim(ref_net, ref_classifier, respaced, x_T, y, scale)]
+        for r in rows[1:]:
+            fns.append(functools.partial(sample, net, diffusion, shape(batch), y=y,
+                                         seeds=row_seeds, device=device, **kwargs(r)))
+        ours = sample(ref_net, diffusion, shape(batch), sampler="ddim", steps=25,
+                      classifier=ref_classifier, classifier_scale=scale, y=y, noise=x_T,
+                      device=device)
+        diff = (fns[0]().clamp(-1, 1) - ours).abs().max().item()
+        for fn in fns[1:]:  # warm-up (compiles, if compiling)
+            fn()
+        seconds = [[] for _ in fns]
         for _ in range(repeats):
-            for key, fn in fns.items():
+            for times, fn in zip(seconds, fns):
                 sync(device)
                 start = time.perf_counter()
                 fn()
                 sync(device)
-                seconds[key].append(time.perf_counter() - start)
-        return {key: rows / float(np.median(t)) for key, t in seconds.items()}, diff
+                times.append(time.perf_counter() - start)
+        for r, times in zip(rows, seconds):
+            r["rate"] = batch / float(np.median(times))
+        return diff
 
-    # Warm-up (and compilation) of every sampler at the timed batch shape, then the rows.
-    for sampler in ("ddim", *solvers):
-        sample(net, diffusion, shape(batches[0][1]), sampler=sampler, steps=4,
-               classifier=classifier, y=torch.zeros(batches[0][1], dtype=torch.int64),
-               device=device, **options)
-    rows = []
     what = (f"{autocast_dtype or 'float32'}{', compiled' if compile else ''}"
             f"{'' if lambda_min is None else f', solvers from λ = {lambda_min:g}'}"
             f"{', channels-last' if channels_last else ''}")
-    print(f"\n## Quality at equal FID: quickstart models, {n} samples per seed, seeds {seeds}, "
-          f"judge-feature FID vs {real.num_images} real digits; `sample` rows: {what}\n")
-    print("| classifier scale | sampler | model calls | images/s | FID (mean) | FID per seed | "
-          "vs DDIM-25, per seed |\n|---|---|---|---|---|---|---|", flush=True)
-
-    def show(r: dict, ddim: dict) -> None:
-        name = {"ddim": "DDIM-25 (`sample`)", "reference": "DDIM-25, the reference loop "
-                f"(float32 eager; max |diff| to `sample`'s {r.get('max_abs_diff', 0):.1e})"
-                }.get(r["sampler"], f"{SWEEP_SOLVERS.get(r['sampler'], r['sampler'])}-{r['steps']}")
-        if r["fid"] is None:
-            print(f"| {r['scale']:g} | {name} | {r['calls']} | {r['rate']:.1f} | (DDIM-25's) "
-                  "| - | - |", flush=True)
-            return
-        print(f"| {r['scale']:g} | {name} | {r['calls']} | {r['rate']:.1f} | {r['fid']:.3f} | "
-              f"{', '.join(f'{f:.3f}' for f in r['fids'])} | "
-              f"{', '.join(f'{f - g:+.3f}' for f, g in zip(r['fids'], ddim['fids']))} |",
-              flush=True)
-
-    for scale in scales:
-        rate, diff = speeds(scale)
-        print(f"(scale {scale:g}: images/s of each row timed first, on {batches[0][1]} samples, "
-              f"median of {repeats} rounds)", flush=True)
-        ddim = {**run(scale, "ddim", 25), "rate": rate["ddim", 25]}
-        rows.append(ddim)
-        show(ddim, ddim)
-        rows.append(dict(scale=scale, sampler="reference", steps=25, calls=25, fids=[], fid=None,
-                         rate=rate["reference", 25], max_abs_diff=diff))
-        show(rows[-1], ddim)
-        for solver in solvers:
-            misses = 0
-            for steps in sweep:
-                r = {**run(scale, solver, steps), "rate": rate[solver, steps]}
-                rows.append(r)
-                show(r, ddim)
-                matched = all(f <= g for f, g in zip(r["fids"], ddim["fids"]))
-                misses = 0 if matched else misses + 1
-                if misses >= stop_after:
-                    break
-    for scale in scales:
-        here = [r for r in rows if r["scale"] == scale]
-        ddim, ref = here[0], here[1]
-        print(f"\nscale {scale:g}: DDIM-25 FID {ddim['fid']:.3f}; `sample` {ddim['rate']:.1f} "
-              f"images/s = {ddim['rate'] / ref['rate']:.2f}x the reference loop's "
-              f"{ref['rate']:.1f}")
-        for solver in solvers:
-            matched = [r for r in here if r["sampler"] == solver
-                       and all(f <= g for f, g in zip(r["fids"], ddim["fids"]))]
-            if not matched:
-                print(f"scale {scale:g}: {SWEEP_SOLVERS[solver]}: no row reached DDIM-25's FID "
-                      "on every seed")
+    print(f"\n## Quality against speed: {title}, classifier scale {scale:g}, {n} samples per "
+          f"seed, seeds {seeds}, judge-feature FID vs {real.num_images} real images; `sample` "
+          f"rows: {what}\n", flush=True)
+    base = dict(methods=(), guidance_interval=None, cache_interval=1, lambda_max=None)
+    anchor = evaluate({**base, "sampler": "ddim", "steps": 25, "anchor": True})
+    print(f"(DDIM-25: FID {anchor['fids']}; a row matches at mean FID <= "
+          f"{max(anchor['fids']):.3f})", flush=True)
+    rows = [{**base, "sampler": "reference", "steps": 25, "calls": 25, "fids": anchor["fids"],
+             "fid": anchor["fid"], "precision": anchor["precision"],
+             "recall": anchor["recall"]}, anchor]
+    if ddim250:
+        rows.append(evaluate({**base, "sampler": "ddim", "steps": 250}))
+        print(f"(DDIM-250: FID {rows[-1]['fids']})", flush=True)
+    for one in quality_rows(solvers, method_solvers, sweep, interval, cache, lambda_max):
+        misses = 0
+        for r in one:
+            if r["sampler"] == "ddim" and r["steps"] >= 25:
                 continue
-            best = min(matched, key=lambda r: (r["calls"], -r["rate"]))
-            print(f"scale {scale:g}: {SWEEP_SOLVERS[solver]}: fewest model calls at DDIM-25's "
-                  f"FID: {best['calls']} (FID {best['fid']:.3f}); {best['rate']:.1f} images/s = "
-                  f"{best['rate'] / ref['rate']:.2f}x the reference loop's DDIM-25 "
-                  f"({best['rate'] / ddim['rate']:.2f}x `sample`'s)")
+            rows.append(evaluate(r))
+            print(f"({row_name(rows[-1])}: {rows[-1]['calls']} calls, FID "
+                  f"{', '.join(f'{f:.3f}' for f in rows[-1]['fids'])})", flush=True)
+            misses = 0 if matches(rows[-1], anchor) else misses + 1
+            if misses >= stop_after:
+                break
+    print(f"(timing {len(rows)} rows, {repeats} rounds)", flush=True)
+    diff = speeds(rows)
+    ref = rows[0]
+    print(f"\nThe reference loop's images are `sample`'s DDIM-25's to max |diff| {diff:.1e}.\n")
+    print("| sampler | model calls | images/s | vs reference DDIM-25 | FID (mean) | FID per seed | "
+          "vs DDIM-25, per seed | precision | recall | matches |\n"
+          "|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        verdict = ("(anchor)" if r.get("anchor") or r is ref else
+                   ("yes, paired" if all(f <= g for f, g in zip(r["fids"], anchor["fids"]))
+                    else "yes") if matches(r, anchor) else "no")
+        print(f"| {row_name(r)} | {r['calls']} | {r['rate']:.1f} | {r['rate'] / ref['rate']:.2f}x | "
+              f"{r['fid']:.3f} | {', '.join(f'{f:.3f}' for f in r['fids'])} | "
+              f"{', '.join(f'{f - g:+.3f}' for f, g in zip(r['fids'], anchor['fids']))} | "
+              f"{r['precision']:.3f} | {r['recall']:.3f} | {verdict} |")
+    matched = [r for r in rows[2:] if matches(r, anchor)]
+    if matched:
+        best = max(matched, key=lambda r: r["rate"])
+        print(f"\nFastest matching row: {row_name(best)}, {best['calls']} calls, FID "
+              f"{best['fid']:.3f}: {best['rate']:.1f} images/s = "
+              f"{best['rate'] / ref['rate']:.2f}x the reference loop's DDIM-25 "
+              f"({ref['rate']:.1f}), {best['rate'] / anchor['rate']:.2f}x `sample`'s")
+    print("\nWhat each method contributes (rows with it against the same row without it):\n\n"
+          "| method | row | speed | FID change |\n|---|---|---|---|")
+    for r in rows:
+        for m in r["methods"]:
+            off = [o for o in rows if o["sampler"] == r["sampler"] and o["steps"] == r["steps"]
+                   and set(o["methods"]) == set(r["methods"]) - {m}]
+            if off:
+                print(f"| {METHODS[m]} | {row_name(r)} | {r['rate'] / off[0]['rate']:.2f}x | "
+                      f"{r['fid'] - off[0]['fid']:+.3f} |")
     return rows
 
 
@@ -453,20 +537,39 @@ def main() -> None:
                         help="quality: the quickstart's models folder")
     parser.add_argument("--reference", default="runs/quickstart/data/digits",
                         help="quality: the real images (a shard dataset root)")
+    parser.add_argument("--train-deep", action="store_true",
+                        help="quality: also the deep model (three levels at 16 px), trained "
+                             "first with benchmarks/configs/digits16/ (reused when done)")
+    parser.add_argument("--no-quickstart", action="store_true",
+                        help="quality: only the deep model (with --train-deep)")
     parser.add_argument("--quality-samples", type=int, default=2000)
+    parser.add_argument("--deep-samples", type=int, default=1000,
+                        help="quality: samples per seed on the deep model")
     parser.add_argument("--quality-seeds", default="0,1",
-                        help="quality: comma-separated seeds (FID is compared seed by seed)")
-    parser.add_argument("--quality-scales", default="2",
-                        help="quality: comma-separated classifier scales (0: unguided)")
+                        help="quality: comma-separated seeds (each row's FID on each)")
+    parser.add_argument("--quality-scale", type=float, default=2.0,
+                        help="quality: the classifier scale")
     parser.add_argument("--quality-solvers", default=",".join(SWEEP_SOLVERS),
-                        help="quality: the solvers swept")
+                        help="quality: the solvers swept alone")
+    parser.add_argument("--quality-method-solvers", default=",".join(METHOD_SOLVERS),
+                        help="quality: the solvers swept with each method on")
     parser.add_argument("--quality-steps", default=",".join(map(str, SWEEP_STEPS)),
-                        help="quality: the solvers' step counts, descending")
+                        help="quality: the sweeps' step counts, descending")
     parser.add_argument("--quality-stop-after", type=int, default=1,
-                        help="quality: a solver's sweep stops after this many consecutive rows "
-                             "worse than DDIM-25 on some seed")
+                        help="quality: a sweep stops after this many consecutive rows that "
+                             "do not match DDIM-25")
     parser.add_argument("--quality-lambda-min", type=float, default=None,
                         help="quality: the log-SNR where the solvers' grid starts (default -5.1)")
+    parser.add_argument("--quality-interval", type=float, nargs=2, default=DEFAULT_INTERVAL,
+                        metavar=("LO", "HI"), help="quality: the guidance interval (sigma)")
+    parser.add_argument("--quality-cache", type=int, default=DEFAULT_CACHE,
+                        help="quality: DeepCache's cache_interval")
+    parser.add_argument("--quality-lambda-max", type=float, default=DEFAULT_LAMBDA_MAX,
+                        help="quality: the grid end of the rows with it on")
+    parser.add_argument("--no-ddim250", action="store_true",
+                        help="quality: leave out DDIM-250 (ten times DDIM-25's time)")
+    parser.add_argument("--deep-ddim250", action="store_true",
+                        help="quality: DDIM-250 on the deep model too")
     parser.add_argument("--quality-repeats", type=int, default=3,
                         help="quality: rounds of the round-robin timing of every row")
     parser.add_argument("--precision", choices=sorted(AUTOCAST), default="fp32",
@@ -520,14 +623,24 @@ def main() -> None:
     if "samplers" in tables:
         samplers_table(config, device, batch, args.seed, args.repeats)
     if "quality" in tables:
-        quality_table(args.models, args.reference, device, args.quality_samples,
-                      [int(x) for x in args.quality_seeds.split(",")],
-                      scales=tuple(float(x) for x in args.quality_scales.split(",")),
-                      solvers=tuple(args.quality_solvers.split(",")),
-                      sweep=tuple(int(x) for x in args.quality_steps.split(",")),
-                      stop_after=args.quality_stop_after, lambda_min=args.quality_lambda_min,
-                      autocast_dtype=AUTOCAST[args.precision], compile=args.compile,
-                      channels_last=args.channels_last, repeats=args.quality_repeats)
+        common = dict(
+            seeds=[int(x) for x in args.quality_seeds.split(",")], scale=args.quality_scale,
+            solvers=tuple(args.quality_solvers.split(",")),
+            method_solvers=tuple(filter(None, args.quality_method_solvers.split(","))),
+            sweep=tuple(int(x) for x in args.quality_steps.split(",")),
+            stop_after=args.quality_stop_after, lambda_min=args.quality_lambda_min,
+            interval=tuple(args.quality_interval), cache=args.quality_cache,
+            lambda_max=args.quality_lambda_max,
+            autocast_dtype=AUTOCAST[args.precision], compile=args.compile,
+            channels_last=args.channels_last, repeats=args.quality_repeats)
+        results["quality"] = {} if args.no_quickstart else {"quickstart": quality_table(
+            args.models, args.reference, device, n=args.quality_samples,
+            ddim250=not args.no_ddim250, **common)}
+        if args.train_deep:
+            models, digits = train_deep()
+            results["quality"]["deep"] = quality_table(
+                models, digits, device, n=args.deep_samples, ddim250=args.deep_ddim250,
+                title="the deep model (digits at 16 px, three levels)", **common)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -40,7 +40,8 @@ class QuickstartConfig:
 
     out: str = "runs/quickstart"
     image_size: int = 32
-    trainings: dict = field(default_factory=dict)  # role -> training config file
+    trainings: dict = field(default_factory=dict)  # role -> training config file (relative to
+    #                                               this file's folder)
     train_workers: int = 2
     max_steps: int | None = None  # None: each training config's own
     scales: list = field(default_factory=lambda: [0, 1, 2, 4, 8])
@@ -57,6 +58,8 @@ class QuickstartConfig:
 
 def load_config(path: str, quick: bool, out: str | None) -> QuickstartConfig:
     cfg = from_dict(QuickstartConfig, load_yaml(path))
+    cfg = replace(cfg, trainings={role: str(Path(path).resolve().parent / file)
+                                  for role, file in cfg.trainings.items()})
     if quick:
         known = {f.name for f in fields(cfg)} - {"quick"}
         unknown = set(cfg.quick) - known
@@ -124,7 +127,7 @@ class Quickstart:
 
         start = self._begin(f"training the {role} ({KINDS[role]}) on Ray Train, "
                        f"{self.cfg.train_workers} workers")
-        config = HERE / "configs" / "quickstart" / self.cfg.trainings[role]
+        config = Path(self.cfg.trainings[role])
         argv = ["--config", str(config), "--data", str(self.data), "--storage",
                 str(self.out / "train"), "--num-workers", str(self.cfg.train_workers),
                 *self._ray()]

@@ -3,10 +3,10 @@ ADM evaluator's `samples.npz`:
 
     python jobs/sample.py --model URI [--model-preset NAME]
         [--classifier URI [--classifier-preset NAME] --classifier-scale S
-         [--guidance-interval LO HI]]
+         [--guidance-interval LO HI]] [--cache-interval K] [--quality default|fast]
         [--upsampler URI [--upsampler-preset NAME] [--upsampler-steps N]]
         [--sampler ddim|ddpm|dpmpp_2m|dpmpp_3m|unipc] [--steps N] [--timesteps uniform|logsnr]
-        [--lambda-min L] [--cfg-scale W] [--num-samples N] [--batch-size B]
+        [--lambda-min L] [--lambda-max L] [--cfg-scale W] [--num-samples N] [--batch-size B]
         [--classes uniform|balanced|3,7,9] [--seed S] [--out URI]
         [--num-workers N] [--gpus] [--config YAML] [--address ADDR] [key=value ...]
 
@@ -46,11 +46,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="how an int --steps is spaced (default: the sampler's own)")
     add("--lambda-min", type=float, help="log-SNR where a logsnr grid (DPM-Solver++'s default) "
         "starts: the noisiest step with lambda >= it (default -5.1; -inf: the whole chain)")
+    add("--lambda-max", type=float, help="where a logsnr grid ends: its cleanest step with "
+        "lambda <= it, whose x_0 prediction is the sample (default: step 0)")
     add("--cfg-scale", type=float, help="classifier-free guidance w (1 = off; a model "
         "trained with label dropout)")
     add("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"),
         help="classifier guidance only at steps with noise level sigma in (LO, HI] "
         "(sigma = sqrt((1 - alpha_bar) / alpha_bar); e.g. 0.28 5.42; default: every step)")
+    add("--cache-interval", type=int, help="deep-feature reuse (DeepCache): the full U-Net "
+        "at every K-th model call, its full-resolution blocks only in between (1 = off)")
+    add("--quality", choices=("default", "fast"), help="fast: the sampler, steps, grid start, "
+        "guidance interval and cache interval not given come from the fastest preset that "
+        "matched DDIM-25's FID (adm.diffusion.quality); default: as before")
     add("--num-samples", type=int, help="N")
     add("--batch-size", type=int, help="stage 1 rows per model call")
     add("--classes", help="uniform, balanced, or a list of class ids/names: 3,7,9")
@@ -84,10 +91,12 @@ def main(argv: list[str] | None = None) -> int:
         args.config, args.overrides, model=args.model, model_preset=args.model_preset,
             classifier=args.classifier, classifier_preset=args.classifier_preset,
             classifier_scale=args.classifier_scale,
-            guidance_interval=args.guidance_interval, upsampler=args.upsampler,
+            guidance_interval=args.guidance_interval, cache_interval=args.cache_interval,
+            quality=args.quality,
+            upsampler=args.upsampler,
             upsampler_preset=args.upsampler_preset, upsampler_steps=_steps(args.upsampler_steps),
             sampler=args.sampler, steps=_steps(args.steps), timesteps=args.timesteps,
-            lambda_min=args.lambda_min, cfg_scale=args.cfg_scale, num_samples=args.num_samples,
+            lambda_min=args.lambda_min, lambda_max=args.lambda_max, cfg_scale=args.cfg_scale, num_samples=args.num_samples,
             batch_size=args.batch_size, classes=args.classes, seed=args.seed, out=args.out,
             num_workers=args.num_workers, gpus=args.gpus)
     if args.check:

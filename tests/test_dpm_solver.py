@@ -172,6 +172,29 @@ def test_logsnr_grid_and_step_options():
         sampling_diffusion(base, "dpmpp_2m", 10, lambda_min=float("nan"))
     linear = create_gaussian_diffusion(steps=1000, noise_schedule="linear")
     assert sampling_diffusion(linear, "dpmpp_2m", 10).timestep_map[-1] == 999
+    # lambda_max ends the grid early, at the cleanest step with λ <= it: the calls a grid to
+    # step 0 spends at the clean end go to the middle (4 points from t = 960 to λ = 1.9 are,
+    # to a few timesteps, the noisiest four of the 6-point grid to step 0: the same spacing).
+    six = logsnr_timesteps(ac, 6, lambda_min=-2.8)
+    four = logsnr_timesteps(ac, 4, lambda_min=-2.8, lambda_max=1.9)
+    end = int(np.flatnonzero(lam <= 1.9).min())
+    start = int(np.flatnonzero(lam >= -2.8).max())
+    grid = np.linspace(lam[start], lam[end], 4)
+    assert four == sorted(int(np.abs(lam - g).argmin()) for g in grid), four
+    assert four[0] == end and four[-1] == start == 960 and lam[end] <= 1.9 < lam[end - 1]
+    assert six[0] == 0 and np.abs(np.array(four) - six[2:]).max() <= 4, (six, four)
+    assert sampling_diffusion(base, "unipc", 4, lambda_min=-2.8, lambda_max=1.9).timestep_map \
+        == four
+    noise = x_T(4, torch.float32)  # sample() spaces it so: the same as those timesteps given
+    torch.testing.assert_close(
+        sample(GaussianDenoiser(ac), base, noise.shape, sampler="unipc", steps=4, noise=noise,
+               lambda_min=-2.8, lambda_max=1.9),
+        sample(GaussianDenoiser(ac), base, noise.shape, sampler="unipc", steps=four, noise=noise),
+        rtol=0, atol=0)
+    with pytest.raises(ValueError, match="lambda_max=-3.0: the grid's clean end must be above"):
+        logsnr_timesteps(ac, 4, lambda_min=-2.8, lambda_max=-3.0)
+    with pytest.raises(ValueError, match="lambda_max=1.0 sets where a log-SNR grid ends"):
+        sampling_diffusion(base, "ddim", 10, lambda_max=1.0)
     # Explicit timesteps of the original chain (any order, duplicates once).
     assert sampling_diffusion(base, "dpmpp_2m", [960, 0, 500, 0]).timestep_map == [0, 500, 960]
     with pytest.raises(ValueError, match="not within the chain's 0..999"):

@@ -45,6 +45,10 @@ SETTINGS = [  # every sampler; guided, classifier-free, both; DDIM with eta; odd
     RowSpec("dpmpp_2m", 7, lambda_min=-5.1, classifier_scale=2.0, guidance_interval=(1.0, 1e3)),
     RowSpec("unipc", 8, lambda_min=-5.1, classifier_scale=1.5),
     RowSpec("unipc", 5, lambda_min=-5.1, cfg_scale=2.0),
+    # deep-feature reuse, each row by its own call count, beside rows that run full every call
+    RowSpec("unipc", 7, lambda_min=-5.1, classifier_scale=1.5, cache_interval=2),
+    RowSpec("ddim", 9, cache_interval=3, cfg_scale=2.0),
+    RowSpec("ddpm", 5, classifier_scale=1.0, cache_interval=2),
 ]
 
 
@@ -62,7 +66,7 @@ def reference(net, diffusion, s: RowSpec, label: int, seeds: list, clf=None,
     given seeds repeating the first (the padding rule of adm.stage)."""
     pad = [0] * (SLOTS - len(seeds))
     args = {"sampler": s.sampler, "steps": s.steps, "cfg_scale": s.cfg_scale, "eta": s.eta,
-            "lambda_min": s.lambda_min}
+            "lambda_min": s.lambda_min, "cache_interval": s.cache_interval}
     if s.classifier_scale > 0:
         args.update(classifier=clf, classifier_scale=s.classifier_scale,
                     guidance_interval=s.guidance_interval)
@@ -114,7 +118,7 @@ def test_upsampler_rows_get_the_bits_sample_gives_them():
     diffusion = factory.create_diffusion({**UPSAMPLER, "timestep_respacing": ""})
     stepper = RowStepper(net, diffusion, slots=SLOTS, image_size=16)
     low = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    s = RowSpec("ddim", 4)
+    s = RowSpec("ddim", 4, cache_interval=2)
     seeds = index_seeds(5, range(3), "upsampler")
     want = reference(net, diffusion, s, 2, seeds, low_res=low, size=16)
     other = RowSpec("ddpm", 6)

@@ -389,6 +389,48 @@ def test_guidance_interval_reaches_the_stage_and_the_run_settings(nets, tmp_path
         settings(nets, tmp_path / "b", classifier=nets["classifier"], guidance_interval=[8, 1])
 
 
+def test_cache_interval_grid_end_and_the_fast_preset_reach_the_stage(nets, tmp_path,
+                                                                      monkeypatch):
+    """`cache_interval`, `lambda_max` and `quality: fast` as jobs/sample.py gives them: in the
+    base stage's plan, its actors' `sample` calls and the settings a resume compares (absent
+    when unset: earlier runs resume with the same settings); the preset fills in only what is
+    not given; bad values are refused naming the setting."""
+    import adm.stage
+    from adm.diffusion.quality import FAST
+    from adm.generate.pipeline import StageSampler
+
+    plan = make_plan(settings(nets, tmp_path / "c", cache_interval=2, sampler="unipc",
+                              lambda_min=-2.8, lambda_max=1.0, precision="fp32"))
+    assert (plan.base.cache_interval, plan.base.lambda_max) == (2, 1.0)
+    assert plan.decisive()["settings"]["cache_interval"] == 2
+    assert plan.decisive()["base"]["lambda_max"] == 1.0
+    seen = []
+    monkeypatch.setattr(adm.stage, "sample", lambda *a, **kw: (seen.append(kw), sample(*a, **kw))[1])
+    StageSampler(plan.base, seed=3, clip_denoised=True, eta=0.0, gpus=False)(
+        {"id": np.arange(2), "label": np.array([1, 2])})
+    assert seen and all((kw["cache_interval"], kw["lambda_max"]) == (2, 1.0) for kw in seen)
+    plain = make_plan(settings(nets, tmp_path / "p"))
+    for key in ("cache_interval", "lambda_max", "quality"):
+        assert key not in plain.decisive()["settings"] and key not in plain.decisive()["base"]
+    assert plain.base.cache_interval == 1 and plain.base.sampler == "ddpm"
+
+    fast = make_plan(settings(nets, tmp_path / "f", quality="fast", steps=None,
+                              classifier=nets["classifier"], classifier_scale=2.0))
+    assert (fast.base.sampler, fast.base.steps, fast.base.lambda_min, fast.base.lambda_max,
+            fast.base.guidance_interval, fast.base.cache_interval) == (
+        FAST["sampler"], FAST["steps"], FAST["lambda_min"], FAST["lambda_max"],
+        tuple(FAST["guidance_interval"]), FAST["cache_interval"])
+    assert fast.decisive()["settings"]["quality"] == "fast"
+    mine = make_plan(settings(nets, tmp_path / "m", quality="fast", steps=6, cache_interval=2))
+    assert (mine.base.steps, mine.base.cache_interval, mine.base.guidance_interval) == (6, 2, None)
+    for bad, text in ((dict(cache_interval=0), "cache_interval"),
+                      (dict(cache_interval=11), "cache_interval"),
+                      (dict(quality="ultra"), "quality"),
+                      (dict(sampler="ddim", lambda_max=1.0), "lambda_max")):
+        with pytest.raises(ConfigError, match=text):
+            make_plan(settings(nets, tmp_path / "b", **bad))
+
+
 @pytest.mark.parametrize("path", sorted((ROOT / "jobs" / "configs" / "sample").glob("*.yaml")),
                          ids=lambda p: p.stem)
 def test_paper_configs_load_and_agree_with_the_readme_presets(path):

@@ -17,6 +17,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -161,6 +162,7 @@ def test_chain_returns_upsampled_images(url):
     assert out["settings"] == {"class_id": 1, "class_name": "goldfish", "num_images": 2,
                                "guidance_scale": 1.0, "cfg_scale": 1.0, "sampler": "ddim",
                                "lambda_min": None, "guidance_interval": None,
+                               "cache_interval": 1, "lambda_max": None, "quality": "default",
                                "steps": 10, "seed": 5, "upsample": True}
     # response "png" (the default): one PNG, the images side by side; seed in a header
     r = generate(url, {"class_id": 3, "num_images": 2, "seed": 1})
@@ -192,8 +194,9 @@ def test_served_images_are_the_library_samples(url, nets):
     seed, n = 11, 2
     out = generate(url, {"class_id": 4, "num_images": n, "seed": seed, "guidance_scale": 2.0,
                          "guidance_interval": [0.3, 5.0], "sampler": "ddpm", "steps": 6,
-                         "response": "json"}).json()
+                         "cache_interval": 2, "response": "json"}).json()
     assert out["settings"]["guidance_interval"] == [0.3, 5.0]
+    assert out["settings"]["cache_interval"] == 2
     base_net = openai.load_checkpoint(openai.create_model(TINY_UNET_FLAGS), nets["base"]).eval()
     clf = openai.load_checkpoint(openai.create_classifier(TINY_CLASSIFIER_FLAGS),
                                  nets["classifier"]).eval()
@@ -201,7 +204,7 @@ def test_served_images_are_the_library_samples(url, nets):
     precision = AUTOCAST[auto_precision(torch.device("cpu"))]  # the replica's "auto"
     x = sample(base_net, openai.create_diffusion(TINY_UNET_FLAGS), (8, 3, 8, 8), sampler="ddpm",
                steps=6, classifier=clf, classifier_scale=2.0, guidance_interval=(0.3, 5.0),
-               y=torch.full((8,), 4),
+               cache_interval=2, y=torch.full((8,), 4),
                seeds=[index_seeds(seed, range(n))[i] for i in pad], autocast_dtype=precision)
     want = to_uint8(x)[:n]
     got = np.stack([decode(s) for s in out["base_images"]])
@@ -252,6 +255,15 @@ BAD = [  # (body, status, text the message must contain)
     ({"class_id": 1, "guidance_scale": 0.0, "guidance_interval": [1, 2]}, 422,
      "guidance_interval: limits classifier guidance"),
     (b'{"class_id": 1, "cfg_scale": NaN}', 422, "cfg_scale"),
+    ({"class_id": 1, "lambda_max": 1.0}, 422,
+     "lambda_max: sets where dpmpp_2m's log-SNR grid ends; the ddim sampler takes none"),
+    ({"class_id": 1, "cache_interval": 0}, 422, "cache_interval: Input should be greater than"),
+    ({"class_id": 1, "cache_interval": 11}, 422, "cache_interval: Input should be less than"),
+    ({"class_id": 1, "cache_interval": "2"}, 422, "cache_interval"),
+    ({"class_id": 1, "cache_interval": 2.0}, 422, "cache_interval"),
+    ({"class_id": 1, "quality": "ultra"}, 422, "quality: Input should be 'default' or 'fast'"),
+    ({"class_id": 1, "quality": "fast"}, 422,  # this server's samplers are ddim and ddpm
+     "quality: the fast preset samples with unipc, which is not one of this server's"),
     ({"class_id": 1, "seed": -3}, 422, "seed"),
     ({"class_id": 1, "seed": 2**64}, 422, "seed"),
     ({"class_id": 1, "upsample": "yes"}, 422, "upsample"),
@@ -824,7 +836,8 @@ def test_cfg_scale_and_dpm_solver_requests_are_checked():
     # dpmpp_2m's grid starts at λ = -5.1 unless lambda_min says otherwise (a batching key too)
     assert req.sample_args() == {"classifier_scale": 0.0, "cfg_scale": 3.0,
                                  "sampler": "dpmpp_2m", "steps": 7, "lambda_min": -5.1,
-                                 "guidance_interval": None}
+                                 "guidance_interval": None, "cache_interval": 1,
+                                 "lambda_max": None}
     req = parse_generate(b'{"class_id": 2, "sampler": "dpmpp_2m", "lambda_min": -3.5}', lim)
     assert req.sample_args()["lambda_min"] == -3.5 and req.settings()["lambda_min"] == -3.5
     for body, text in ((b'{"class_id": 2, "lambda_min": -3.0}', "lambda_min: sets where "
@@ -836,7 +849,11 @@ def test_cfg_scale_and_dpm_solver_requests_are_checked():
                        (b'{"class_id": 2, "sampler": "dpmpp_2m", "lambda_min": NaN}',
                         "lambda_min: Input should be a finite number"),
                        (b'{"class_id": 2, "sampler": "dpmpp_2m", "lambda_min": "-3"}',
-                        "lambda_min: Input should be a valid number")):
+                        "lambda_min: Input should be a valid number"),
+                       (b'{"class_id": 2, "sampler": "dpmpp_2m", "lambda_min": -3, '
+                        b'"lambda_max": -4}', "lambda_max: -4.0 is not above lambda_min (-3.0)"),
+                       (b'{"class_id": 2, "sampler": "dpmpp_2m", "lambda_max": 21}',
+                        "lambda_max: Input should be less than or equal to 20")):
         with pytest.raises(RequestError) as e:
             parse_generate(body, lim)
         assert e.value.status == 422 and text in str(e.value), (body, str(e.value))
@@ -968,3 +985,44 @@ def test_cli_arguments_are_cast_and_checked(nets):
                        ({"precision": "fp8"}, "precision")]:
         with pytest.raises(ConfigError, match=field):
             ServeSettings.from_args({"base": nets["base"], **bad})
+
+
+def test_the_fast_quality_preset_fills_in_what_a_request_leaves_out():
+    """Without Serve: quality "fast" sets the preset's sampler, steps, grid start, guidance
+    interval (guided requests only) and cache interval (adm.diffusion.quality.FAST), each one
+    a request gives still wins; the default sets nothing; a preset the server's samplers or
+    max_steps cannot run is a 422 naming quality."""
+    from adm.checkpoints import ModelSpec
+    from adm.diffusion.quality import FAST
+    from adm.serve.api import Limits, RequestError, parse_generate
+
+    base = ModelSpec("model", "m.pt", "diffusion", {"diffusion_steps": 1000}, "")
+    lim = Limits(max_images=4, max_steps=50, samplers=("ddim", "unipc"),
+                 max_guidance_scale=10.0, max_cfg_scale=5.0, max_body_bytes=8192,
+                 num_classes=10, class_names=None, base=base, has_classifier=True,
+                 has_null_class=False, has_upsampler=False, default_sampler="ddim",
+                 default_steps=25, default_guidance_scale=2.0)
+    args = parse_generate(b'{"class_id": 2, "quality": "fast"}', lim).sample_args()
+    interval = None if FAST["guidance_interval"] is None else tuple(FAST["guidance_interval"])
+    assert args == {"classifier_scale": 2.0, "cfg_scale": 1.0, "sampler": FAST["sampler"],
+                    "steps": FAST["steps"], "lambda_min": FAST["lambda_min"],
+                    "lambda_max": FAST["lambda_max"], "guidance_interval": interval,
+                    "cache_interval": FAST["cache_interval"]}
+    unguided = parse_generate(b'{"class_id": 2, "quality": "fast", "guidance_scale": 0}',
+                              lim).sample_args()
+    assert unguided["guidance_interval"] is None and unguided["steps"] == FAST["steps"]
+    mine = parse_generate(b'{"class_id": 2, "quality": "fast", "steps": 9, "cache_interval": 1, '
+                          b'"guidance_interval": [0.5, 3.0]}', lim).sample_args()
+    assert (mine["steps"], mine["cache_interval"], mine["guidance_interval"]) == (
+        9, 1, (0.5, 3.0)) and mine["sampler"] == FAST["sampler"]
+    other = parse_generate(b'{"class_id": 2, "quality": "fast", "sampler": "ddim"}',
+                           lim).sample_args()  # the preset's grid start goes with its sampler
+    assert other["sampler"] == "ddim" and other["lambda_min"] is other["lambda_max"] is None
+    default = parse_generate(b'{"class_id": 2}', lim).sample_args()
+    assert (default["sampler"], default["steps"], default["cache_interval"],
+            default["guidance_interval"]) == ("ddim", 25, 1, None)
+    for limits, text in ((replace(lim, samplers=("ddim",)), "not one of this server's"),
+                         (replace(lim, max_steps=FAST["steps"] - 1), "exceed max_steps")):
+        with pytest.raises(RequestError) as e:
+            parse_generate(b'{"class_id": 2, "quality": "fast"}', limits)
+        assert e.value.status == 422 and e.value.field == "quality" and text in str(e.value)

@@ -89,26 +89,28 @@ def preset_defaults(spec: checkpoints.ModelSpec, sampler: str | None = None,
 
 
 def check_steps(name: str, net: checkpoints.ModelSpec, sampler: str, steps: int | str,
-                timesteps: str | None = None, lambda_min: float | None = None) -> None:
+                timesteps: str | None = None, lambda_min: float | None = None,
+                lambda_max: float | None = None) -> None:
     """Refuse steps the sampler cannot space over `net`'s chain (as `adm.diffusion.sample`
     would space them), naming the setting."""
-    if steps == "" and lambda_min is None:  # the whole chain, as the flags respace it
+    if steps == "" and lambda_min is None and lambda_max is None:  # the whole chain, as the
+        #                                                           flags respace it
         return
     try:
         sampling_diffusion(factory.create_diffusion({**net.flags, "timestep_respacing": ""}),
-                           sampler, steps, timesteps, lambda_min)
+                           sampler, steps, timesteps, lambda_min, lambda_max)
     except (ValueError, factory.FlagError) as e:
         raise ConfigError(f"{name}: {e}") from None
 
 
 def stage_calls(net: checkpoints.ModelSpec, sampler: str, steps: int | str,
                 timesteps: str | None, lambda_min: float | None, num_samples: int, rows: int,
-                workers: int) -> int:
+                workers: int, lambda_max: float | None = None) -> int:
     """Model calls one actor of a generation stage makes (the busiest, when the batches do not
     split evenly): its batches of `rows` times the steps the sampler runs."""
     chain = factory.create_diffusion({**net.flags, "timestep_respacing": ""})
     per_batch = sampling_diffusion(chain, sampler, steps or None, timesteps,
-                                   lambda_min).num_timesteps
+                                   lambda_min, lambda_max).num_timesteps
     return math.ceil(math.ceil(num_samples / rows) / workers) * per_batch
 
 

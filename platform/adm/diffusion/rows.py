@@ -35,6 +35,7 @@ import torch.nn as nn
 
 from ..guidance import classifier_cond_fn
 from ..images import to_uint8
+from .deepcache import cache_depth_of, check_cache_interval, is_full_call
 from .gaussian import GaussianDiffusion, concatenated
 from .interval import check_interval, in_interval
 from .samplers import UNIPC_ORDER, _data_prediction, _dpmpp_2m_coefs, _dpmpp_3m_coefs, \
@@ -61,6 +62,8 @@ class RowSpec:
     cfg_scale: float = 1.0
     eta: float = 0.0
     clip_denoised: bool = True
+    cache_interval: int = 1
+    lambda_max: float | None = None
 
     @property
     def width(self) -> int:
@@ -83,6 +86,8 @@ class Row:
         self.x = torch.empty(shape, device=device).normal_(generator=self.generator)
         self.history: list[torch.Tensor] = []
         self.previous: torch.Tensor | None = None  # UniPC: x where its last step started
+        self.calls = 0  # model calls made (deep-feature reuse: full or shallow by this count)
+        self.deep: torch.Tensor | None = None  # [width, C', H', W'] its last full call's features
         self.pred_xstart: torch.Tensor | None = None
         self.result: torch.Tensor | None = None
 
@@ -130,8 +135,10 @@ class RowStepper:
         self.shape = (channels, image_size, image_size)
         self.null_label = getattr(net, "null_label", None)
         options = _compile_options(compile)
-        self.model = _model_fn(_prepared(net, classifier, False, options),
-                               getattr(net, "num_classes", True) is not None)
+        self.net = _prepared(net, classifier, False, options)
+        self.pass_y = getattr(net, "num_classes", True) is not None
+        self.model = _model_fn(self.net, self.pass_y)
+        self.cache_depth = getattr(net, "cache_depth", None)  # None: no deep-feature reuse
         self.guidance = None if classifier is None else classifier_cond_fn(
             classifier, 1.0, compile=options or False)
         self.autocast = autocast
@@ -149,10 +156,12 @@ class RowStepper:
             check_interval(settings.guidance_interval)
             if not settings.classifier_scale > 0:
                 raise ValueError("guidance_interval needs classifier_scale > 0")
+        if check_cache_interval(settings.cache_interval) > 1:
+            cache_depth_of(self.net)
         if settings.width > self.slots:
             raise ValueError(f"a row takes {settings.width} model rows; slots={self.slots}")
         return sampling_diffusion(self.diffusion, settings.sampler, settings.steps,
-                                  settings.timesteps, settings.lambda_min)
+                                  settings.timesteps, settings.lambda_min, settings.lambda_max)
 
     def start(self, settings: RowSpec, label: int, seed: int,
               low_res: torch.Tensor | None = None) -> Row:
@@ -214,7 +223,11 @@ class RowStepper:
         if rows[0].low_res is not None:
             kwargs["low_res"] = torch.stack([r.low_res for r in rows])[take]
         with self._precision():
-            out = self.model(x[take], packed.model_timesteps(t[take]), **kwargs)
+            if any(r.settings.cache_interval > 1 for r in rows):
+                out = self._cached_call(rows, cfg, take, x[take],
+                                        packed.model_timesteps(t[take]), kwargs)
+            else:
+                out = self.model(x[take], packed.model_timesteps(t[take]), **kwargs)
         cond = out[:n]
         if cfg:
             c = x.shape[1]
@@ -224,6 +237,37 @@ class RowStepper:
             cond = cond.clone()
             cond[cfg] = torch.cat([eps, both[:, c:]], dim=1)
         return cond
+
+    def _cached_call(self, rows: list[Row], cfg: list[int], take: torch.Tensor,
+                     x: torch.Tensor, t: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """The network's output at the call's `slots` positions (`take`: the rows, the
+        classifier-free rows' second rows `cfg`, then padding repeating position 0) with
+        deep-feature reuse: each row runs full or shallow by its own call count, as `DeepCache`
+        runs it in `sample` (a row without reuse: always full), so it gets the same bits; the
+        rows that reuse keep their new features."""
+        n = len(rows)
+        # The row and the half (0: its own row, 1: its classifier-free second row) at each
+        # position of the call.
+        places = [(k, 0) for k in range(n)] + [(k, 1) for k in cfg]
+        places += [places[0]] * (self.slots - len(places))
+        full = [is_full_call(r.calls, r.settings.cache_interval) for r in rows]
+        deep = refresh = None
+        if not all(full):
+            like = next(r.deep[0] for r, f in zip(rows, full) if not f)
+            deep = torch.stack([rows[k].deep[h] if rows[k].deep is not None
+                                else torch.zeros_like(like) for k, h in places])
+            if any(full):
+                refresh = torch.tensor([full[k] for k, _ in places], device=self.device)
+        y = kwargs.pop("y")
+        if self.pass_y:
+            kwargs["y"] = y
+        out, deep = self.net(x, t, cache_depth=self.cache_depth, deep=deep, refresh=refresh,
+                             **kwargs)
+        for k, r in enumerate(rows):
+            r.calls += 1
+            if r.settings.cache_interval > 1:
+                r.deep = deep[[k, n + cfg.index(k)] if r.settings.width == 2 else [k]]
+        return out.float()
 
     def _update(self, rows: list[Row], packed: GaussianDiffusion, x, t, out, gradient,
                 sampler: str, eta: float, clip: bool) -> None:
@@ -282,7 +326,7 @@ class RowStepper:
             r.pred_xstart = x0[k]
             if r.index == 0:
                 r.result = final[k].clamp(-1, 1)
-                r.history, r.previous = [], None
+                r.history, r.previous, r.deep = [], None, None
             else:
                 r.x, r.index = nxt[k], r.index - 1
 

@@ -20,6 +20,7 @@ import torch.nn as nn
 
 from ..guidance import classifier_cond_fn
 from .cfg import check_cfg, classifier_free_guidance
+from .deepcache import DeepCache, check_cache_interval
 from .gaussian import GaussianDiffusion, sampling_device
 from .interval import limited
 from .samplers import SAMPLERS, check_eta
@@ -102,10 +103,13 @@ def sample(
     steps: int | str | None = None,
     timesteps: str | None = None,
     lambda_min: float | None = None,
+    lambda_max: float | None = None,
     classifier: nn.Module | None = None,
     classifier_scale: float = 1.0,
     guidance_interval: Sequence[float] | None = None,
     cfg_scale: float = 1.0,
+    cache_interval: int = 1,
+    cache_depth: int | None = None,
     y: torch.Tensor | None = None,
     model_kwargs: dict | None = None,
     generator: torch.Generator | None = None,
@@ -125,8 +129,8 @@ def sample(
         upsampler); put it in eval mode first.
     :param diffusion: the diffusion it was trained with (possibly already respaced).
     :param shape: (N, C, H, W).
-    :param sampler: "ddim", "ddpm" (ancestral), "dpmpp_2m" or "dpmpp_3m" (DPM-Solver++(2M),
-        (3M); η = 0 only); the names are `SAMPLERS`' keys.
+    :param sampler: "ddim", "ddpm" (ancestral), "dpmpp_2m", "dpmpp_3m" (DPM-Solver++(2M),
+        (3M)) or "unipc" (UniPC-2; η = 0 only); the names are `SAMPLERS`' keys.
     :param steps: respace the diffusion's original chain for this call: an int N is N model
         calls at timesteps spaced as `timesteps` says; a string is any respacing ("250",
         "10,10,10", "ddim25"); a sequence is the original chain's timesteps to keep (e.g.
@@ -137,9 +141,15 @@ def sample(
         than N: see `logsnr_timesteps`), or None: the sampler's default, "ddimN" for DDIM
         (the DDIM paper's stride, the README's DDIM-25), "uniform" for DDPM, "logsnr" for
         DPM-Solver++.
-    :param lambda_min: where a "logsnr" grid starts, as a log-SNR λ = log(ᾱ/(1−ᾱ)): the
+    :param lambda_min: where a "logsnr" grid starts, as a half log-SNR λ = log(α/σ) =
+        ½·log(ᾱ/(1−ᾱ)) (DPM-Solver's λ; σ_EDM = e^−λ): the
         noisiest step with λ ≥ lambda_min (None: −5.1, `LOGSNR_MIN`; −inf: the chain's last
         step). Only with a "logsnr" spacing.
+    :param lambda_max: where a "logsnr" grid ends (the same λ): its cleanest step with
+        λ ≤ lambda_max, whose data prediction is the sample (None: step 0). The calls a grid
+        to step 0 spends where the image no longer changes go to the middle instead (on the
+        quickstart models UniPC-4 to λ = 1.9 gives UniPC-6's FID: docs/benchmarks.md). Only
+        with a "logsnr" spacing.
     :param classifier: a noisy-image classifier ``classifier(x, t)`` for guidance, with
         `classifier_scale` the paper's s; needs `y`.
     :param guidance_interval: (lo, hi): apply the classifier's guidance only at the steps whose
@@ -150,6 +160,12 @@ def sample(
         class) and ε = ε_null + w·(ε_cond − ε_null), Σ from the conditional half (see
         `classifier_free_guidance`). Needs `y` and a model trained with label dropout
         (`class_dropout_prob` > 0: it has a null-class embedding, `model.null_label`).
+    :param cache_interval: deep-feature reuse (DeepCache; `adm.diffusion.deepcache`): k > 1
+        runs the full U-Net at model calls 0, k, 2k, ... and in between only its shallow
+        blocks on the deep features of the last full call (1 = off: the plain network). Every
+        row of the batch is at the same call, so each row's result is its own.
+    :param cache_depth: encoder blocks (and as many decoder blocks) the shallow calls run
+        (None: the model's full-resolution level, `UNet.cache_depth`).
     :param y: [N] int64 class labels, for a class-conditional model and/or the classifier
         (an unconditional model is called without them).
     :param model_kwargs: further model inputs, e.g. ``{"low_res": [N, C, h, w]}``.
@@ -177,7 +193,10 @@ def sample(
     :return: [N, C, H, W] float32 samples in [-1, 1] (clamped), contiguous.
     """
     _check_arguments(sampler, eta, classifier, y, seeds, generator, guidance_interval)
-    diffusion = sampling_diffusion(diffusion, sampler, steps, timesteps, lambda_min)
+    cache_interval = check_cache_interval(cache_interval)
+    if cache_depth is not None and cache_interval == 1:
+        raise ValueError("cache_depth is where cache_interval > 1 splits the U-Net")
+    diffusion = sampling_diffusion(diffusion, sampler, steps, timesteps, lambda_min, lambda_max)
     null_label = check_cfg(model, cfg_scale, y)
     shape = tuple(int(s) for s in shape)
     device = sampling_device(model, noise, generator, device)
@@ -191,6 +210,8 @@ def sample(
                  else contextlib.nullcontext())
     options = _compile_options(compile)
     model = _prepared(model, classifier, channels_last, options)
+    if cache_interval > 1:
+        model = DeepCache(model, cache_interval, cache_depth)
     with precision:
         model_fn = _model_fn(model, pass_y)
         if null_label is not None:

@@ -16,7 +16,9 @@ from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt
 from ..config import (CompileSetting, ConfigError, Location, SamplingPrecision,
                       apply_overrides, config_class, from_dict, load_yaml)
 from ..diffusion import SamplerName, SpacingName
+from ..diffusion.deepcache import MAX_CACHE_INTERVAL
 from ..diffusion.interval import check_interval
+from ..diffusion.quality import QualityName
 from ..nodetypes import check_resources
 
 
@@ -32,6 +34,14 @@ class SampleConfig:
     # Guide only at the steps whose noise level sigma = sqrt((1 - abar) / abar) is in (lo, hi]
     # (Kynkaanniemi et al. 2024; adm.diffusion.interval); None: every step.
     guidance_interval: tuple[float, float] | None = None
+    # Stage 1's deep-feature reuse (DeepCache; adm.diffusion.deepcache): the full U-Net at every
+    # k-th model call, its full-resolution blocks only in between; 1 = off.
+    cache_interval: Annotated[int | None, Field(ge=1, le=MAX_CACHE_INTERVAL)] = None  # None: 1,
+    #                                   or the quality preset's
+    # "fast": the sampler, steps, grid start, guidance interval and cache_interval left unset
+    # come from the fastest preset that matched DDIM-25's FID (adm.diffusion.quality); the
+    # default sets nothing.
+    quality: QualityName = "default"
     upsampler: str | None = None  # state-dict URI of an upsampler: stage 2
     upsampler_preset: str | None = None
     upsampler_steps: int | str | None = None  # stage 2 respacing (int: 'ddimN' or 'N')
@@ -42,6 +52,8 @@ class SampleConfig:
     #                                   (ddimN, N, log-SNR for dpmpp_*)
     # Where a log-SNR grid starts (None: -5.1; -inf: step T), a log-SNR of at most 20.
     lambda_min: Annotated[float | None, Field(le=20)] = None
+    # Where it ends (None: step 0; the sample is the last call's x_0 prediction), above it.
+    lambda_max: Annotated[float | None, Field(le=20)] = None
     # Classifier-free guidance w of stage 1 (1 = off).
     cfg_scale: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 1.0
     eta: NonNegativeFloat = 0.0  # DDIM's eta, for the stages that sample with DDIM
@@ -114,9 +126,16 @@ def check_numbers(cfg: SampleConfig) -> None:
 
 
 def decisive(cfg: SampleConfig) -> dict:
-    """The settings that decide the samples, as a JSON-ready dict. `guidance_interval` only
-    when set, so that runs recorded before it existed resume."""
+    """The settings that decide the samples, as a JSON-ready dict. `guidance_interval`,
+    `cache_interval`, `lambda_max` and `quality` only when set, so that runs recorded before they existed
+    resume."""
     out = {name: getattr(cfg, name) for name in DECISIVE}
     if cfg.guidance_interval is not None:
         out["guidance_interval"] = list(cfg.guidance_interval)
+    if cfg.cache_interval is not None:
+        out["cache_interval"] = cfg.cache_interval
+    if cfg.lambda_max is not None:
+        out["lambda_max"] = cfg.lambda_max
+    if cfg.quality != "default":
+        out["quality"] = cfg.quality
     return out

@@ -88,8 +88,10 @@ class StageSampler:
                                 stage.batch_size, stage.compile)
         self.args = dict(sampler=stage.sampler, steps=stage.steps or None,
                          timesteps=stage.timesteps, lambda_min=stage.lambda_min,
+                         lambda_max=stage.lambda_max,
                          cfg_scale=stage.cfg_scale, classifier_scale=stage.classifier_scale,
                          guidance_interval=stage.guidance_interval,
+                         cache_interval=stage.cache_interval,
                          clip_denoised=clip_denoised,
                          eta=eta if stage.sampler == "ddim" else 0.0)  # DDPM takes no eta
 

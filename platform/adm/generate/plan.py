@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, replace
 
 from .. import checkpoints, storage
 from ..config import ConfigError
+from ..diffusion.quality import with_quality
 from ..precision import AUTOCAST
 from ..stage import check_steps, preset_defaults, resolve_compile, stage_calls
 from . import output
@@ -42,6 +43,8 @@ class StagePlan:
     guidance_interval: tuple[float, float] | None = None
     precision: str = "fp32"  # a key of AUTOCAST; "auto" until the stage's device decides it
     compile: bool = False
+    cache_interval: int = 1
+    lambda_max: float | None = None
 
     def settings(self) -> dict:
         return {"net": self.net.settings(), "sampler": self.sampler, "steps": self.steps,
@@ -49,8 +52,11 @@ class StagePlan:
                 "stream": self.stream, "precision": self.precision, "compile": self.compile,
                 "classifier": self.classifier.settings() if self.classifier else None,
                 "classifier_scale": self.classifier_scale, "cfg_scale": self.cfg_scale,
-                **({} if self.guidance_interval is None  # (runs recorded before it resume)
-                   else {"guidance_interval": list(self.guidance_interval)})}
+                # (runs recorded before these existed resume)
+                **({} if self.guidance_interval is None
+                   else {"guidance_interval": list(self.guidance_interval)}),
+                **({} if self.cache_interval == 1 else {"cache_interval": self.cache_interval}),
+                **({} if self.lambda_max is None else {"lambda_max": self.lambda_max})}
 
 
 @dataclass(frozen=True)
@@ -122,9 +128,14 @@ def make_plan(cfg: SampleConfig) -> Plan:
     """Resolve the run and check what needs its files (`cfg` checked itself when built); a
     ConfigError names the first bad setting."""
     base = checkpoints.resolve("model", cfg.model, cfg.model_preset, "diffusion")
-    sampler, steps, scale = preset_defaults(base, cfg.sampler, cfg.steps, cfg.classifier_scale,
-                                            guided=bool(cfg.classifier))
-    check_steps("steps", base, sampler, steps, cfg.timesteps, cfg.lambda_min)
+    chosen = with_quality(cfg.quality, bool(cfg.classifier), sampler=cfg.sampler,
+                          steps=cfg.steps, lambda_min=cfg.lambda_min, lambda_max=cfg.lambda_max,
+                          guidance_interval=cfg.guidance_interval,
+                          cache_interval=cfg.cache_interval)
+    sampler, steps, scale = preset_defaults(base, chosen["sampler"], chosen["steps"],
+                                            cfg.classifier_scale, guided=bool(cfg.classifier))
+    lambda_min, lambda_max = chosen["lambda_min"], chosen["lambda_max"]
+    check_steps("steps", base, sampler, steps, cfg.timesteps, lambda_min, lambda_max)
     if cfg.cfg_scale != 1.0 and not float(base.flags.get("class_dropout_prob", 0.0)) > 0:
         raise ConfigError(f"cfg_scale: {cfg.cfg_scale} needs a model trained with label "
                           f"dropout (class_dropout_prob > 0); {cfg.model} was not")
@@ -141,13 +152,13 @@ def make_plan(cfg: SampleConfig) -> Plan:
                             (classifier.classes if classifier else None))
 
     recorded = recorded_precisions(cfg.out)
-    calls = stage_calls(base, sampler, steps, cfg.timesteps, cfg.lambda_min, cfg.num_samples,
-                        cfg.batch_size, cfg.num_workers)
+    calls = stage_calls(base, sampler, steps, cfg.timesteps, lambda_min, cfg.num_samples,
+                        cfg.batch_size, cfg.num_workers, lambda_max)
     stage1 = StagePlan(base, sampler, steps, "base", cfg.batch_size, cfg.num_workers,
-                       classifier, scale, cfg.timesteps, cfg.cfg_scale, cfg.lambda_min,
-                       cfg.guidance_interval if scale > 0 else None,
+                       classifier, scale, cfg.timesteps, cfg.cfg_scale, lambda_min,
+                       chosen["guidance_interval"] if scale > 0 else None,
                        _precision(cfg.precision, recorded.get("base")),
-                       resolve_compile(cfg.compile, calls))
+                       resolve_compile(cfg.compile, calls), chosen["cache_interval"], lambda_max)
     stage2 = None
     if cfg.upsampler:
         up = checkpoints.resolve("upsampler", cfg.upsampler, cfg.upsampler_preset, "upsampler")

@@ -84,6 +84,7 @@ class UNet(nn.Module):
             num_heads_upsample = num_heads
         self.image_size, self.in_channels, self.out_channels = image_size, in_channels, out_channels
         self.model_channels, self.num_classes, self.use_fp16 = model_channels, num_classes, use_fp16
+        self.num_res_blocks = num_res_blocks
         emb_dim = model_channels * 4
         self.time_embed = nn.Sequential(
             nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
@@ -129,29 +130,75 @@ class UNet(nn.Module):
             zero_module(nn.Conv2d(input_ch, out_channels, 3, padding=1)),
         )
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None):
+    @property
+    def cache_depth(self) -> int:
+        """The default depth of deep-feature reuse (`forward`'s `cache_depth`): the blocks at
+        full resolution, i.e. the stem and the first level's residual blocks; a shallow call
+        then runs the full-resolution level only, encoder and decoder."""
+        return 1 + self.num_res_blocks
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, *,
+                cache_depth: int = 0, deep: torch.Tensor | None = None,
+                refresh: torch.Tensor | None = None):
         """
         :param x: [N, C, H, W] noisy images (unit scale, e.g. in [-1, 1]).
         :param t: [N] timesteps of the underlying chain (integer, or float when rescaled).
         :param y: [N] int64 labels; required if and only if the model is class-conditional
             (`null_label` too, with a null class).
-        :return: [N, out_channels, H, W], in x's dtype.
+        :param cache_depth: 0 (default): the plain network, returning its output only. d >= 1:
+            split it for deep-feature reuse (DeepCache, Ma et al. 2024) after the first d
+            encoder blocks and before their d decoder partners (the last d output blocks), and
+            return (output, deep), deep being the features the decoder's shallow part starts
+            from ([N, C', H', W'], the output of output block L - d - 1, in the torso's dtype).
+        :param deep: with cache_depth, the deep features of an earlier call to reuse: the call
+            then runs the shallow blocks only (the first d encoder blocks and the last d
+            decoder blocks, with fresh skips) and returns `deep` as it was given.
+        :param refresh: with `deep`, [N] bool: compute the deep part anyway (for every row, a
+            fixed shape) and use it for the rows where refresh is True, `deep` elsewhere, so
+            each row gets exactly what a full call (True) or a shallow call (False) gives it.
+        :return: [N, out_channels, H, W] in x's dtype, or (it, deep) with cache_depth.
         """
         if (y is not None) != (self.num_classes is not None):
             raise ValueError("pass y if and only if the model is class-conditional "
                              f"(num_classes={self.num_classes})")
+        blocks = len(self.input_blocks)
+        if not 0 <= cache_depth <= blocks:
+            raise ValueError(f"cache_depth={cache_depth}: 0 (off) to {blocks} (the encoder's blocks)")
+        if (deep is not None or refresh is not None) and not cache_depth:
+            raise ValueError("deep features (deep, refresh) need a cache_depth")
+        if refresh is not None and deep is None:
+            raise ValueError("refresh selects between fresh and given deep features: pass deep")
+        depth = cache_depth or blocks
         emb = self.time_embed(timestep_embedding(t, self.model_channels).to(self.time_embed[0].weight.dtype))
         if y is not None:
             emb = emb + self.label_emb(y)
         with fp16_autocast(x.device, self.use_fp16):
             h, skips = x, []
-            for block in self.input_blocks:
+            for block in self.input_blocks[:depth]:
                 h = block(h, emb)
                 skips.append(h)
-            h = self.middle_block(h, emb)
-            for block in self.output_blocks:
+            if deep is None or refresh is not None:
+                fresh = self._deep(h, emb, depth)
+                deep = fresh if deep is None else torch.where(
+                    refresh.view(-1, *[1] * (fresh.dim() - 1)), fresh, deep)
+            h = deep
+            for block in self.output_blocks[len(self.output_blocks) - depth:]:
                 h = block(torch.cat([h, skips.pop()], dim=1), emb)
-        return self.out(h.to(x.dtype)).to(x.dtype)
+        out = self.out(h.to(x.dtype)).to(x.dtype)
+        return (out, deep) if cache_depth else out
+
+    def _deep(self, h: torch.Tensor, emb: torch.Tensor, depth: int) -> torch.Tensor:
+        """The part of the network below encoder block `depth`: the remaining encoder blocks,
+        the middle block and the decoder blocks that take their skips; h is encoder block
+        depth - 1's output. Returns the features the last `depth` decoder blocks start from."""
+        skips = []
+        for block in self.input_blocks[depth:]:
+            h = block(h, emb)
+            skips.append(h)
+        h = self.middle_block(h, emb)
+        for block in self.output_blocks[:len(self.output_blocks) - depth]:
+            h = block(torch.cat([h, skips.pop()], dim=1), emb)
+        return h
 
 
 class SuperResUNet(UNet):
@@ -162,13 +209,14 @@ class SuperResUNet(UNet):
         super().__init__(image_size, in_channels * 2, *args, **kwargs)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, low_res: torch.Tensor | None = None,
-                y: torch.Tensor | None = None):
+                y: torch.Tensor | None = None, **cache):
         """
         :param x: [N, C, H, W] noisy high-resolution images.
         :param low_res: [N, C, h, w] low-resolution images in [-1, 1].
-        :return: [N, out_channels, H, W].
+        :param cache: `UNet.forward`'s deep-feature reuse (cache_depth, deep, refresh).
+        :return: [N, out_channels, H, W] (with cache_depth: and the deep features).
         """
         if low_res is None:
             raise ValueError("SuperResUNet needs low_res=[N, C, h, w]")
         upsampled = F.interpolate(low_res, x.shape[-2:], mode="bilinear")
-        return super().forward(torch.cat([x, upsampled.to(x.dtype)], dim=1), t, y)
+        return super().forward(torch.cat([x, upsampled.to(x.dtype)], dim=1), t, y, **cache)

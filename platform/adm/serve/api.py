@@ -23,7 +23,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from ..checkpoints import ModelSpec
 from ..diffusion import LOGSNR_MIN
+from ..diffusion.deepcache import MAX_CACHE_INTERVAL
 from ..diffusion.interval import check_interval
+from ..diffusion.quality import with_quality
 from ..diffusion.spacing import DEFAULT_SPACING
 from ..stage import check_steps
 
@@ -32,6 +34,7 @@ MAX_SEED = 2**53 - 1  # exact in a JavaScript number, so the page can show and r
 # lambda_min's bounds: -20 is below the last step of any ADM chain (cosine: -9.9 at t = 999,
 # linear: -5.1), so it means the whole chain; above 0 nothing of the image would be left to form.
 LAMBDA_MIN_RANGE = (-20.0, 0.0)
+LAMBDA_MAX_BOUND = 20.0  # above the first step of any ADM chain (cosine: 5.1, linear: 4.6)
 
 
 @dataclass(frozen=True)
@@ -118,6 +121,20 @@ class GenerateRequest(BaseModel):
         description="dpmpp_2m, dpmpp_3m, unipc: the log-SNR where the grid starts (default "
                     "-5.1)",
         json_schema_extra={SAMPLE_ARG: "lambda_min"})
+    cache_interval: int | None = Field(
+        None, ge=1, le=MAX_CACHE_INTERVAL,
+        description="deep-feature reuse (DeepCache): the full U-Net at every k-th model call, "
+                    "its full-resolution blocks only in between (1 = off, the default)",
+        json_schema_extra={SAMPLE_ARG: "cache_interval"})
+    quality: Literal["default", "fast"] = Field(
+        "default", description="fast: the sampler, steps, lambda_min, guidance_interval and "
+                               "cache_interval left out come from the fastest preset that "
+                               "matched DDIM-25's FID")
+    lambda_max: float | None = Field(
+        None, ge=LAMBDA_MIN_RANGE[0], le=LAMBDA_MAX_BOUND, allow_inf_nan=False,
+        description="dpmpp_2m, dpmpp_3m, unipc: the log-SNR where the grid ends, above "
+                    "lambda_min; the last call's x_0 prediction is the image (default: step 0)",
+        json_schema_extra={SAMPLE_ARG: "lambda_max"})
     seed: int | None = Field(None, ge=0, le=MAX_SEED,
                              description="same seed and settings give the same images")
     upsample: bool | None = Field(None, description="run the upsampler on the base images")
@@ -214,12 +231,29 @@ class GenerateRequest(BaseModel):
             raise ValueError("class_id or class_name: give exactly one of them")
         if self.class_id is None:
             self.class_id = lim.class_names.index(self.class_name)
+        if self.guidance_scale is None:
+            self.guidance_scale = lim.default_guidance_scale
+        preset = self.quality != "default"
+        chosen = with_quality(self.quality, bool(self.guidance_scale), sampler=self.sampler,
+                              steps=self.steps, lambda_min=self.lambda_min,
+                              lambda_max=self.lambda_max,
+                              guidance_interval=self.guidance_interval,
+                              cache_interval=self.cache_interval)
+        if preset and chosen["sampler"] not in lim.samplers:
+            raise ValueError(f"quality: the {self.quality} preset samples with "
+                             f"{chosen['sampler']}, which is not one of this server's samplers "
+                             f"({', '.join(lim.samplers)})")
+        if preset and chosen["steps"] > lim.max_steps:
+            raise ValueError(f"quality: the {self.quality} preset's {chosen['steps']} steps "
+                             f"exceed max_steps ({lim.max_steps})")
+        self.sampler, self.steps, self.lambda_min, self.lambda_max = (
+            chosen["sampler"], chosen["steps"], chosen["lambda_min"], chosen["lambda_max"])
+        self.guidance_interval = chosen["guidance_interval"]
+        self.cache_interval = chosen["cache_interval"]
         if self.sampler is None:
             self.sampler = lim.default_sampler
         if self.steps is None:
             self.steps = lim.default_steps
-        if self.guidance_scale is None:
-            self.guidance_scale = lim.default_guidance_scale
         if self.upsample is None:
             self.upsample = lim.has_upsampler
         if self.guidance_interval is not None and not self.guidance_scale:
@@ -230,8 +264,16 @@ class GenerateRequest(BaseModel):
         elif self.lambda_min is not None:
             raise ValueError(f"lambda_min: sets where dpmpp_2m's log-SNR grid starts; the "
                              f"{self.sampler} sampler takes none")
+        if self.lambda_max is not None:
+            if DEFAULT_SPACING[self.sampler] != "logsnr":
+                raise ValueError(f"lambda_max: sets where dpmpp_2m's log-SNR grid ends; the "
+                                 f"{self.sampler} sampler takes none")
+            if not self.lambda_max > self.lambda_min:
+                raise ValueError(f"lambda_max: {self.lambda_max} is not above lambda_min "
+                                 f"({self.lambda_min})")
         # A ConfigError is a ValueError: pydantic reports it, "steps: ..." names the field.
-        check_steps("steps", lim.base, self.sampler, self.steps, None, self.lambda_min)
+        check_steps("steps", lim.base, self.sampler, self.steps, None, self.lambda_min,
+                    self.lambda_max)
         if self.stream and not lim.engine:
             raise ValueError("stream: needs the step engine (the server's scheduling is "
                              "'request')")

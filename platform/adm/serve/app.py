@@ -93,7 +93,8 @@ def sse(kind: str, data: dict) -> bytes:
 def row_spec(req: GenerateRequest) -> RowSpec:
     """How each base row of a request samples (what `sample_args` gives the batched path)."""
     return RowSpec(req.sampler, req.steps, None, req.lambda_min, req.guidance_scale or 0.0,
-                   req.guidance_interval, req.cfg_scale)
+                   req.guidance_interval, req.cfg_scale, cache_interval=req.cache_interval,
+                   lambda_max=req.lambda_max)
 
 
 def json_body(req: GenerateRequest, seed: int, base: np.ndarray, up: np.ndarray | None,
