@@ -3,7 +3,8 @@
     python jobs/export_checkpoint.py RUN_URI OUT_DIR
 
 writes OUT_DIR/model%06d.pt, OUT_DIR/ema_<rate>_%06d.pt and OUT_DIR/flags.json (plain state
-dicts: they load in guided-diffusion and with adm.compat.openai.load_checkpoint). No Ray. A
+dicts: they load in guided-diffusion and with adm.compat.openai.load_checkpoint), and beside
+each .pt the same weights as .safetensors, with the flags in its metadata. No Ray. A
 missing run, a run without checkpoints or an OUT_DIR that cannot be written ends the job with one
 `error: ...` line on stderr and exit status 2.
 """

@@ -120,7 +120,8 @@ class Quickstart:
 
     def train(self, role: str) -> None:
         """Train `role` with its config (resuming a partial run) and publish its EMA weights as
-        models/<role>/model.pt with flags.json and classes.json beside them."""
+        models/<role>/model.pt and model.safetensors with flags.json and classes.json beside
+        them."""
         if Path(self.model(role)).exists():
             return
         from adm.train.cli import main as train_main
@@ -149,11 +150,14 @@ class Quickstart:
         dest.mkdir(parents=True, exist_ok=True)
         for name in ("flags.json", "classes.json"):
             shutil.copyfile(export / name, dest / name)
-        # Written last, under its final name: its presence means "this stage is done".
-        tmp = dest / ".model.pt.tmp"
-        shutil.copyfile(emas[-1], tmp)
-        tmp.replace(dest / "model.pt")
-        print(f"[{role}] {emas[-1].name} -> {dest / 'model.pt'}")
+        # model.pt is written last, under its final name: its presence means "this stage is
+        # done"; its .safetensors sibling (the same weights) goes before it.
+        for source, name in ((emas[-1].with_suffix(".safetensors"), "model.safetensors"),
+                             (emas[-1], "model.pt")):
+            tmp = dest / f".{name}.tmp"
+            shutil.copyfile(source, tmp)
+            tmp.replace(dest / name)
+        print(f"[{role}] {emas[-1].name} -> {dest / 'model.pt'} (and model.safetensors)")
 
     def samples_dir(self, scale) -> Path:
         return self.out / "samples" / f"scale_{scale:g}"

@@ -31,7 +31,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add = p.add_argument
     add("--config", help="YAML file of settings (path or s3://)")
-    add("--model", help="base model state dict (path or s3://); flags from flags.json beside it")
+    add("--model", help="base model state dict, .pt or .safetensors (path or s3://); flags "
+        "from flags.json beside it, else the safetensors metadata")
     add("--model-preset", help="flags and README sampling defaults of a released file")
     add("--classifier", help="noisy-image classifier state dict: classifier guidance")
     add("--classifier-preset", help="flags of a released classifier")

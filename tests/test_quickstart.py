@@ -69,6 +69,7 @@ def test_quick_pipeline_end_to_end_and_rerun(ray_session, other_ray, tmp_path):
     assert served.format == "PNG" and served.height == 32  # the upsampler's size
     for model in ("diffusion", "classifier", "judge", "upsampler"):
         assert (out / "models" / model / "model.pt").is_file()
+        assert (out / "models" / model / "model.safetensors").is_file()  # the same weights
         assert (out / "models" / model / "flags.json").is_file()
     assert "FID" in proc.stdout and str(out / "summary.json") in proc.stdout
 

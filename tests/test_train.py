@@ -229,13 +229,15 @@ def test_two_worker_diffusion_lowers_loss_and_exports(digits, tmp_path):
     print("mse per 10 steps", [round(v, 4) for v in losses])
     assert losses[-1] < 0.8 * losses[0], losses
     export = tmp_path / "runs" / "d2" / "export"
-    assert {p.name for p in export.iterdir()} == {"model000060.pt", "ema_0.999_000060.pt",
-                                                  "flags.json", "classes.json"}
+    assert {p.name for p in export.iterdir()} == {
+        "model000060.pt", "ema_0.999_000060.pt", "model000060.safetensors",
+        "ema_0.999_000060.safetensors", "flags.json", "classes.json"}
     assert json.loads((export / "classes.json").read_text()) == [str(i) for i in range(10)]
     flags = json.loads((export / "flags.json").read_text())
     assert set(flags) == FLAG_NAMES["diffusion"]  # model and diffusion flags, nothing else
     assert {k: flags[k] for k in TINY_DIFFUSION} == TINY_DIFFUSION
-    for name in ("model000060.pt", "ema_0.999_000060.pt"):
+    for name in ("model000060.pt", "ema_0.999_000060.pt", "model000060.safetensors",
+                 "ema_0.999_000060.safetensors"):
         openai.load_checkpoint(openai.create_model(flags), str(export / name))
 
 
@@ -379,7 +381,8 @@ def test_rerun_continues_step_count_and_init_from(digits, tmp_path):
     export = tmp_path / "runs" / "r" / "export"
     assert {p.name for p in export.iterdir()} == {
         "model000002.pt", "ema_0.999_000002.pt", "model000004.pt", "ema_0.999_000004.pt",
-        "flags.json", "classes.json"}
+        "model000002.safetensors", "ema_0.999_000002.safetensors", "model000004.safetensors",
+        "ema_0.999_000004.safetensors", "flags.json", "classes.json"}
     # init_from: the step-2 model started from the released weights (one AdamW step of lr 2e-4
     # moves each weight by at most ~lr per step)
     start = torch.load(released, weights_only=True)

@@ -1,25 +1,33 @@
 """Loading any checkpoint (released or exported) the way generation, serving and evaluation
 all do: where its flags come from, whether the file fits them, and building it on a worker.
 
-A model URI is a state-dict file (local or s3://). Its flags come from the `flags.json` in the
-same folder (what training exports, see `adm.train.checkpoint`), or from a released file's
-preset (`adm.presets`), whose README sampling settings then serve as defaults. A
-`classes.json` beside the file, when present, names the classes (for `--classes 'tench,...'`).
+A model URI is a state-dict file (local or s3://): a torch file (`.pt`, the released files) or
+a safetensors file (`.safetensors`, which training exports beside each `.pt`). Its flags come
+from, in this order: a released file's preset (`adm.presets`) when one is named, whose README
+sampling settings then serve as defaults; the `flags.json` in the same folder (what training
+exports, see `adm.train.checkpoint`); the "flags" entry of a safetensors file's metadata. The
+class names likewise come from a `classes.json` beside the file, else the metadata's
+"classes" (for `--classes 'tench,...'`); both are optional.
 
 Every state dict the platform reads (released files, exports, `run.init_from`, the FID
-Inception) goes through `read_state_dict` (`weights_only=True`) and `state_dict_mismatch`.
+Inception) goes through `read_state_dict` (`weights_only=True` for torch files; safetensors
+files are never unpickled) and `state_dict_mismatch`.
 """
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import pickle
+import struct
 from dataclasses import dataclass, field
-from typing import IO, Callable, Mapping
+from typing import IO, Any, Callable, Mapping
 
+import safetensors.torch
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError
 
 from . import factory, storage
 from .config import ConfigError, UserError
@@ -30,18 +38,106 @@ class CheckpointError(UserError, ValueError):
     """A checkpoint that is refused or does not fit the model."""
 
 
+SAFETENSORS_SUFFIX = ".safetensors"
+# The metadata keys of an exported safetensors file whose values are JSON text (safetensors
+# metadata maps strings to strings).
+FLAGS_KEY, CLASSES_KEY = "flags", "classes"
+
+
+def looks_like_safetensors(head: bytes) -> bool:
+    """Whether a file's first 9 bytes start a safetensors header: a little-endian u64 length
+    then the header's JSON "{". A torch zip starts "PK\\x03\\x04" and a legacy torch pickle
+    "\\x80\\x02", so neither is taken for one."""
+    return len(head) >= 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] >= 2
+
+
+def is_safetensors(name: str, head: bytes = b"") -> bool:
+    """Whether a file is read as safetensors: its name ends in `.safetensors` (then it is
+    never unpickled, whatever it holds), or its first bytes `head` are a safetensors header
+    (a file whose name does not say, such as an S3 key without a suffix)."""
+    return str(name).endswith(SAFETENSORS_SUFFIX) or looks_like_safetensors(head)
+
+
+def to_safetensors(state_dict: Mapping[str, torch.Tensor], flags: Mapping | None = None,
+                   classes: list | None = None) -> bytes:
+    """A state dict as safetensors bytes: the same keys, dtypes and values (on the CPU), with
+    the flags that build its network and the class names in the metadata, as JSON text. The
+    keys' order is safetensors' own (state dicts load by name, so nothing depends on it)."""
+    metadata = {"format": "pt"}  # the convention other readers (transformers, diffusers) check
+    if flags is not None:
+        metadata[FLAGS_KEY] = json.dumps(dict(flags), sort_keys=True)
+    if classes is not None:
+        metadata[CLASSES_KEY] = json.dumps(list(classes))
+    # safetensors writes each tensor's own bytes: views (non-contiguous) and GPU tensors are
+    # copied out first.
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    return safetensors.torch.save(tensors, metadata)
+
+
+def _unreadable_safetensors(name: str, reason: str) -> CheckpointError:
+    return CheckpointError(f"checkpoint {name} is not a readable safetensors file ({reason})")
+
+
+def safetensors_metadata(data: bytes, name: str) -> dict[str, str]:
+    """The string metadata ("__metadata__") of a safetensors file's bytes, {} when it has
+    none; read from the header alone (a u64 length, then that much JSON), so no tensor is
+    copied. A CheckpointError naming `name` when the header is not one."""
+    size = struct.unpack("<Q", data[:8])[0] if len(data) >= 8 else -1
+    if not 0 <= size <= len(data) - 8:
+        raise _unreadable_safetensors(name, "its header is cut short or missing")
+    try:
+        header = json.loads(data[8:8 + size])
+    except (UnicodeDecodeError, ValueError) as e:
+        raise _unreadable_safetensors(name, f"its header is not JSON: {e}") from None
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise _unreadable_safetensors(name, "its metadata is not a mapping of strings")
+    return metadata
+
+
+def _read_safetensors(data: bytes, name: str) -> dict[str, torch.Tensor]:
+    try:
+        return safetensors.torch.load(data)
+    except SafetensorError as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise _unreadable_safetensors(name, reason) from None
+
+
+def _head(path_or_file: str | IO[bytes], size: int = 9) -> bytes:
+    """The first `size` bytes of a local path or an open (seekable) file, which is left
+    where it was."""
+    if isinstance(path_or_file, str):
+        with open(path_or_file, "rb") as f:
+            return f.read(size)
+    at = path_or_file.tell()
+    head = path_or_file.read(size)
+    path_or_file.seek(at)
+    return head
+
+
 def read_state_dict(path_or_file: str | IO[bytes], name: str | None = None
                     ) -> dict[str, torch.Tensor]:
-    """A checkpoint's state dict (parameter and buffer name -> tensor), read with
-    `weights_only=True` from a path, an s3:// URI or an open binary file; `name` is what the
-    errors call it (default: the path, or the file's name).
+    """A checkpoint's state dict (parameter and buffer name -> tensor, on the CPU), read from
+    a path, an s3:// URI or an open binary file; `name` is what the errors call it (default:
+    the path, or the file's name).
 
-    Accepts a plain state dict (the released files) or a dict holding one under "state_dict"
-    / "model". A pickle that wants to build arbitrary objects (run code) is refused, and so is
-    a file torch cannot read at all, each with a CheckpointError."""
+    A safetensors file (`is_safetensors`: by its name's `.safetensors`, else by its first
+    bytes) is read with safetensors, which holds tensors only. Any other file is read with
+    `torch.load(weights_only=True)`: a plain state dict (the released files) or a dict
+    holding one under "state_dict" / "model". A pickle that wants to build arbitrary objects
+    (run code) is refused, and so is a file that cannot be read at all, each with a
+    CheckpointError."""
     name = name or str(getattr(path_or_file, "name", path_or_file))
     if isinstance(path_or_file, str) and "://" in path_or_file:
         path_or_file = io.BytesIO(storage.read_bytes(path_or_file))
+    # (Recent torch.load reads a safetensors *path* by itself, but not an open file or bytes,
+    # which is how resolve() and s3:// read; the format is told here, for every torch.)
+    if is_safetensors(name, _head(path_or_file)):
+        data = (storage.read_bytes(path_or_file) if isinstance(path_or_file, str)
+                else path_or_file.read())
+        return _read_safetensors(data, name)
     try:
         obj = torch.load(path_or_file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -66,12 +162,15 @@ def read_state_dict(path_or_file: str | IO[bytes], name: str | None = None
 def state_dict_mismatch(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
                         skip: Callable[[str], bool] = lambda key: False) -> str:
     """What keeps `state_dict` from loading strictly into `model` (missing keys, unexpected
-    keys, shape mismatches, 8 of each named), or "" when it fits. Keys where `skip` is true are
-    not compared. `model` may live on the meta device."""
+    keys, shape mismatches, 8 of each named: missing keys and mismatches in the model's order,
+    unexpected keys sorted), or "" when it fits. Keys where `skip` is true are not compared.
+    `model` may live on the meta device."""
     own = {k: v for k, v in model.state_dict().items() if not skip(k)}
     given = {k: v for k, v in state_dict.items() if not skip(k)}
     missing = [k for k in own if k not in given]
-    unexpected = [k for k in given if k not in own]
+    # sorted: a file's own order is not the model's (safetensors stores keys by size and
+    # name), and the same extra keys read the same from a .pt and a .safetensors
+    unexpected = sorted(k for k in given if k not in own)
     shapes = [f"{k}: checkpoint {tuple(given[k].shape)} vs model {tuple(own[k].shape)}"
               for k in own if k in given and given[k].shape != own[k].shape]
     problems = []
@@ -137,17 +236,50 @@ def _preset(role: str, name: str, kind: str) -> Preset:
     return p
 
 
-def _flags(role: str, uri: str, preset_name: str | None, kind: str) -> dict:
+def _recorded(role: str, uri: str, raw: bytes, key: str) -> Any:
+    """The JSON value under `key` in the metadata of `uri` (whose bytes are `raw`) when it is
+    a safetensors file that records one, else None; a ConfigError naming `role` when the
+    file's header or that value cannot be read."""
+    if not is_safetensors(uri, raw[:9]):
+        return None
+    try:
+        text = safetensors_metadata(raw, uri).get(key)
+    except CheckpointError as e:
+        raise ConfigError(f"{role}: {e}") from None
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        raise ConfigError(f"{role}: the {key!r} metadata of {uri} is not JSON: {e}") from None
+
+
+def _flags(role: str, uri: str, preset_name: str | None, kind: str, raw: bytes) -> dict:
+    """The flags of `uri`: its preset's when one is named, else its `flags.json` (which wins
+    over anything the file records), else its safetensors metadata's "flags"."""
     if preset_name:
         return _preset(role, preset_name, kind).model_flags
     flags_uri = beside(uri, "flags.json")
-    if not storage.is_file(flags_uri):
-        raise ConfigError(f"{role}: no flags.json beside {uri}; for a released file give its "
-                          f"preset (--{role.replace('_', '-')}-preset NAME)")
-    flags = storage.read_json(flags_uri)
+    if storage.is_file(flags_uri):
+        flags, source = storage.read_json(flags_uri), flags_uri
+    else:
+        flags, source = _recorded(role, uri, raw, FLAGS_KEY), f"the metadata of {uri}"
+        if flags is None:
+            raise ConfigError(f"{role}: no flags.json beside {uri} (nor flags in a safetensors "
+                              f"file's metadata); for a released file give its preset "
+                              f"(--{role.replace('_', '-')}-preset NAME)")
     if not isinstance(flags, dict):
-        raise ConfigError(f"{role}: {flags_uri} does not hold a mapping of flags")
+        raise ConfigError(f"{role}: {source} does not hold a mapping of flags")
     return flags
+
+
+def _classes(role: str, uri: str, raw: bytes) -> list | None:
+    """The class names of `uri`: its `classes.json`, else its safetensors metadata's
+    "classes", else None."""
+    classes_uri = beside(uri, "classes.json")
+    if storage.is_file(classes_uri):
+        return storage.read_json(classes_uri)
+    return _recorded(role, uri, raw, CLASSES_KEY)
 
 
 def _read(role: str, uri: str) -> bytes:
@@ -168,12 +300,14 @@ def build(kind: str, flags: dict, role: str = "model") -> nn.Module:
 
 
 def resolve(role: str, uri: str, preset_name: str | None, kind: str) -> ModelSpec:
-    """Find `uri`'s flags, read the file and check that it fits them (keys and shapes), on the
-    meta device (no weights allocated twice). Raises a ConfigError naming `role`."""
+    """Find `uri`'s flags (a `.pt` or `.safetensors` file: the preset, else `flags.json`
+    beside it, else the safetensors metadata; see the module docstring), read the file and
+    check that it fits them (keys and shapes), on the meta device (no weights allocated
+    twice). Raises a ConfigError naming `role`."""
     if preset_name:
         _preset(role, preset_name, kind)  # an unknown preset is named before the file
     raw = _read(role, uri)  # a missing file is named before its flags
-    flags = _flags(role, uri, preset_name, kind)
+    flags = _flags(role, uri, preset_name, kind, raw)
     try:
         state_dict = read_state_dict(io.BytesIO(raw), uri)
     except CheckpointError as e:
@@ -184,8 +318,7 @@ def resolve(role: str, uri: str, preset_name: str | None, kind: str) -> ModelSpe
         check_state_dict(net, state_dict, uri)
     except CheckpointError as e:
         raise ConfigError(f"{role}: {e}") from None
-    classes_uri = beside(uri, "classes.json")
-    classes = storage.read_json(classes_uri) if storage.is_file(classes_uri) else None
+    classes = _classes(role, uri, raw)
     return ModelSpec(role, uri, kind, dict(flags), hashlib.sha256(raw).hexdigest(),
                      preset_name, classes)
 

@@ -9,8 +9,9 @@ driver (``resolve_network``), and built on a worker (``FeatureExtractor``).
   penultimate feature -- the input of its last layer: the pooled channels (``adaptive``), the
   attention pool's query token before its output projection (``attention``), the MLP's hidden
   layer (``spatial``, ``spatial_v2``) -- and ``logits`` its output. It has no spatial feature,
-  so no sFID. The file and its flags are found and checked as the sampling job does
-  (``adm.checkpoints``: ``flags.json`` beside the file).
+  so no sFID. The file (``.pt`` or ``.safetensors``) and its flags are found and checked as
+  the sampling job does (``adm.checkpoints``: ``flags.json`` beside the file, else a
+  safetensors file's metadata).
 
 Without ``--features``, the Inception weights are looked for at ``$ADM_INCEPTION_WEIGHTS``,
 else ``./pt_inception-2015-12-05-6726825d.pth``.
@@ -78,7 +79,7 @@ def parse_features(text: str | None) -> tuple[str, str]:
     if kind not in KINDS or not uri:
         raise ConfigError(f"--features {text!r}: expected inception:PATH (the FID Inception "
                           f"weights, {inception.WEIGHTS_FILE}) or classifier:URI (a classifier "
-                          "state dict with flags.json beside it)")
+                          "state dict, .pt or .safetensors, with flags.json beside it)")
     return kind, uri
 
 

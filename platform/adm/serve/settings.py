@@ -180,7 +180,7 @@ def _how_to_get(role: str, uri: str, preset_name: str | None, hint: str | None) 
     if hint:
         return hint
     return ("train and export one (jobs/train_*.py, then jobs/export_checkpoint.py) and give "
-            "its model.pt, with flags.json beside it")
+            "its model.pt or model.safetensors, with flags.json beside it")
 
 
 def _resolve(role: str, uri: str, preset_name: str | None, kind: str,

@@ -5,7 +5,9 @@ timestep-sampler state, all tensors and plain values, so it loads with `weights_
 and `meta.json` (step, kind, flags, config). The export writes what the reference writes:
 `model%06d.pt`, `ema_<rate>_%06d.pt` (plain state dicts), `flags.json` (the model and
 diffusion flags that build the model with `adm.factory` or the reference's scripts, and
-nothing else) and the training data's `classes.json`.
+nothing else) and the training data's `classes.json`; and beside each `.pt` the same state
+dict as `.safetensors` (same keys, dtypes and values; the flags and classes in its metadata,
+`adm.checkpoints.to_safetensors`), which loads without pickle and on its own.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from typing import Any
 import torch
 
 from .. import storage
+from ..checkpoints import SAFETENSORS_SUFFIX, to_safetensors
 
 STATE_FILE, META_FILE, CLASSES = "state.pt", "meta.json", "classes.json"
 
@@ -59,17 +62,30 @@ def _save_tensor_file(obj: dict, uri: str) -> None:
     storage.write_bytes(uri, buf.getvalue())  # atomic: readers never see half a file
 
 
-def export_files(state: dict[str, Any], meta: dict[str, Any], out_uri: str) -> list[str]:
-    """Write `model%06d.pt`, `ema_<rate>_%06d.pt` and `flags.json` for one training state.
+def _save_state_dict(state_dict: dict[str, torch.Tensor], uri: str, flags: dict,
+                     classes: list | None) -> list[str]:
+    """Write one state dict as `uri` (a `.pt`) and as its `.safetensors` sibling, each
+    atomically. :return: the two URIs."""
+    sibling = uri.removesuffix(".pt") + SAFETENSORS_SUFFIX
+    _save_tensor_file(state_dict, uri)
+    storage.write_bytes(sibling, to_safetensors(state_dict, flags, classes))
+    return [uri, sibling]
+
+
+def export_files(state: dict[str, Any], meta: dict[str, Any], out_uri: str,
+                 classes: list | None = None) -> list[str]:
+    """Write `model%06d.pt`, `ema_<rate>_%06d.pt` (each with its `.safetensors` beside it,
+    whose metadata records the flags and `classes`, the training data's class names when
+    known) and `flags.json` for one training state.
 
     :return: the URIs written."""
     step = int(meta["step"])
     storage.makedirs(out_uri)
-    written = [storage.join(out_uri, f"model{step:06d}.pt")]
-    _save_tensor_file(state["model"], written[-1])
+    written = _save_state_dict(state["model"], storage.join(out_uri, f"model{step:06d}.pt"),
+                               meta["flags"], classes)
     for rate, ema in zip(meta["ema_rates"], state["ema"]):
-        written.append(storage.join(out_uri, f"ema_{rate}_{step:06d}.pt"))
-        _save_tensor_file(ema, written[-1])
+        written += _save_state_dict(ema, storage.join(out_uri, f"ema_{rate}_{step:06d}.pt"),
+                                    meta["flags"], classes)
     written.append(storage.join(out_uri, "flags.json"))
     storage.write_bytes(written[-1], json.dumps(meta["flags"], indent=1, sort_keys=True).encode())
     return written
@@ -77,7 +93,8 @@ def export_files(state: dict[str, Any], meta: dict[str, Any], out_uri: str) -> l
 
 def export_run(run_uri: str, out_uri: str) -> list[str]:
     """Export the latest checkpoint of a training run (`jobs/export_checkpoint.py`), with the
-    training data's `classes.json` beside `flags.json` when the run recorded it."""
+    training data's `classes.json` beside `flags.json` (and in the safetensors metadata) when
+    the run recorded it."""
     ckpt = latest_checkpoint(run_uri)
     if ckpt is None:
         raise FileNotFoundError(f"{run_uri} holds no training checkpoint (checkpoint_*/"
@@ -85,9 +102,10 @@ def export_run(run_uri: str, out_uri: str) -> list[str]:
     meta = json.loads(storage.read_bytes(storage.join(ckpt, META_FILE)))
     state = torch.load(io.BytesIO(storage.read_bytes(storage.join(ckpt, STATE_FILE))),
                        map_location="cpu", weights_only=True)
-    written = export_files(state, meta, out_uri)
-    classes = storage.join(run_uri, CLASSES)
-    if storage.exists(classes):
+    classes_uri = storage.join(run_uri, CLASSES)
+    classes = storage.read_bytes(classes_uri) if storage.exists(classes_uri) else None
+    written = export_files(state, meta, out_uri, json.loads(classes) if classes else None)
+    if classes is not None:
         written.append(storage.join(out_uri, CLASSES))
-        storage.write_bytes(written[-1], storage.read_bytes(classes))
+        storage.write_bytes(written[-1], classes)
     return written
