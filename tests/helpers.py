@@ -128,3 +128,18 @@ def assert_clean_terminal(out: str, max_lines: int) -> None:
     assert not found, f"Ray internals in the output: {found}\n{out[-4000:]}"
     lines = out.splitlines()
     assert len(lines) <= max_lines, f"{len(lines)} lines (at most {max_lines}):\n{out[-6000:]}"
+
+
+def api_limits(**overrides):
+    """The Serve API's request bounds (`adm.serve.api.Limits`) of a 10-class base model with a
+    100-step chain, no classifier, a null class and no upsampler; `overrides` replace fields."""
+    from adm.checkpoints import ModelSpec
+    from adm.serve.api import Limits
+
+    fields = dict(max_images=4, max_steps=50, samplers=("ddim", "dpmpp_2m"),
+                  max_guidance_scale=10.0, max_cfg_scale=5.0, max_body_bytes=8192,
+                  num_classes=10, class_names=None,
+                  base=ModelSpec("model", "m.pt", "diffusion", {"diffusion_steps": 100}, ""),
+                  has_classifier=False, has_null_class=True, has_upsampler=False,
+                  default_sampler="ddim", default_steps=10, default_guidance_scale=0.0)
+    return Limits(**{**fields, **overrides})

@@ -470,19 +470,15 @@ def test_the_other_log_snr_solvers_are_a_choice_wherever_2m_is(name):
     they take dpmpp_2m (a Serve request gets its log-SNR grid's default start, -5.1)."""
     from helpers import load_job
 
+    from helpers import api_limits
     from adm.generate import load_sample_config
-    from adm.checkpoints import ModelSpec
-    from adm.serve.api import Limits, parse_generate
+    from adm.serve.api import parse_generate
 
     assert load_job("sample").parse_args(["--sampler", name]).sampler == name
     assert load_sample_config(None, ["model=m.pt", f"sampler={name}"]).sampler == name
-    lim = Limits(max_images=4, max_steps=50, samplers=("ddim", name),
-                 max_guidance_scale=10.0, max_cfg_scale=5.0, max_body_bytes=8192,
-                 num_classes=10, class_names=None, has_classifier=False,
-                 base=ModelSpec("model", "m.pt", "diffusion", {"diffusion_steps": 100}, ""),
-                 has_null_class=True, has_upsampler=False, default_sampler="ddim",
-                 default_steps=10, default_guidance_scale=0.0)
+    lim = api_limits(samplers=("ddim", name))
     req = parse_generate(f'{{"class_id": 2, "sampler": "{name}", "steps": 7}}'.encode(), lim)
     assert req.sample_args() == {"classifier_scale": 0.0, "cfg_scale": 1.0,
                                  "sampler": name, "steps": 7, "lambda_min": LOGSNR_MIN,
-                                 "guidance_interval": None}
+                                 "lambda_max": None, "guidance_interval": None,
+                                 "cache_interval": 1}

@@ -822,15 +822,10 @@ def test_queued_work_policy_counts_slots_not_requests():
 def test_cfg_scale_and_dpm_solver_requests_are_checked():
     """Without Serve: a base trained with label dropout takes cfg_scale up to max_cfg_scale
     (a sample() keyword, so it batches apart); DPM-Solver++ takes any step count."""
-    from adm.checkpoints import ModelSpec
-    from adm.serve.api import Limits, RequestError, parse_generate
+    from helpers import api_limits
+    from adm.serve.api import RequestError, parse_generate
 
-    base = ModelSpec("model", "m.pt", "diffusion", {"diffusion_steps": 100}, "")
-    lim = Limits(max_images=4, max_steps=50, samplers=("ddim", "dpmpp_2m"),
-                 max_guidance_scale=10.0, max_cfg_scale=5.0, max_body_bytes=8192,
-                 num_classes=10, class_names=None, base=base, has_classifier=False,
-                 has_null_class=True, has_upsampler=False, default_sampler="ddim",
-                 default_steps=10, default_guidance_scale=0.0)
+    lim = api_limits()
     req = parse_generate(b'{"class_id": 2, "cfg_scale": 3.0, "sampler": "dpmpp_2m", '
                          b'"steps": 7}', lim)
     # dpmpp_2m's grid starts at λ = -5.1 unless lambda_min says otherwise (a batching key too)
@@ -992,16 +987,14 @@ def test_the_fast_quality_preset_fills_in_what_a_request_leaves_out():
     interval (guided requests only) and cache interval (adm.diffusion.quality.FAST), each one
     a request gives still wins; the default sets nothing; a preset the server's samplers or
     max_steps cannot run is a 422 naming quality."""
+    from helpers import api_limits
     from adm.checkpoints import ModelSpec
     from adm.diffusion.quality import FAST
-    from adm.serve.api import Limits, RequestError, parse_generate
+    from adm.serve.api import RequestError, parse_generate
 
-    base = ModelSpec("model", "m.pt", "diffusion", {"diffusion_steps": 1000}, "")
-    lim = Limits(max_images=4, max_steps=50, samplers=("ddim", "unipc"),
-                 max_guidance_scale=10.0, max_cfg_scale=5.0, max_body_bytes=8192,
-                 num_classes=10, class_names=None, base=base, has_classifier=True,
-                 has_null_class=False, has_upsampler=False, default_sampler="ddim",
-                 default_steps=25, default_guidance_scale=2.0)
+    lim = api_limits(samplers=("ddim", "unipc"), has_classifier=True, has_null_class=False,
+                     default_steps=25, default_guidance_scale=2.0,
+                     base=ModelSpec("model", "m.pt", "diffusion", {"diffusion_steps": 1000}, ""))
     args = parse_generate(b'{"class_id": 2, "quality": "fast"}', lim).sample_args()
     interval = None if FAST["guidance_interval"] is None else tuple(FAST["guidance_interval"])
     assert args == {"classifier_scale": 2.0, "cfg_scale": 1.0, "sampler": FAST["sampler"],
