@@ -168,6 +168,16 @@ def test_page_generates_in_headless_chromium(page_url, tmp_path):
         path = _artifact_dir(tmp_path) / "serve_page.png"
         path.write_bytes(base64.b64decode(shot))
         print(f"\npage screenshot: {path}")
+        # Quality "fast" goes out with the request; this server does not list the preset's
+        # sampler, so the page shows the 422 that names the setting, and stays usable.
+        browser.js("document.getElementById('quality').value = 'fast'")
+        browser.click("#go")
+        state = browser.wait_for("['done', 'error'].includes(document.body.dataset.state) && "
+                                 "document.body.dataset.state")
+        status = browser.js("document.getElementById('status').textContent")
+        assert state == "error" and status.startswith("422: quality: the fast preset samples "
+                                                      "with unipc"), status
+        assert browser.js("document.getElementById('go').disabled") is False
         errors = [e for e in browser.events if e.get("method") == "Runtime.exceptionThrown"]
         assert not errors, errors
     finally:
