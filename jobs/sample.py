@@ -56,7 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(sigma = sqrt((1 - alpha_bar) / alpha_bar); e.g. 0.28 5.42; default: every step)")
     add("--cache-interval", type=int, help="deep-feature reuse (DeepCache): the full U-Net "
         "at every K-th model call, its full-resolution blocks only in between (1 = off)")
-    add("--quality", choices=("default", "fast"), help="fast: the sampler, steps, grid start, "
+    # (adm.diffusion.quality.QUALITIES, written out: parsing imports no torch)
+    add("--quality", choices=("default", "fast"), help="fast: the sampler, steps, grid ends, "
         "guidance interval and cache interval not given come from the fastest preset that "
         "matched DDIM-25's FID (adm.diffusion.quality); default: as before")
     add("--num-samples", type=int, help="N")

@@ -62,7 +62,7 @@ class DeepCache:
     def __init__(self, model: nn.Module, cache_interval: int, cache_depth: int | None = None):
         self.model, self.interval = model, check_cache_interval(cache_interval)
         self.depth = cache_depth_of(model, cache_depth)
-        self.calls, self.full_calls = 0, 0
+        self.calls = 0
         self.deep: torch.Tensor | None = None
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, **kwargs) -> torch.Tensor:
@@ -70,5 +70,4 @@ class DeepCache:
         out, self.deep = self.model(x, t, cache_depth=self.depth,
                                     deep=None if full else self.deep, **kwargs)
         self.calls += 1
-        self.full_calls += int(full)
         return out

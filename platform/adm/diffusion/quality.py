@@ -3,15 +3,16 @@ the Serve API alike.
 
 "default" sets nothing: the settings are what they were before presets existed (the model's
 README defaults, else DDPM over the whole chain), so earlier runs keep their bytes. "fast" is
-the fastest combination of sampler, steps, grid start, guidance interval and deep-feature reuse
+the fastest combination of sampler, steps, grid ends, guidance interval and deep-feature reuse
 that matched the reference's DDIM-25 FID on both models of benchmarks/sampling.py's quality
 table (docs/benchmarks.md): explicit settings still win over it, one by one.
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 QualityName = Literal["default", "fast"]
+QUALITIES = get_args(QualityName)
 
 # benchmarks/sampling.py --tables quality --train-deep (docs/benchmarks.md, "Quality against
 # speed"): of the rows that matched DDIM-25 on both models, the fastest by its slower speed-up
@@ -31,8 +32,8 @@ def with_quality(quality: str, guided: bool, *, sampler: str | None = None,
     "guidance_interval", "cache_interval"}. The preset's grid (`lambda_min`, `lambda_max`)
     goes with its own sampler only, and its guidance interval only where a classifier guides
     (`guided`). "default" fills in nothing but cache_interval 1."""
-    if quality not in ("default", "fast"):
-        raise ValueError(f"quality {quality!r}: 'default' or 'fast'")
+    if quality not in QUALITIES:
+        raise ValueError(f"quality {quality!r}: one of {', '.join(QUALITIES)}")
     preset = FAST if quality == "fast" else {}
     out = dict(sampler=sampler if sampler is not None else preset.get("sampler"),
                steps=steps if steps is not None else preset.get("steps"),

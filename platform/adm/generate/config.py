@@ -38,7 +38,7 @@ class SampleConfig:
     # k-th model call, its full-resolution blocks only in between; 1 = off.
     cache_interval: Annotated[int | None, Field(ge=1, le=MAX_CACHE_INTERVAL)] = None  # None: 1,
     #                                   or the quality preset's
-    # "fast": the sampler, steps, grid start, guidance interval and cache_interval left unset
+    # "fast": the sampler, steps, grid ends, guidance interval and cache_interval left unset
     # come from the fastest preset that matched DDIM-25's FID (adm.diffusion.quality); the
     # default sets nothing.
     quality: QualityName = "default"
@@ -127,8 +127,8 @@ def check_numbers(cfg: SampleConfig) -> None:
 
 def decisive(cfg: SampleConfig) -> dict:
     """The settings that decide the samples, as a JSON-ready dict. `guidance_interval`,
-    `cache_interval`, `lambda_max` and `quality` only when set, so that runs recorded before they existed
-    resume."""
+    `cache_interval`, `lambda_max` and `quality` only when set, so that runs recorded before
+    they existed resume."""
     out = {name: getattr(cfg, name) for name in DECISIVE}
     if cfg.guidance_interval is not None:
         out["guidance_interval"] = list(cfg.guidance_interval)

@@ -25,7 +25,7 @@ from ..checkpoints import ModelSpec
 from ..diffusion import LOGSNR_MIN
 from ..diffusion.deepcache import MAX_CACHE_INTERVAL
 from ..diffusion.interval import check_interval
-from ..diffusion.quality import with_quality
+from ..diffusion.quality import QualityName, with_quality
 from ..diffusion.spacing import DEFAULT_SPACING
 from ..stage import check_steps
 
@@ -126,10 +126,10 @@ class GenerateRequest(BaseModel):
         description="deep-feature reuse (DeepCache): the full U-Net at every k-th model call, "
                     "its full-resolution blocks only in between (1 = off, the default)",
         json_schema_extra={SAMPLE_ARG: "cache_interval"})
-    quality: Literal["default", "fast"] = Field(
-        "default", description="fast: the sampler, steps, lambda_min, guidance_interval and "
-                               "cache_interval left out come from the fastest preset that "
-                               "matched DDIM-25's FID")
+    quality: QualityName = Field(
+        "default", description="fast: the sampler, steps, lambda_min, lambda_max, "
+                               "guidance_interval and cache_interval left out come from the "
+                               "fastest preset that matched DDIM-25's FID")
     lambda_max: float | None = Field(
         None, ge=LAMBDA_MIN_RANGE[0], le=LAMBDA_MAX_BOUND, allow_inf_nan=False,
         description="dpmpp_2m, dpmpp_3m, unipc: the log-SNR where the grid ends, above "
